@@ -1,0 +1,215 @@
+// CPU attention over packed K/V caches, entirely in the rotated domain.
+//
+// One task = (sequence b, KV head h, chunk of queries). The task's rows are
+// the GQA group's query heads x its queries, so each K/V tile is decoded once
+// and shared by all of them. Q is padded and rotated by the K side's rotation
+// (prologue), the scale folded in; the output is inverse-rotated by the V
+// side's rotation (epilogue). Online softmax in fp32.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../op_checks.h"
+#include "decode.h"
+#include "rows.h"
+#include "simd.h"
+#include "turbokv/fwht.h"
+
+namespace turbokv::cpu {
+namespace {
+
+constexpr int kTile = 32;         // keys decoded per tile
+constexpr int kRowsPerTask = 64;  // query rows (heads x queries) per task, at least one query
+
+struct Params {
+  int64_t B, Hq, Hkv, Sq, T, d;
+  int G;  // query heads per KV head
+  float scale, softcap;
+  bool causal;
+  int64_t window;
+};
+
+void attend_task(const Params& P, const SideSpec& ks, const SideSpec& vs, const float* q, const uint8_t* kc,
+                 const uint8_t* vc, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t len, int64_t start,
+                 float* out, std::vector<float>& ws) {
+  const int dpk = ks.layout.dp, dpv = vs.layout.dp;
+  const int64_t nq = i1 - i0;
+  const int64_t M = P.G * nq;
+  // Workspace on the heap (no large stack arrays): Q, acc, max, sum, K tile, V tile, scores.
+  ws.resize(M * dpk + M * dpv + 2 * M + kTile * dpk + kTile * dpv + M * kTile);
+  float* qr = ws.data();
+  float* acc = qr + M * dpk;
+  float* mx = acc + M * dpv;
+  float* sm = mx + M;
+  float* kt = sm + M;
+  float* vt = kt + kTile * dpk;
+  float* sc = vt + kTile * dpv;
+
+  // Prologue: rows ordered (head g, query i); rotate and scale Q once.
+  for (int g = 0; g < P.G; ++g) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float* row = qr + (g * nq + (i - i0)) * dpk;
+      const float* src = q + (((b * P.Hq + h * P.G + g) * P.Sq) + i) * P.d;
+      for (int j = 0; j < P.d; ++j) row[j] = src[j];
+      for (int j = P.d; j < dpk; ++j) row[j] = 0.0f;
+      if (ks.rot_group) rotate_row<float>(row, dpk, ks.rot_group, ks.s1_ptr(), ks.s2_ptr(), false);
+      for (int j = 0; j < dpk; ++j) row[j] *= P.scale;
+    }
+  }
+  std::fill(acc, acc + M * dpv, 0.0f);
+  std::fill(mx, mx + M, -std::numeric_limits<float>::infinity());
+  std::fill(sm, sm + M, 0.0f);
+
+  // Key range any query of this chunk can see.
+  const int64_t qpos0 = len - P.Sq + i0, qpos1 = len - P.Sq + i1 - 1;
+  int64_t lo = start, hi = len;
+  if (P.causal) hi = std::min(hi, qpos1 + 1);
+  if (P.window > 0) lo = std::max(lo, qpos0 - P.window + 1);
+  const int64_t base = (b * P.Hkv + h) * P.T;
+
+  for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
+    const int nt = static_cast<int>(std::min<int64_t>(kTile, hi - t0));
+    for (int t = 0; t < nt; ++t) decode_row_fast(ks.layout, kc + (base + t0 + t) * ks.layout.row_bytes, kt + t * dpk);
+    bool any = false;
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t qpos = len - P.Sq + i0 + (r % nq);
+      float* s = sc + r * kTile;
+      float tile_max = -std::numeric_limits<float>::infinity();
+      for (int t = 0; t < nt; ++t) {
+        const int64_t j = t0 + t;
+        const bool ok = (!P.causal || j <= qpos) && (P.window <= 0 || qpos - j < P.window);
+        float v = -std::numeric_limits<float>::infinity();
+        if (ok) {
+          v = dot(qr + r * dpk, kt + t * dpk, dpk);
+          if (P.softcap > 0.0f) v = P.softcap * std::tanh(v / P.softcap);
+        }
+        s[t] = v;
+        tile_max = std::max(tile_max, v);
+      }
+      if (tile_max == -std::numeric_limits<float>::infinity()) {
+        for (int t = 0; t < nt; ++t) s[t] = 0.0f;
+        continue;
+      }
+      any = true;
+      const float m_new = std::max(mx[r], tile_max);
+      const float alpha = std::exp(mx[r] - m_new);  // exp(-inf) = 0 on the first tile
+      mx[r] = m_new;
+      float sum = 0.0f;
+      for (int t = 0; t < nt; ++t) {
+        s[t] = std::exp(s[t] - m_new);
+        sum += s[t];
+      }
+      sm[r] = sm[r] * alpha + sum;
+      if (alpha != 1.0f) scale(acc + r * dpv, alpha, dpv);
+    }
+    if (!any) continue;
+    for (int t = 0; t < nt; ++t) decode_row_fast(vs.layout, vc + (base + t0 + t) * vs.layout.row_bytes, vt + t * dpv);
+    for (int64_t r = 0; r < M; ++r) {
+      float* a = acc + r * dpv;
+      const float* s = sc + r * kTile;
+      for (int t = 0; t < nt; ++t) {
+        const float p = s[t];
+        if (p == 0.0f) continue;
+        axpy(p, vt + t * dpv, a, dpv);
+      }
+    }
+  }
+
+  // Epilogue: normalise, inverse-rotate the V side, drop the padding.
+  for (int64_t r = 0; r < M; ++r) {
+    float* a = acc + r * dpv;
+    scale(a, sm[r] > 0.0f ? 1.0f / sm[r] : 0.0f, dpv);
+    if (vs.rot_group) rotate_row<float>(a, dpv, vs.rot_group, vs.s1_ptr(), vs.s2_ptr(), true);
+    const int g = static_cast<int>(r / nq);
+    const int64_t i = i0 + r % nq;
+    float* dst = out + (((b * P.Hq + h * P.G + g) * P.Sq) + i) * P.d;
+    for (int j = 0; j < P.d; ++j) dst[j] = a[j];
+  }
+}
+
+void check_cache(const at::Tensor& cache, const SideSpec& s, const char* arg) {
+  TORCH_CHECK_VALUE(cache.device().is_cpu(), arg, ": got device ", cache.device(), ", expected cpu");
+  check_packed(cache, s, arg);
+  TORCH_CHECK_VALUE(cache.dim() == 4, arg, ": got shape ", shape_str(cache), ", expected (B, Hkv, T, row_bytes)");
+}
+
+at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& lengths, const std::optional<at::Tensor>& starts, c10::string_view k_format,
+                         int64_t k_rot_group, std::optional<int64_t> k_rot_seed, c10::string_view v_format,
+                         int64_t v_rot_group, std::optional<int64_t> v_rot_seed, double scale, bool causal,
+                         int64_t window, double softcap) {
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "q: got device ", q.device(), ", expected cpu for this kernel");
+  check_float_input(q, "q");
+  TORCH_CHECK_VALUE(q.dim() == 4, "q: got shape ", shape_str(q), ", expected (B, Hq, Sq, head_dim)");
+  Params P{};
+  P.B = q.size(0);
+  P.Hq = q.size(1);
+  P.Sq = q.size(2);
+  P.d = q.size(3);
+  TORCH_CHECK_VALUE(P.B > 0, "q: got an empty batch (shape ", shape_str(q), "), expected B >= 1");
+  TORCH_CHECK_VALUE(P.Sq > 0 && P.Hq > 0, "q: got shape ", shape_str(q), ", expected Hq >= 1 and Sq >= 1");
+  const SideSpec ks = make_side(std::string(k_format), P.d, k_rot_group, k_rot_seed, "k_format", "k_rot_group");
+  const SideSpec vs = make_side(std::string(v_format), P.d, v_rot_group, v_rot_seed, "v_format", "v_rot_group");
+  check_cache(k_cache, ks, "k_cache");
+  check_cache(v_cache, vs, "v_cache");
+  P.Hkv = k_cache.size(1);
+  P.T = k_cache.size(2);
+  TORCH_CHECK_VALUE(k_cache.size(0) == P.B, "k_cache: got batch ", k_cache.size(0), ", expected ", P.B,
+                    " (the batch of q)");
+  TORCH_CHECK_VALUE(v_cache.size(0) == P.B && v_cache.size(1) == P.Hkv && v_cache.size(2) == P.T, "v_cache: got shape ",
+                    shape_str(v_cache), ", expected (", P.B, ", ", P.Hkv, ", ", P.T, ", ", vs.layout.row_bytes, ")");
+  TORCH_CHECK_VALUE(P.Hkv > 0 && P.Hq % P.Hkv == 0, "q: got ", P.Hq, " query heads, expected a multiple of the ", P.Hkv,
+                    " KV heads of k_cache");
+  P.G = static_cast<int>(P.Hq / P.Hkv);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale: got ", scale, ", expected a finite number");
+  TORCH_CHECK_VALUE(softcap >= 0.0 && std::isfinite(softcap), "softcap: got ", softcap, ", expected >= 0 (0 = off)");
+  TORCH_CHECK_VALUE(window >= 0, "window: got ", window, ", expected >= 0 (0 = no sliding window)");
+  P.scale = static_cast<float>(scale);
+  P.softcap = static_cast<float>(softcap);
+  P.causal = causal;
+  P.window = window;
+
+  check_index_tensor(lengths, "lengths", P.B, q.device());
+  const at::Tensor len = lengths.to(at::kLong).contiguous();
+  const int64_t* lp = len.const_data_ptr<int64_t>();
+  at::Tensor st = starts.has_value() ? starts->to(at::kLong).contiguous() : at::zeros({P.B}, len.options());
+  if (starts.has_value()) check_index_tensor(*starts, "starts", P.B, q.device());
+  const int64_t* sp = st.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < P.B; ++b) {
+    TORCH_CHECK_VALUE(lp[b] >= 0 && lp[b] <= P.T, "lengths: got ", lp[b], " for sequence ", b,
+                      ", expected 0 <= length <= cache capacity ", P.T);
+    TORCH_CHECK_VALUE(!causal || lp[b] >= P.Sq, "lengths: got ", lp[b], " for sequence ", b, ", expected >= ", P.Sq,
+                      " (the queries are the last Sq cached tokens)");
+    TORCH_CHECK_VALUE(sp[b] >= 0 && sp[b] <= lp[b], "starts: got ", sp[b], " for sequence ", b,
+                      ", expected 0 <= start <= length ", lp[b]);
+  }
+
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  const at::Tensor kc = k_cache.contiguous(), vc = v_cache.contiguous();
+  at::Tensor out = at::empty({P.B, P.Hq, P.Sq, P.d}, q.options().dtype(at::kFloat));
+  const int64_t per_task = std::max<int64_t>(1, kRowsPerTask / P.G);
+  const int64_t chunks = (P.Sq + per_task - 1) / per_task;
+  const float* qp = qf.const_data_ptr<float>();
+  const uint8_t* kp = kc.const_data_ptr<uint8_t>();
+  const uint8_t* vp = vc.const_data_ptr<uint8_t>();
+  float* op = out.mutable_data_ptr<float>();
+  at::parallel_for(0, P.B * P.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> ws;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task % chunks, h = (task / chunks) % P.Hkv, b = task / (chunks * P.Hkv);
+      const int64_t i0 = c * per_task, i1 = std::min(P.Sq, i0 + per_task);
+      attend_task(P, ks, vs, qp, kp, vp, b, h, i0, i1, lp[b], sp[b], op, ws);
+    }
+  });
+  return out.to(q.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(turbokv, CPU, m) { m.impl("attention", &attention_cpu); }
+
+}  // namespace turbokv::cpu

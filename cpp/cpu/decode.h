@@ -1,0 +1,131 @@
+// Fast CPU row decoders, bit-identical to codec.h's decode_row.
+//
+// The generic decoder extracts one index at a time with data-dependent
+// branches; these loops have fixed shapes the compiler vectorises, and turbo
+// rows go through byte-indexed tables (one byte -> 4 or 2 centroids) built once
+// per codebook, so a turbo2 group of 128 values is 32 table loads.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "turbokv/codec.h"
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace turbokv::cpu {
+
+struct TurboTables {
+  float two[256][4];         // turbo2: byte -> 4 centroids
+  float three[16 * 256][4];  // turbo3: (4 high bits << 8 | low-bits byte) -> 4 centroids
+  float four[256][2];        // turbo4: byte -> 2 centroids
+};
+
+inline const TurboTables& turbo_tables(int g, int bits) {
+  auto build = [](int g, int bits) {
+    auto* t = new TurboTables();  // lives for the process, like the codebooks
+    const float* c = codebook(g, bits);
+    for (int b = 0; b < 256; ++b) {
+      for (int k = 0; k < 4; ++k) {
+        const int i2 = (b >> (2 * k)) & 3;
+        if (bits == 2) t->two[b][k] = c[i2];
+        if (bits == 3)
+          for (int nib = 0; nib < 16; ++nib) t->three[(nib << 8) | b][k] = c[i2 | (((nib >> k) & 1) << 2)];
+      }
+      if (bits == 4) {
+        t->four[b][0] = c[b & 15];
+        t->four[b][1] = c[b >> 4];
+      }
+    }
+    return t;
+  };
+  static const TurboTables* tables[2][5] = {};
+  static const bool ready = [&] {
+    for (int gi = 0; gi < 2; ++gi)
+      for (int b = 2; b <= 4; ++b) tables[gi][b] = build(gi ? 128 : 64, b);
+    return true;
+  }();
+  (void)ready;
+  return *tables[g == 128 ? 1 : 0][bits];
+}
+
+inline void decode_f16(const uint8_t* in, int n, float* y) {
+  int j = 0;
+#if defined(__F16C__)
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(y + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 2 * j))));
+#endif
+  for (; j < n; ++j) y[j] = f16_bits_to_f32(load_u16(in + 2 * j));
+}
+
+inline void decode_bf16(const uint8_t* in, int n, float* y) {
+  for (int j = 0; j < n; ++j) {
+    uint16_t h;
+    memcpy(&h, in + 2 * j, 2);
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    memcpy(y + j, &u, 4);
+  }
+}
+
+inline void decode_turbo_group_fast(const uint8_t* in, int g, int bits, float* y) {
+  const float s = f16_bits_to_f32(load_u16(in));
+  const uint8_t* p = in + 2;
+  const TurboTables& t = turbo_tables(g, bits);
+  if (bits == 2) {
+    for (int i = 0; i < g / 4; ++i)
+      for (int k = 0; k < 4; ++k) y[4 * i + k] = s * t.two[p[i]][k];
+  } else if (bits == 4) {
+    for (int i = 0; i < g / 2; ++i)
+      for (int k = 0; k < 2; ++k) y[2 * i + k] = s * t.four[p[i]][k];
+  } else {
+    const uint8_t* h = p + g / 4;
+    for (int i = 0; i < g / 4; ++i) {
+      const int nib = (h[i >> 1] >> (4 * (i & 1))) & 15;
+      const float* c = t.three[(nib << 8) | p[i]];
+      for (int k = 0; k < 4; ++k) y[4 * i + k] = s * c[k];
+    }
+  }
+}
+
+inline void decode_block_fast(int fmt, const uint8_t* in, float* y) {
+  const float d = f16_bits_to_f32(load_u16(in));
+  if (fmt == kFmt_q8_0) {
+    for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(static_cast<int8_t>(in[2 + j])) * d;
+    return;
+  }
+  if (fmt == kFmt_q4_0) {
+    const uint8_t* p = in + 2;
+    for (int j = 0; j < 16; ++j) {
+      y[j] = d * static_cast<float>((p[j] & 15) - 8);
+      y[j + 16] = d * static_cast<float>((p[j] >> 4) - 8);
+    }
+    return;
+  }
+  if (fmt == kFmt_q4_1) {
+    const float m = f16_bits_to_f32(load_u16(in + 2));
+    const uint8_t* p = in + 4;
+    for (int j = 0; j < 16; ++j) {
+      y[j] = d * static_cast<float>(p[j] & 15) + m;
+      y[j + 16] = d * static_cast<float>(p[j] >> 4) + m;
+    }
+    return;
+  }
+  decode_block(fmt, in, y);  // q5_0 / q5_1: the generic path
+}
+
+// Same result as codec.h decode_row, faster.
+inline void decode_row_fast(const RowLayout& L, const uint8_t* in, float* y) {
+  if (L.family == Family::kFloat) {
+    if (L.fmt == kFmt_f16)
+      decode_f16(in, L.dp, y);
+    else
+      decode_bf16(in, L.dp, y);
+  } else if (L.family == Family::kBlock) {
+    for (int b = 0; b < L.dp / 32; ++b) decode_block_fast(L.fmt, in + b * L.group_bytes, y + 32 * b);
+  } else {
+    for (int b = 0; b < L.dp / L.g; ++b) decode_turbo_group_fast(in + b * L.group_bytes, L.g, L.bits, y + L.g * b);
+  }
+}
+
+}  // namespace turbokv::cpu

@@ -1,0 +1,141 @@
+// CPU quantize / dequantize / cache_append: pad -> rotate -> encode, and back.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../op_checks.h"
+#include "decode.h"
+#include "rows.h"
+#include "turbokv/fwht.h"
+
+namespace turbokv::cpu {
+namespace {
+
+// Loads row r of a contiguous (rows, d) float tensor, zero-pads to dp, rotates.
+void prepare_row(const at::Tensor& x, int64_t r, const SideSpec& s, float* buf) {
+  const RowLayout& L = s.layout;
+  load_row(x, r, L.d, buf);
+  for (int j = L.d; j < L.dp; ++j) buf[j] = 0.0f;
+  if (s.rot_group) rotate_row<float>(buf, L.dp, s.rot_group, s.s1_ptr(), s.s2_ptr(), false);
+}
+
+void check_cpu(const at::Tensor& t, const char* arg) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), arg, ": got device ", t.device(), ", expected cpu for this kernel");
+}
+
+at::Tensor quantize_cpu(const at::Tensor& x, c10::string_view format, int64_t rot_group,
+                        std::optional<int64_t> rot_seed) {
+  check_cpu(x, "x");
+  check_float_input(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x: got a 0-dim tensor, expected (..., head_dim)");
+  const SideSpec s = make_side(std::string(format), x.size(-1), rot_group, rot_seed, "format", "rot_group");
+  const RowLayout& L = s.layout;
+  at::Tensor xc = x.contiguous();
+  auto sizes = xc.sizes().vec();
+  sizes.back() = L.row_bytes;
+  at::Tensor out = at::empty(sizes, xc.options().dtype(at::kByte));
+  const int64_t rows = xc.numel() / L.d;
+  uint8_t* dst = out.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(L.dp);
+    for (int64_t r = begin; r < end; ++r) {
+      prepare_row(xc, r, s, buf.data());
+      encode_row(L, buf.data(), dst + r * L.row_bytes);
+    }
+  });
+  return out;
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& packed, c10::string_view format, int64_t head_dim, int64_t rot_group,
+                          std::optional<int64_t> rot_seed, bool unrotate, at::ScalarType dtype) {
+  check_cpu(packed, "packed");
+  const SideSpec s = make_side(std::string(format), head_dim, rot_group, rot_seed, "format", "rot_group");
+  check_packed(packed, s, "packed");
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "dtype: got ", dtype,
+                   ", expected float32, float16 or bfloat16");
+  const RowLayout& L = s.layout;
+  at::Tensor pc = packed.contiguous();
+  const int64_t width = unrotate ? L.d : L.dp;
+  auto sizes = pc.sizes().vec();
+  sizes.back() = width;
+  at::Tensor out = at::empty(sizes, pc.options().dtype(dtype));
+  const int64_t rows = pc.numel() / L.row_bytes;
+  const uint8_t* src = pc.const_data_ptr<uint8_t>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(L.dp);
+    for (int64_t r = begin; r < end; ++r) {
+      decode_row_fast(L, src + r * L.row_bytes, buf.data());
+      if (unrotate && s.rot_group) rotate_row<float>(buf.data(), L.dp, s.rot_group, s.s1_ptr(), s.s2_ptr(), true);
+      store_row(out, r, width, buf.data());
+    }
+  });
+  return out;
+}
+
+void check_cache(const at::Tensor& cache, const SideSpec& s, const char* arg) {
+  check_cpu(cache, arg);
+  check_packed(cache, s, arg);
+  TORCH_CHECK_VALUE(cache.dim() == 4, arg, ": got shape ", shape_str(cache), ", expected (B, Hkv, T, row_bytes)");
+  TORCH_CHECK_VALUE(cache.is_contiguous(), arg, ": expected a contiguous tensor");
+}
+
+void cache_append_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& positions, c10::string_view k_format, int64_t k_rot_group,
+                      std::optional<int64_t> k_rot_seed, c10::string_view v_format, int64_t v_rot_group,
+                      std::optional<int64_t> v_rot_seed) {
+  // Every check runs before the first write, so bad input leaves the caches untouched.
+  check_cpu(k, "k");
+  check_cpu(v, "v");
+  check_float_input(k, "k");
+  check_float_input(v, "v");
+  TORCH_CHECK_VALUE(k.dim() == 4, "k: got shape ", shape_str(k), ", expected (B, Hkv, S, head_dim)");
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v: got shape ", shape_str(v), ", expected the shape of k ", shape_str(k));
+  const int64_t B = k.size(0), H = k.size(1), S = k.size(2), d = k.size(3);
+  TORCH_CHECK_VALUE(B > 0, "k: got an empty batch (shape ", shape_str(k), "), expected B >= 1");
+  const SideSpec ks = make_side(std::string(k_format), d, k_rot_group, k_rot_seed, "k_format", "k_rot_group");
+  const SideSpec vs = make_side(std::string(v_format), d, v_rot_group, v_rot_seed, "v_format", "v_rot_group");
+  check_cache(k_cache, ks, "k_cache");
+  check_cache(v_cache, vs, "v_cache");
+  TORCH_CHECK_VALUE(k_cache.size(0) == B && k_cache.size(1) == H, "k_cache: got shape ", shape_str(k_cache),
+                    ", expected (", B, ", ", H, ", T, ", ks.layout.row_bytes, ") to match k");
+  TORCH_CHECK_VALUE(v_cache.size(0) == B && v_cache.size(1) == H && v_cache.size(2) == k_cache.size(2),
+                    "v_cache: got shape ", shape_str(v_cache), ", expected (", B, ", ", H, ", ", k_cache.size(2), ", ",
+                    vs.layout.row_bytes, ") to match k_cache");
+  TORCH_CHECK_VALUE(k_cache.data_ptr() != v_cache.data_ptr(), "v_cache: got the same storage as k_cache");
+  check_index_tensor(positions, "positions", B, k.device());
+  TORCH_CHECK_VALUE(positions.dim() == 2 && positions.size(1) == S, "positions: got shape ", shape_str(positions),
+                    ", expected (", B, ", ", S, ")");
+  const int64_t T = k_cache.size(2);
+  const at::Tensor pos = positions.to(at::kLong).contiguous();
+  const int64_t* pp = pos.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * S; ++i)
+    TORCH_CHECK_VALUE(pp[i] >= 0 && pp[i] < T, "positions: got ", pp[i], " at flat index ", i,
+                      ", expected 0 <= position < cache capacity ", T);
+
+  const at::Tensor kc = k.contiguous(), vc = v.contiguous();
+  uint8_t* kdst = k_cache.mutable_data_ptr<uint8_t>();
+  uint8_t* vdst = v_cache.mutable_data_ptr<uint8_t>();
+  const int dmax = std::max(ks.layout.dp, vs.layout.dp);
+  at::parallel_for(0, B * H * S, 32, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(dmax);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (H * S), h = (r / S) % H, s = r % S;
+      const int64_t slot = (b * H + h) * T + pp[b * S + s];
+      prepare_row(kc, r, ks, buf.data());
+      encode_row(ks.layout, buf.data(), kdst + slot * ks.layout.row_bytes);
+      prepare_row(vc, r, vs, buf.data());
+      encode_row(vs.layout, buf.data(), vdst + slot * vs.layout.row_bytes);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(turbokv, CPU, m) {
+  m.impl("quantize", &quantize_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+  m.impl("cache_append", &cache_append_cpu);
+}
+
+}  // namespace turbokv::cpu

@@ -1,0 +1,48 @@
+// Every turbokv op schema, declared once. Backends add implementations in
+// cpu/*.cpp and cuda/*.cu with TORCH_LIBRARY_IMPL; Python adds fake kernels
+// (python/turbokv/ops.py). Rotation of a side is (rot_group, rot_seed):
+// rot_group 0 = none, rot_seed None = plain Hadamard without sign diagonals.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(turbokv, m) {
+  m.def("hadamard(Tensor x, int group, int? seed, bool inverse) -> Tensor");
+  m.def("quantize(Tensor x, str format, int rot_group, int? rot_seed) -> Tensor");
+  m.def(
+      "dequantize(Tensor packed, str format, int head_dim, int rot_group, int? rot_seed, bool unrotate, "
+      "ScalarType dtype) -> Tensor");
+  m.def(
+      "cache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor positions, "
+      "str k_format, int k_rot_group, int? k_rot_seed, str v_format, int v_rot_group, int? v_rot_seed) -> ()");
+  m.def(
+      "attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, Tensor? starts, "
+      "str k_format, int k_rot_group, int? k_rot_seed, str v_format, int v_rot_group, int? v_rot_seed, "
+      "float scale, bool causal, int window, float softcap) -> Tensor");
+}
+
+#ifndef TURBOKV_WITH_CUDA
+#define TURBOKV_WITH_CUDA 0
+#endif
+#ifndef TURBOKV_CUDA_ARCHS
+#define TURBOKV_CUDA_ARCHS ""
+#endif
+
+// The Python module is empty but for build facts: importing it loads this
+// shared object, and the static registrations above reach the dispatcher.
+static PyModuleDef turbokv_module = {PyModuleDef_HEAD_INIT,
+                                     "_C",
+                                     "turbokv native ops (see torch.ops.turbokv)",
+                                     -1,
+                                     nullptr,
+                                     nullptr,
+                                     nullptr,
+                                     nullptr,
+                                     nullptr};
+
+PyMODINIT_FUNC PyInit__C() {
+  PyObject* m = PyModule_Create(&turbokv_module);
+  if (m == nullptr) return nullptr;
+  PyModule_AddIntConstant(m, "WITH_CUDA", TURBOKV_WITH_CUDA);
+  PyModule_AddStringConstant(m, "CUDA_ARCHS", TURBOKV_CUDA_ARCHS);
+  return m;
+}

@@ -1,0 +1,53 @@
+"""Comparison helpers shared by the tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from turbokv import formats, reference
+from turbokv.rotation import Rotation, auto_rotation
+
+
+def sides(k_format: str, v_format: str, d: int) -> tuple[Rotation, Rotation]:
+    return auto_rotation(k_format, d, "k"), auto_rotation(v_format, d, "v")
+
+
+def turbo_indices_and_scales(fmt: str, packed: torch.Tensor, d: int):
+    """Split turbo rows into (indices, fp16 scales) for comparisons across devices."""
+    f = formats.get(fmt)
+    dp = formats.padded_dim(f, d)
+    g = formats.turbo_group(dp)
+    rows = packed.cpu().reshape(-1, formats.group_bytes(f, g))
+    scales = rows[:, :2].contiguous().view(torch.float16)
+    idx = reference._unpack_indices(rows[:, 2:], g, f.bits)
+    return idx, scales
+
+
+def assert_packed_match(fmt: str, got: torch.Tensor, expected: torch.Tensor, d: int, exact: bool = True):
+    """Exact bytes, or (turbo, another device) indices equal on >= 99.99 % and scales within 1 fp16 ulp."""
+    got, expected = got.cpu(), expected.cpu()
+    if exact or formats.get(fmt).family != "turbo":
+        mism = (got != expected).sum().item()
+        assert mism == 0, f"{fmt}: {mism} of {got.numel()} packed bytes differ"
+        return
+    gi, gs = turbo_indices_and_scales(fmt, got, d)
+    ei, es = turbo_indices_and_scales(fmt, expected, d)
+    agree = (gi == ei).float().mean().item()
+    assert agree >= 0.9999, f"{fmt}: only {agree:.6f} of indices agree"
+    ulps = (gs.view(torch.int16).int() - es.view(torch.int16).int()).abs().max().item()
+    assert ulps <= 1, f"{fmt}: scales differ by {ulps} fp16 ulps"
+
+
+def attention_args(q, kc, vc, lengths, starts, kf, vf, kr, vr, causal=True, window=0, softcap=0.0, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return (q, kc, vc, lengths, starts, kf, kr.group, kr.seed, vf, vr.group, vr.seed, scale, causal, window, softcap)
+
+
+def reference_errors(args, got: torch.Tensor) -> tuple[float, float]:
+    """(error of got, error of the reference in q's precision), both max-abs against an fp64 reference."""
+    cpu_args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+    exact = reference.attention(*cpu_args, compute_dtype=torch.float64).double()
+    low = reference.attention(*cpu_args, compute_dtype=cpu_args[0].dtype).double()
+    return (got.cpu().double() - exact).abs().max().item(), (low - exact).abs().max().item()
