@@ -1,5 +1,6 @@
 #include "op_checks.h"
 
+#include <cmath>
 #include <sstream>
 
 #include "turbokv/signs.h"
@@ -55,6 +56,8 @@ SideSpec make_side(const std::string& format, int64_t head_dim, int64_t rot_grou
                     format);
   check_rotation(rot_group, rot_seed, side.layout.dp, group_arg);
   side.rot_group = static_cast<int>(rot_group);
+  side.seeded = rot_group != 0 && rot_seed.has_value();
+  side.seed = side.seeded ? static_cast<uint64_t>(*rot_seed) : 0;
   fill_signs(rot_group, rot_seed, side.s1, side.s2);
   return side;
 }
@@ -79,6 +82,100 @@ void check_index_tensor(const at::Tensor& t, const char* arg, int64_t dim0, cons
   TORCH_CHECK_VALUE(t.device() == device, arg, ": got device ", t.device(), ", expected ", device);
   TORCH_CHECK_VALUE(t.dim() >= 1 && t.size(0) == dim0, arg, ": got shape ", shape_str(t), ", expected first dim ",
                     dim0);
+}
+
+void check_device(const at::Tensor& t, const at::Device& device, const char* arg) {
+  TORCH_CHECK_VALUE(t.device() == device, arg, ": got device ", t.device(), ", expected ", device);
+}
+
+namespace {
+void check_cache(const at::Tensor& cache, const SideSpec& s, const at::Device& device, const char* arg) {
+  check_device(cache, device, arg);
+  check_packed(cache, s, arg);
+  TORCH_CHECK_VALUE(cache.dim() == 4, arg, ": got shape ", shape_str(cache), ", expected (B, Hkv, T, row_bytes)");
+  TORCH_CHECK_VALUE(cache.is_contiguous(), arg, ": expected a contiguous tensor");
+}
+}  // namespace
+
+AppendArgs check_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& positions, const std::string& k_format, int64_t k_rot_group,
+                        const std::optional<int64_t>& k_rot_seed, const std::string& v_format, int64_t v_rot_group,
+                        const std::optional<int64_t>& v_rot_seed) {
+  const at::Device device = k.device();
+  check_device(v, device, "v");
+  check_float_input(k, "k");
+  check_float_input(v, "v");
+  TORCH_CHECK_VALUE(k.dim() == 4, "k: got shape ", shape_str(k), ", expected (B, Hkv, S, head_dim)");
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v: got shape ", shape_str(v), ", expected the shape of k ", shape_str(k));
+  AppendArgs a{k.size(0), k.size(1), k.size(2), k.size(3), 0, {}, {}};
+  TORCH_CHECK_VALUE(a.B > 0, "k: got an empty batch (shape ", shape_str(k), "), expected B >= 1");
+  a.ks = make_side(k_format, a.d, k_rot_group, k_rot_seed, "k_format", "k_rot_group");
+  a.vs = make_side(v_format, a.d, v_rot_group, v_rot_seed, "v_format", "v_rot_group");
+  check_cache(k_cache, a.ks, device, "k_cache");
+  check_cache(v_cache, a.vs, device, "v_cache");
+  TORCH_CHECK_VALUE(k_cache.size(0) == a.B && k_cache.size(1) == a.H, "k_cache: got shape ", shape_str(k_cache),
+                    ", expected (", a.B, ", ", a.H, ", T, ", a.ks.layout.row_bytes, ") to match k");
+  a.T = k_cache.size(2);
+  TORCH_CHECK_VALUE(v_cache.size(0) == a.B && v_cache.size(1) == a.H && v_cache.size(2) == a.T, "v_cache: got shape ",
+                    shape_str(v_cache), ", expected (", a.B, ", ", a.H, ", ", a.T, ", ", a.vs.layout.row_bytes,
+                    ") to match k_cache");
+  TORCH_CHECK_VALUE(k_cache.data_ptr() != v_cache.data_ptr(), "v_cache: got the same storage as k_cache");
+  check_index_tensor(positions, "positions", a.B, device);
+  TORCH_CHECK_VALUE(positions.dim() == 2 && positions.size(1) == a.S, "positions: got shape ", shape_str(positions),
+                    ", expected (", a.B, ", ", a.S, ")");
+  return a;
+}
+
+void check_positions(const at::Tensor& pos_cpu, int64_t T) {
+  const int64_t* pp = pos_cpu.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < pos_cpu.numel(); ++i)
+    TORCH_CHECK_VALUE(pp[i] >= 0 && pp[i] < T, "positions: got ", pp[i], " at flat index ", i,
+                      ", expected 0 <= position < cache capacity ", T);
+}
+
+AttentionArgs check_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& lengths, const std::optional<at::Tensor>& starts,
+                              const std::string& k_format, int64_t k_rot_group,
+                              const std::optional<int64_t>& k_rot_seed, const std::string& v_format,
+                              int64_t v_rot_group, const std::optional<int64_t>& v_rot_seed, double scale,
+                              int64_t window, double softcap) {
+  check_float_input(q, "q");
+  TORCH_CHECK_VALUE(q.dim() == 4, "q: got shape ", shape_str(q), ", expected (B, Hq, Sq, head_dim)");
+  AttentionArgs a{q.size(0), q.size(1), 0, q.size(2), 0, q.size(3), 0, {}, {}};
+  TORCH_CHECK_VALUE(a.B > 0, "q: got an empty batch (shape ", shape_str(q), "), expected B >= 1");
+  TORCH_CHECK_VALUE(a.Sq > 0 && a.Hq > 0, "q: got shape ", shape_str(q), ", expected Hq >= 1 and Sq >= 1");
+  a.ks = make_side(k_format, a.d, k_rot_group, k_rot_seed, "k_format", "k_rot_group");
+  a.vs = make_side(v_format, a.d, v_rot_group, v_rot_seed, "v_format", "v_rot_group");
+  check_cache(k_cache, a.ks, q.device(), "k_cache");
+  check_cache(v_cache, a.vs, q.device(), "v_cache");
+  a.Hkv = k_cache.size(1);
+  a.T = k_cache.size(2);
+  TORCH_CHECK_VALUE(k_cache.size(0) == a.B, "k_cache: got batch ", k_cache.size(0), ", expected ", a.B,
+                    " (the batch of q)");
+  TORCH_CHECK_VALUE(v_cache.size(0) == a.B && v_cache.size(1) == a.Hkv && v_cache.size(2) == a.T, "v_cache: got shape ",
+                    shape_str(v_cache), ", expected (", a.B, ", ", a.Hkv, ", ", a.T, ", ", a.vs.layout.row_bytes, ")");
+  TORCH_CHECK_VALUE(a.Hkv > 0 && a.Hq % a.Hkv == 0, "q: got ", a.Hq, " query heads, expected a multiple of the ", a.Hkv,
+                    " KV heads of k_cache");
+  a.G = static_cast<int>(a.Hq / a.Hkv);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale: got ", scale, ", expected a finite number");
+  TORCH_CHECK_VALUE(softcap >= 0.0 && std::isfinite(softcap), "softcap: got ", softcap, ", expected >= 0 (0 = off)");
+  TORCH_CHECK_VALUE(window >= 0, "window: got ", window, ", expected >= 0 (0 = no sliding window)");
+  check_index_tensor(lengths, "lengths", a.B, q.device());
+  if (starts.has_value()) check_index_tensor(*starts, "starts", a.B, q.device());
+  return a;
+}
+
+void check_lengths(const at::Tensor& len_cpu, const at::Tensor& starts_cpu, int64_t T, int64_t Sq, bool causal) {
+  const int64_t* lp = len_cpu.const_data_ptr<int64_t>();
+  const int64_t* sp = starts_cpu.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < len_cpu.numel(); ++b) {
+    TORCH_CHECK_VALUE(lp[b] >= 0 && lp[b] <= T, "lengths: got ", lp[b], " for sequence ", b,
+                      ", expected 0 <= length <= cache capacity ", T);
+    TORCH_CHECK_VALUE(!causal || lp[b] >= Sq, "lengths: got ", lp[b], " for sequence ", b, ", expected >= ", Sq,
+                      " (the queries are the last Sq cached tokens)");
+    TORCH_CHECK_VALUE(sp[b] >= 0 && sp[b] <= lp[b], "starts: got ", sp[b], " for sequence ", b,
+                      ", expected 0 <= start <= length ", lp[b]);
+  }
 }
 
 }  // namespace turbokv

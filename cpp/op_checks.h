@@ -15,7 +15,9 @@ namespace turbokv {
 // One side (K or V) of a cache: its row layout and rotation.
 struct SideSpec {
   RowLayout layout;
-  int rot_group = 0;          // 0: no rotation
+  int rot_group = 0;  // 0: no rotation
+  bool seeded = false;
+  uint64_t seed = 0;
   std::vector<float> s1, s2;  // sign diagonals; empty when unseeded
 
   const float* s1_ptr() const { return s1.empty() ? nullptr : s1.data(); }
@@ -32,5 +34,33 @@ void check_float_input(const at::Tensor& t, const char* arg);
 void check_packed(const at::Tensor& t, const SideSpec& side, const char* arg);
 void check_index_tensor(const at::Tensor& t, const char* arg, int64_t dim0, const at::Device& device);
 std::string shape_str(const at::Tensor& t);
+void check_device(const at::Tensor& t, const at::Device& device, const char* arg);
+
+// cache_append: every shape/dtype/device check, before any write.
+struct AppendArgs {
+  int64_t B, H, S, d, T;
+  SideSpec ks, vs;
+};
+AppendArgs check_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& positions, const std::string& k_format, int64_t k_rot_group,
+                        const std::optional<int64_t>& k_rot_seed, const std::string& v_format, int64_t v_rot_group,
+                        const std::optional<int64_t>& v_rot_seed);
+// Values of positions (a CPU int64 copy): 0 <= p < T.
+void check_positions(const at::Tensor& pos_cpu, int64_t T);
+
+// attention: shapes, dtypes, devices and scalars.
+struct AttentionArgs {
+  int64_t B, Hq, Hkv, Sq, T, d;
+  int G;
+  SideSpec ks, vs;
+};
+AttentionArgs check_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& lengths, const std::optional<at::Tensor>& starts,
+                              const std::string& k_format, int64_t k_rot_group,
+                              const std::optional<int64_t>& k_rot_seed, const std::string& v_format,
+                              int64_t v_rot_group, const std::optional<int64_t>& v_rot_seed, double scale,
+                              int64_t window, double softcap);
+// Values of lengths / starts (CPU int64 copies).
+void check_lengths(const at::Tensor& len_cpu, const at::Tensor& starts_cpu, int64_t T, int64_t Sq, bool causal);
 
 }  // namespace turbokv

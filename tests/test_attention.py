@@ -20,6 +20,12 @@ def make_cache(gen, B, Hkv, T, d, kf, vf, kr, vr, scale=1.0):
     return reference.quantize(k, kf, kr.group, kr.seed), reference.quantize(v, vf, vr.group, vr.seed)
 
 
+def poison_cuda_memory():
+    """Fill freed memory of the caching allocator with NaN bytes, so unwritten outputs cannot pass."""
+    junk = torch.full((64 << 20,), 0xFF, dtype=torch.uint8, device="cuda")
+    del junk
+
+
 def run_budget(device, gen, B, Hq, Hkv, T, d, Sq, kf, vf, lengths, starts=None, dtype=torch.float16, **kw):
     kr, vr = sides(kf, vf, d)
     kc, vc = make_cache(gen, B, Hkv, T, d, kf, vf, kr, vr, scale=2.0)
@@ -28,6 +34,8 @@ def run_budget(device, gen, B, Hq, Hkv, T, d, Sq, kf, vf, lengths, starts=None, 
     starts = None if starts is None else torch.tensor(starts)
     args = attention_args(q, kc, vc, lengths, starts, kf, vf, kr, vr, **kw)
     dev_args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    if device == "cuda":
+        poison_cuda_memory()
     out = torch.ops.turbokv.attention(*dev_args)
     assert out.shape == q.shape and out.dtype == q.dtype and out.device.type == device
     err, ref_err = reference_errors(args, out)
@@ -43,12 +51,20 @@ def test_decode_budget(device, T, gqa, kf, vf, gen):
     run_budget(device, gen, 2, 2 * gqa, 2, T, 128, 1, kf, vf, [T, max(1, T // 2)], dtype=torch.float16)
 
 
+@pytest.mark.parametrize("device", [p for p in device_params() if p != "cpu"])
+@pytest.mark.parametrize("T", [4097, 70001])
+def test_long_decode_budget_cuda(device, T, gen):
+    """Long caches on the GPU (split-K merges many splits); the CPU suite stops at 1000 tokens."""
+    run_budget(device, gen, 2, 8, 2, T, 128, 1, "turbo3", "q4_0", [T, T // 3 + 1])
+
+
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("d", [64, 96, 128, 256])
 @pytest.mark.parametrize("kf,vf", [("f16", "f16"), ("turbo4", "turbo2"), ("q5_1", "q4_1"), ("bf16", "q5_0")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_head_dims_budget(device, d, kf, vf, dtype, gen):
-    run_budget(device, gen, 2, 8, 2, 137, d, 3, kf, vf, [137, 60], dtype=dtype)
+@pytest.mark.parametrize("sq", [1, 3])
+def test_head_dims_budget(device, d, kf, vf, dtype, sq, gen):
+    run_budget(device, gen, 2, 8, 2, 137, d, sq, kf, vf, [137, 60], dtype=dtype)
 
 
 @pytest.mark.parametrize("device", device_params())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cuda_ready
 from helpers import sides
 
 import turbokv
@@ -19,6 +20,17 @@ def test_native_cpu_kernel_is_registered(name):
     assert turbokv.native_loaded("cpu")
     # The op resolves to the C++ extension, not to a Python implementation.
     assert "turbokv/_C" in turbokv.ops._C.__file__.replace("\\", "/")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", OPS)
+def test_native_cuda_kernel_is_registered(name):
+    ok, why = cuda_ready()
+    if not ok:
+        pytest.skip(why)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"turbokv::{name}", "CUDA")
+    x = torch.randn(4, 128, device="cuda")
+    assert turbokv.quantize(x, "turbo3").device.type == "cuda"
 
 
 def test_schemas_declared_once_with_mutation():

@@ -19,9 +19,13 @@ fi
 py=${PYTHON:-.venv/bin/python}
 incs=$("$py" -c "import torch.utils.cpp_extension as e; print(' '.join('-I' + p for p in e.include_paths()))")
 out=$(mktemp -d)
+# A CPU build of torch ships c10/cuda headers but not their CMake-generated config
+# header; an empty stand-in is enough to compile (searched after torch's own paths).
+mkdir -p "$out/shim/c10/cuda/impl"
+echo '#pragma once' >"$out/shim/c10/cuda/impl/cuda_cmake_macros.h"
 for f in "${srcs[@]}"; do
   echo "check_cuda_compile: $f"
-  "$nvcc" -std=c++20 -gencode=arch=compute_90a,code=sm_90a -Icpp -Icpp/include $incs -D_GLIBCXX_USE_CXX11_ABI=1 \
+  "$nvcc" -std=c++20 -gencode=arch=compute_90a,code=sm_90a -Icpp -Icpp/include $incs -I"$out/shim" -D_GLIBCXX_USE_CXX11_ABI=1 \
     -DTURBOKV_COMPILE_CHECK=1 -Xcompiler=-Werror=frame-larger-than=16384 --expt-relaxed-constexpr \
     -c "$f" -o "$out/$(basename "$f").o"
 done

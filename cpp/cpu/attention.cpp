@@ -131,62 +131,23 @@ void attend_task(const Params& P, const SideSpec& ks, const SideSpec& vs, const 
   }
 }
 
-void check_cache(const at::Tensor& cache, const SideSpec& s, const char* arg) {
-  TORCH_CHECK_VALUE(cache.device().is_cpu(), arg, ": got device ", cache.device(), ", expected cpu");
-  check_packed(cache, s, arg);
-  TORCH_CHECK_VALUE(cache.dim() == 4, arg, ": got shape ", shape_str(cache), ", expected (B, Hkv, T, row_bytes)");
-}
-
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& lengths, const std::optional<at::Tensor>& starts, c10::string_view k_format,
                          int64_t k_rot_group, std::optional<int64_t> k_rot_seed, c10::string_view v_format,
                          int64_t v_rot_group, std::optional<int64_t> v_rot_seed, double scale, bool causal,
                          int64_t window, double softcap) {
   TORCH_CHECK_VALUE(q.device().is_cpu(), "q: got device ", q.device(), ", expected cpu for this kernel");
-  check_float_input(q, "q");
-  TORCH_CHECK_VALUE(q.dim() == 4, "q: got shape ", shape_str(q), ", expected (B, Hq, Sq, head_dim)");
-  Params P{};
-  P.B = q.size(0);
-  P.Hq = q.size(1);
-  P.Sq = q.size(2);
-  P.d = q.size(3);
-  TORCH_CHECK_VALUE(P.B > 0, "q: got an empty batch (shape ", shape_str(q), "), expected B >= 1");
-  TORCH_CHECK_VALUE(P.Sq > 0 && P.Hq > 0, "q: got shape ", shape_str(q), ", expected Hq >= 1 and Sq >= 1");
-  const SideSpec ks = make_side(std::string(k_format), P.d, k_rot_group, k_rot_seed, "k_format", "k_rot_group");
-  const SideSpec vs = make_side(std::string(v_format), P.d, v_rot_group, v_rot_seed, "v_format", "v_rot_group");
-  check_cache(k_cache, ks, "k_cache");
-  check_cache(v_cache, vs, "v_cache");
-  P.Hkv = k_cache.size(1);
-  P.T = k_cache.size(2);
-  TORCH_CHECK_VALUE(k_cache.size(0) == P.B, "k_cache: got batch ", k_cache.size(0), ", expected ", P.B,
-                    " (the batch of q)");
-  TORCH_CHECK_VALUE(v_cache.size(0) == P.B && v_cache.size(1) == P.Hkv && v_cache.size(2) == P.T, "v_cache: got shape ",
-                    shape_str(v_cache), ", expected (", P.B, ", ", P.Hkv, ", ", P.T, ", ", vs.layout.row_bytes, ")");
-  TORCH_CHECK_VALUE(P.Hkv > 0 && P.Hq % P.Hkv == 0, "q: got ", P.Hq, " query heads, expected a multiple of the ", P.Hkv,
-                    " KV heads of k_cache");
-  P.G = static_cast<int>(P.Hq / P.Hkv);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale: got ", scale, ", expected a finite number");
-  TORCH_CHECK_VALUE(softcap >= 0.0 && std::isfinite(softcap), "softcap: got ", softcap, ", expected >= 0 (0 = off)");
-  TORCH_CHECK_VALUE(window >= 0, "window: got ", window, ", expected >= 0 (0 = no sliding window)");
-  P.scale = static_cast<float>(scale);
-  P.softcap = static_cast<float>(softcap);
-  P.causal = causal;
-  P.window = window;
-
-  check_index_tensor(lengths, "lengths", P.B, q.device());
+  const AttentionArgs a =
+      check_attention(q, k_cache, v_cache, lengths, starts, std::string(k_format), k_rot_group, k_rot_seed,
+                      std::string(v_format), v_rot_group, v_rot_seed, scale, window, softcap);
   const at::Tensor len = lengths.to(at::kLong).contiguous();
+  const at::Tensor st = starts.has_value() ? starts->to(at::kLong).contiguous() : at::zeros({a.B}, len.options());
+  check_lengths(len, st, a.T, a.Sq, causal);
   const int64_t* lp = len.const_data_ptr<int64_t>();
-  at::Tensor st = starts.has_value() ? starts->to(at::kLong).contiguous() : at::zeros({P.B}, len.options());
-  if (starts.has_value()) check_index_tensor(*starts, "starts", P.B, q.device());
   const int64_t* sp = st.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < P.B; ++b) {
-    TORCH_CHECK_VALUE(lp[b] >= 0 && lp[b] <= P.T, "lengths: got ", lp[b], " for sequence ", b,
-                      ", expected 0 <= length <= cache capacity ", P.T);
-    TORCH_CHECK_VALUE(!causal || lp[b] >= P.Sq, "lengths: got ", lp[b], " for sequence ", b, ", expected >= ", P.Sq,
-                      " (the queries are the last Sq cached tokens)");
-    TORCH_CHECK_VALUE(sp[b] >= 0 && sp[b] <= lp[b], "starts: got ", sp[b], " for sequence ", b,
-                      ", expected 0 <= start <= length ", lp[b]);
-  }
+  const SideSpec &ks = a.ks, &vs = a.vs;
+  Params P{a.B,    a.Hq,  a.Hkv, a.Sq, a.T, a.d, a.G, static_cast<float>(scale), static_cast<float>(softcap),
+           causal, window};
 
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   const at::Tensor kc = k_cache.contiguous(), vc = v_cache.contiguous();

@@ -73,46 +73,19 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, c10::string_view format, int
   return out;
 }
 
-void check_cache(const at::Tensor& cache, const SideSpec& s, const char* arg) {
-  check_cpu(cache, arg);
-  check_packed(cache, s, arg);
-  TORCH_CHECK_VALUE(cache.dim() == 4, arg, ": got shape ", shape_str(cache), ", expected (B, Hkv, T, row_bytes)");
-  TORCH_CHECK_VALUE(cache.is_contiguous(), arg, ": expected a contiguous tensor");
-}
-
 void cache_append_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& positions, c10::string_view k_format, int64_t k_rot_group,
                       std::optional<int64_t> k_rot_seed, c10::string_view v_format, int64_t v_rot_group,
                       std::optional<int64_t> v_rot_seed) {
   // Every check runs before the first write, so bad input leaves the caches untouched.
   check_cpu(k, "k");
-  check_cpu(v, "v");
-  check_float_input(k, "k");
-  check_float_input(v, "v");
-  TORCH_CHECK_VALUE(k.dim() == 4, "k: got shape ", shape_str(k), ", expected (B, Hkv, S, head_dim)");
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v: got shape ", shape_str(v), ", expected the shape of k ", shape_str(k));
-  const int64_t B = k.size(0), H = k.size(1), S = k.size(2), d = k.size(3);
-  TORCH_CHECK_VALUE(B > 0, "k: got an empty batch (shape ", shape_str(k), "), expected B >= 1");
-  const SideSpec ks = make_side(std::string(k_format), d, k_rot_group, k_rot_seed, "k_format", "k_rot_group");
-  const SideSpec vs = make_side(std::string(v_format), d, v_rot_group, v_rot_seed, "v_format", "v_rot_group");
-  check_cache(k_cache, ks, "k_cache");
-  check_cache(v_cache, vs, "v_cache");
-  TORCH_CHECK_VALUE(k_cache.size(0) == B && k_cache.size(1) == H, "k_cache: got shape ", shape_str(k_cache),
-                    ", expected (", B, ", ", H, ", T, ", ks.layout.row_bytes, ") to match k");
-  TORCH_CHECK_VALUE(v_cache.size(0) == B && v_cache.size(1) == H && v_cache.size(2) == k_cache.size(2),
-                    "v_cache: got shape ", shape_str(v_cache), ", expected (", B, ", ", H, ", ", k_cache.size(2), ", ",
-                    vs.layout.row_bytes, ") to match k_cache");
-  TORCH_CHECK_VALUE(k_cache.data_ptr() != v_cache.data_ptr(), "v_cache: got the same storage as k_cache");
-  check_index_tensor(positions, "positions", B, k.device());
-  TORCH_CHECK_VALUE(positions.dim() == 2 && positions.size(1) == S, "positions: got shape ", shape_str(positions),
-                    ", expected (", B, ", ", S, ")");
-  const int64_t T = k_cache.size(2);
+  const AppendArgs a = check_append(k_cache, v_cache, k, v, positions, std::string(k_format), k_rot_group, k_rot_seed,
+                                    std::string(v_format), v_rot_group, v_rot_seed);
   const at::Tensor pos = positions.to(at::kLong).contiguous();
+  check_positions(pos, a.T);
   const int64_t* pp = pos.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < B * S; ++i)
-    TORCH_CHECK_VALUE(pp[i] >= 0 && pp[i] < T, "positions: got ", pp[i], " at flat index ", i,
-                      ", expected 0 <= position < cache capacity ", T);
-
+  const int64_t B = a.B, H = a.H, S = a.S, T = a.T;
+  const SideSpec &ks = a.ks, &vs = a.vs;
   const at::Tensor kc = k.contiguous(), vc = v.contiguous();
   uint8_t* kdst = k_cache.mutable_data_ptr<uint8_t>();
   uint8_t* vdst = v_cache.mutable_data_ptr<uint8_t>();

@@ -244,6 +244,34 @@ TKV_HD void decode_turbo_group(const uint8_t* in, int g, int bits, const float* 
   for (int j = 0; j < g; ++j) y[j] = s * cb[turbo_index(in + 2, bits, g, j)];
 }
 
+// ---- one element (CUDA kernels decode tiles element-parallel) ------------------
+
+// Value j (0 <= j < dp) of a packed row, in the rotated domain; cb = the row's codebook.
+TKV_HD float decode_element(int fmt, Family family, int bits, int g, int group_bytes, const uint8_t* row, int j,
+                            const float* cb) {
+  if (family == Family::kFloat) {
+    const uint16_t h = load_u16(row + 2 * j);
+    return fmt == kFmt_bf16 ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
+  }
+  const uint8_t* blk = row + (j / g) * group_bytes;
+  const int jj = j % g;
+  const float d = f16_bits_to_f32(load_u16(blk));
+  if (family == Family::kTurbo) return d * cb[turbo_index(blk + 2, bits, g, jj)];
+  if (fmt == kFmt_q8_0) return static_cast<float>(static_cast<int8_t>(blk[2 + jj])) * d;
+  const bool with_min = (fmt == kFmt_q4_1 || fmt == kFmt_q5_1);
+  const bool five = (fmt == kFmt_q5_0 || fmt == kFmt_q5_1);
+  const uint8_t* p = blk + (with_min ? 4 : 2);
+  uint32_t qh = 0;
+  if (five) {
+    qh = p[0] | (p[1] << 8) | (p[2] << 16) | (static_cast<uint32_t>(p[3]) << 24);
+    p += 4;
+  }
+  int q = (jj < 16) ? (p[jj] & 0xf) : (p[jj - 16] >> 4);
+  if (five) q |= static_cast<int>((qh >> jj) & 1u) << 4;
+  if (with_min) return d * static_cast<float>(q) + f16_bits_to_f32(load_u16(blk + 2));
+  return d * static_cast<float>(q - (five ? 16 : 8));
+}
+
 // ---- whole rows ------------------------------------------------------------------
 
 inline void encode_row(const RowLayout& L, const float* x, uint8_t* out) {

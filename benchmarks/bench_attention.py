@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""GPU decode-attention benchmark: turbokv over packed caches vs fp16 SDPA, in one run.
+
+For B = 1 and 16, 32 q heads / 8 KV heads, d = 128, prints the time of one decode
+step per path, the bytes each path reads, the achieved bandwidth and its fraction
+of the device-to-device copy bandwidth measured in the same run. Each path rotates
+among several cache copies whose total exceeds the L2, so times are HBM times.
+Usage: python benchmarks/bench_attention.py [--contexts 4096,16384,65536,131072]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+
+import torch
+
+import turbokv
+from turbokv import formats
+from turbokv.rotation import auto_rotation
+
+HQ, HKV, D = 32, 8, 128
+FORMATS = ("f16", "q8_0", "q4_0", "turbo4", "turbo3", "turbo2")
+
+
+def bench_ms(fn, n_bufs: int, iters: int = 50) -> float:
+    """Median of `iters` timed calls (CUDA events), cycling over n_bufs inputs."""
+    for i in range(3):
+        fn(i % n_bufs)
+    torch.cuda.synchronize()
+    times = []
+    for i in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(i % n_bufs)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copies_for(nbytes: int) -> int:
+    return max(1, min(8, -(-200_000_000 // max(nbytes, 1))))
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, GB/s counting bytes read plus written."""
+    n = 1 << 30
+    src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
+    ms = bench_ms(lambda i: dst.copy_(src), 1, 20)
+    return 2 * n / ms / 1e6
+
+
+def run(batch: int, tokens: int, copy_gbs: float) -> list[tuple]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.float16, generator=g)
+    lengths = torch.full((batch,), tokens, device="cuda", dtype=torch.int64)
+    rows = []
+    kv_bytes = batch * HKV * tokens * D * 2 * 2
+    n = copies_for(kv_bytes)
+    ks = [torch.randn(batch, HKV, tokens, D, device="cuda", dtype=torch.float16, generator=g) for _ in range(n)]
+    vs = [torch.randn(batch, HKV, tokens, D, device="cuda", dtype=torch.float16, generator=g) for _ in range(n)]
+
+    def sdpa(i):
+        return torch.nn.functional.scaled_dot_product_attention(q, ks[i], vs[i], enable_gqa=True)
+
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        base = bench_ms(sdpa, n)
+    rows.append(("SDPA fp16 (flash)", kv_bytes, base))
+    for name in FORMATS:
+        kr, vr = auto_rotation(name, D, "k"), auto_rotation(name, D, "v")
+        kc = [turbokv.quantize(k, name, kr, check_finite=False) for k in ks]
+        vc = [turbokv.quantize(v, name, vr, check_finite=False) for v in vs]
+        nbytes = kc[0].numel() + vc[0].numel()
+
+        def fused(i, kc=kc, vc=vc, name=name, kr=kr, vr=vr):
+            return turbokv.attention(q, kc[i], vc[i], lengths, k_format=name, v_format=name, k_rot=kr, v_rot=vr)
+
+        rows.append((f"turbokv {name}", nbytes, bench_ms(fused, n)))
+        if name == "turbo3":
+
+            def norot(i, kc=kc, vc=vc, name=name):
+                return turbokv.attention(q, kc[i], vc[i], lengths, k_format=name, v_format=name)
+
+            rows.append(("turbokv turbo3 no-rot", nbytes, bench_ms(norot, n)))
+        if name == "q4_0":
+
+            def deq(i, kc=kc, vc=vc, name=name, kr=kr, vr=vr):
+                k = turbokv.dequantize(kc[i], name, D, kr, dtype=torch.float16)
+                v = turbokv.dequantize(vc[i], name, D, vr, dtype=torch.float16)
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+            rows.append(("dequant+SDPA q4_0", nbytes, bench_ms(deq, n)))
+        del kc, vc
+    return [(batch, tokens, label, nb, ms, base, copy_gbs) for label, nb, ms in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", default="4096,16384,65536,131072")
+    ap.add_argument("--batches", default="1,16")
+    args = ap.parse_args()
+    copy_gbs = copy_bandwidth()
+    print(
+        f"turbokv bench_attention, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    )
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)\n")
+    print(f"{'B':>3} {'ctx':>7} {'path':<24} {'MB read':>9} {'ms':>8} {'GB/s':>7} {'% copy':>7} {'vs SDPA':>8}")
+    for b in (int(x) for x in args.batches.split(",")):
+        for t in (int(x) for x in args.contexts.split(",")):
+            if b * t > 16 * 32768:
+                continue
+            for batch, tokens, label, nb, ms, base, cg in run(b, t, copy_gbs):
+                gbs = nb / ms / 1e6
+                print(
+                    f"{batch:>3} {tokens:>7} {label:<24} {nb / 1e6:>9.1f} {ms:>8.4f} {gbs:>7.0f} "
+                    f"{100 * gbs / cg:>6.1f}% {base / ms:>7.2f}x"
+                )
+            torch.cuda.empty_cache()
+    print(
+        f"\nbytes per (token, KV head) row, K+V at d={D}: "
+        + ", ".join(f"{f} {formats.row_bytes(f, D) * 2}" for f in FORMATS)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+// CUDA attention over packed K/V caches (decode and prefill), in the rotated domain.
+//
+// Split-K flash attention in two launches:
+//  1. partial: one block per (key split, sequence x KV head, chunk of queries). Its rows
+//     are the GQA group's query heads x its queries, so each K/V tile is read from memory
+//     once for all of them. Q is padded, rotated (K side) and scaled in shared memory
+//     (prologue); K/V tiles are dequantised element-parallel into shared memory and never
+//     un-rotated; online softmax; unnormalised partial outputs + (max, sum) go to a workspace.
+//  2. merge: one block per query row combines the splits (log-sum-exp), normalises,
+//     inverse-rotates (V side) and drops the padding (epilogue).
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+
+#include "attention_decode.cuh"
+#include "common.cuh"
+
+namespace turbokv::cuda {
+namespace {
+
+size_t partial_smem(int M, int dpk, int dpv) {
+  return sizeof(float) * (static_cast<size_t>(M) * dpk + kTile * (dpk + 1) + kTile * dpv + M * kTile + 3 * M +
+                          static_cast<size_t>(M) * dpv + 32);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    partial_kernel(const scalar_t* __restrict__ q, const uint8_t* __restrict__ kc, const uint8_t* __restrict__ vc,
+                   DevSide ks, DevSide vs, AttnParams P, float* __restrict__ part_o, float* __restrict__ part_ml) {
+  extern __shared__ __align__(16) float sm[];
+  const int dpk = ks.dp, dpv = vs.dp;
+  const int Mmax = rows_per_block(P);
+  float* qs = sm;
+  float* kt = qs + Mmax * dpk;
+  float* vt = kt + kTile * (dpk + 1);  // +1: threads of a warp read different keys, same column
+  float* sc = vt + kTile * dpv;
+  float* mrow = sc + Mmax * kTile;
+  float* lrow = mrow + Mmax;
+  float* alpha = lrow + Mmax;
+  float* acc = alpha + Mmax;
+  float* cbk = acc + Mmax * dpv;
+  float* cbv = cbk + 16;
+
+  const int split = blockIdx.x, qc = blockIdx.z;
+  const int64_t bh = blockIdx.y, b = bh / P.Hkv, h = bh % P.Hkv;
+  const int64_t i0 = static_cast<int64_t>(qc) * P.nq, i1 = min(P.Sq, i0 + P.nq);
+  const int nqc = static_cast<int>(i1 - i0), M = P.G * nqc;
+  const int tid = threadIdx.x, nt_ = blockDim.x;
+  if (tid < 16) {
+    cbk[tid] = ks.cb[tid];
+    cbv[tid] = vs.cb[tid];
+  }
+  // Lengths are validated on the host outside graph capture; clamp so nothing reads out of bounds.
+  const int64_t len = min(max(P.lengths[b], int64_t(0)), P.T);
+  const int64_t start = P.starts ? min(max(P.starts[b], int64_t(0)), len) : 0;
+
+  // Prologue: rows (head g, query i), padded, rotated with the K side's rotation, then scaled.
+  for (int idx = tid; idx < M * dpk; idx += nt_) {
+    const int r = idx / dpk, j = idx % dpk, g = r / nqc;
+    const int64_t i = i0 + r % nqc;
+    qs[idx] = j < P.d ? to_float(q[((b * P.Hq + h * P.G + g) * P.Sq + i) * P.d + j]) : 0.0f;
+  }
+  for (int r = tid; r < M; r += nt_) {
+    mrow[r] = -INFINITY;
+    lrow[r] = 0.0f;
+  }
+  for (int idx = tid; idx < M * dpv; idx += nt_) acc[idx] = 0.0f;
+  __syncthreads();
+  if (ks.rot_group) rotate_smem<float>(qs, M * dpk, ks.rot_group, ks.seeded != 0, ks.seed, false);
+  for (int idx = tid; idx < M * dpk; idx += nt_) qs[idx] *= P.scale;
+
+  // Keys any query of this block may see, then this split's share.
+  const int64_t qpos0 = len - P.Sq + i0, qpos1 = len - P.Sq + i1 - 1;
+  int64_t lo = start, hi = len;
+  if (P.causal) hi = min(hi, qpos1 + 1);
+  if (P.window > 0) lo = max(lo, qpos0 - P.window + 1);
+  const int64_t s_lo = lo + split * P.span, s_hi = min(hi, s_lo + P.span);
+  const int64_t base = bh * P.T;
+  __syncthreads();
+
+  for (int64_t t0 = s_lo; t0 < s_hi; t0 += kTile) {
+    const int nt = static_cast<int>(min(static_cast<int64_t>(kTile), s_hi - t0));
+    for (int idx = tid; idx < nt * dpk; idx += nt_) {
+      const int t = idx / dpk, j = idx % dpk;
+      kt[t * (dpk + 1) + j] = decode_at(ks, cbk, kc + (base + t0 + t) * ks.row_bytes, j);
+    }
+    for (int idx = tid; idx < nt * dpv; idx += nt_) {
+      const int t = idx / dpv, j = idx % dpv;
+      vt[t * dpv + j] = decode_at(vs, cbv, vc + (base + t0 + t) * vs.row_bytes, j);
+    }
+    __syncthreads();
+    for (int idx = tid; idx < M * kTile; idx += nt_) {
+      const int r = idx / kTile, t = idx % kTile;
+      float v = -INFINITY;
+      if (t < nt) {
+        const int64_t qpos = len - P.Sq + i0 + r % nqc, jpos = t0 + t;
+        const bool ok = (!P.causal || jpos <= qpos) && (P.window <= 0 || qpos - jpos < P.window);
+        if (ok) {
+          const float* qr = qs + r * dpk;
+          const float* kr = kt + t * (dpk + 1);
+          float s = 0.0f;
+          for (int j = 0; j < dpk; ++j) s = __fmaf_rn(qr[j], kr[j], s);
+          if (P.softcap > 0.0f) s = P.softcap * tanhf(s / P.softcap);
+          v = s;
+        }
+      }
+      sc[idx] = v;
+    }
+    __syncthreads();
+    for (int r = tid; r < M; r += nt_) {
+      float* s = sc + r * kTile;
+      float tmax = -INFINITY;
+      for (int t = 0; t < nt; ++t) tmax = fmaxf(tmax, s[t]);
+      const float m_new = fmaxf(mrow[r], tmax);
+      if (m_new == -INFINITY) {  // nothing visible yet
+        alpha[r] = 1.0f;
+        for (int t = 0; t < kTile; ++t) s[t] = 0.0f;
+        continue;
+      }
+      const float a = __expf(mrow[r] - m_new);
+      float sum = 0.0f;
+      for (int t = 0; t < kTile; ++t) {
+        const float p = t < nt ? __expf(s[t] - m_new) : 0.0f;
+        s[t] = p;
+        sum += p;
+      }
+      lrow[r] = lrow[r] * a + sum;
+      mrow[r] = m_new;
+      alpha[r] = a;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < M * dpv; idx += nt_) {
+      const int r = idx / dpv, j = idx % dpv;
+      const float* p = sc + r * kTile;
+      float a = acc[idx] * alpha[r];
+      for (int t = 0; t < nt; ++t) a = __fmaf_rn(p[t], vt[t * dpv + j], a);
+      acc[idx] = a;
+    }
+    __syncthreads();
+  }
+
+  const int64_t rows_total = P.B * P.Hq * P.Sq;
+  for (int idx = tid; idx < M * dpv; idx += nt_) {
+    const int r = idx / dpv, j = idx % dpv, g = r / nqc;
+    const int64_t row = (b * P.Hq + h * P.G + g) * P.Sq + i0 + r % nqc;
+    part_o[(split * rows_total + row) * dpv + j] = acc[idx];
+  }
+  for (int r = tid; r < M; r += nt_) {
+    const int g = r / nqc;
+    const int64_t row = (b * P.Hq + h * P.G + g) * P.Sq + i0 + r % nqc;
+    part_ml[(split * rows_total + row) * 2] = mrow[r];
+    part_ml[(split * rows_total + row) * 2 + 1] = lrow[r];
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml, DevSide vs, int nsplit,
+                 int64_t rows_total, int d, scalar_t* __restrict__ out) {
+  extern __shared__ __align__(16) float buf[];
+  const int64_t row = blockIdx.x;
+  const int dpv = vs.dp;
+  float m = -INFINITY;
+  for (int s = 0; s < nsplit; ++s) m = fmaxf(m, part_ml[(s * rows_total + row) * 2]);
+  float l = 0.0f;
+  for (int s = 0; s < nsplit; ++s) {
+    const float ms = part_ml[(s * rows_total + row) * 2];
+    if (ms != -INFINITY) l += part_ml[(s * rows_total + row) * 2 + 1] * __expf(ms - m);
+  }
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  for (int j = threadIdx.x; j < dpv; j += blockDim.x) {
+    float o = 0.0f;
+    for (int s = 0; s < nsplit; ++s) {
+      const float ms = part_ml[(s * rows_total + row) * 2];
+      if (ms != -INFINITY) o += part_o[(s * rows_total + row) * dpv + j] * __expf(ms - m);
+    }
+    buf[j] = o * inv;
+  }
+  __syncthreads();
+  if (vs.rot_group) rotate_smem<float>(buf, dpv, vs.rot_group, vs.seeded != 0, vs.seed, true);
+  for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = from_float<scalar_t>(buf[j]);
+}
+
+template <int E, int GMAX, int U, typename T>
+void launch_decode(dim3 grid, cudaStream_t stream, const T* q, const uint8_t* kc, const uint8_t* vc, const DevSide& ks,
+                   const DevSide& vs, const AttnParams& P, float* po, float* pm) {
+  const size_t smem = sizeof(float) * (GMAX * ks.dp + 4 * GMAX * (ks.dp + 2) + 32);
+  auto k = decode_kernel<E, GMAX, U, T>;
+  TKV_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  k<<<grid, kThreads, smem, stream>>>(q, kc, vc, ks, vs, P, po, pm);
+}
+
+// Values per lane (16 or 8) of the decode fast path, or 0 when this call must take the general kernel.
+int decode_fast_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& kc,
+                     const at::Tensor& vc) {
+  if (a.Sq != 1 || a.G > 8 || ks.dp != vs.dp) return 0;
+  const bool aligned = reinterpret_cast<uintptr_t>(kc.const_data_ptr()) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(vc.const_data_ptr()) % 16 == 0 && ks.row_bytes % 16 == 0 &&
+                       vs.row_bytes % 16 == 0;
+  const bool floats = ks.family == static_cast<int>(Family::kFloat) || vs.family == static_cast<int>(Family::kFloat);
+  if (floats && !aligned) return 0;
+  // Registers: the q and output slices are GMAX x E floats each. TURBOKV_DECODE_E (4, 8, 16)
+  // overrides the choice for G <= 4, for benchmarking.
+  static const int forced = [] {
+    const char* v = std::getenv("TURBOKV_DECODE_E");
+    return v ? std::atoi(v) : 0;
+  }();
+  const int e = a.G > 4 ? 8 : (forced == 4 || forced == 8 || forced == 16 ? forced : 16);
+  const int lpk = ks.dp / e;
+  if (ks.dp % e != 0 || lpk < 1 || lpk > 32 || (lpk & (lpk - 1)) != 0) return 0;
+  return e;
+}
+
+at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& lengths, const std::optional<at::Tensor>& starts, c10::string_view k_format,
+                          int64_t k_rot_group, std::optional<int64_t> k_rot_seed, c10::string_view v_format,
+                          int64_t v_rot_group, std::optional<int64_t> v_rot_seed, double scale, bool causal,
+                          int64_t window, double softcap) {
+  check_cuda(q, "q");
+  const AttentionArgs a =
+      check_attention(q, k_cache, v_cache, lengths, starts, std::string(k_format), k_rot_group, k_rot_seed,
+                      std::string(v_format), v_rot_group, v_rot_seed, scale, window, softcap);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor len = lengths.to(at::kLong).contiguous();
+  at::Tensor st;
+  if (starts.has_value()) st = starts->to(at::kLong).contiguous();
+  if (!capturing())  // value checks need a host copy; skipped (kernel clamps) while capturing a graph
+    check_lengths(len.cpu(), starts.has_value() ? st.cpu() : at::zeros({a.B}, len.options().device(at::kCPU)), a.T,
+                  a.Sq, causal);
+
+  const DevSide ks = dev_side(a.ks), vs = dev_side(a.vs);
+  AttnParams P{};
+  P.B = a.B;
+  P.Hq = a.Hq;
+  P.Hkv = a.Hkv;
+  P.Sq = a.Sq;
+  P.T = a.T;
+  P.d = static_cast<int>(a.d);
+  P.G = a.G;
+  const int target_rows = std::max(ks.dp, vs.dp) > 128 ? 16 : 32;
+  P.nq = static_cast<int>(std::min<int64_t>(a.Sq, std::max(1, target_rows / a.G)));
+  P.nqchunks = static_cast<int>((a.Sq + P.nq - 1) / P.nq);
+  P.scale = static_cast<float>(scale);
+  P.softcap = static_cast<float>(softcap);
+  P.causal = causal ? 1 : 0;
+  P.window = window;
+  P.lengths = len.const_data_ptr<int64_t>();
+  P.starts = starts.has_value() ? st.const_data_ptr<int64_t>() : nullptr;
+  // Split the keys so the grid fills the GPU about twice, each split at least 4 tiles.
+  int sms = 132;
+  TKV_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()));
+  const int64_t blocks = a.B * a.Hkv * P.nqchunks;
+  const int64_t max_split = std::max<int64_t>(1, (a.T + 4 * kTile - 1) / (4 * kTile));
+  P.nsplit =
+      static_cast<int>(std::clamp<int64_t>((2 * sms + blocks - 1) / blocks, 1, std::min<int64_t>(max_split, 256)));
+  P.span = ((a.T + P.nsplit - 1) / P.nsplit + kTile - 1) / kTile * kTile;
+
+  const int64_t rows_total = a.B * a.Hq * a.Sq;
+  auto fopts = q.options().dtype(at::kFloat);
+  at::Tensor part_o = at::empty({P.nsplit, rows_total, vs.dp}, fopts);
+  at::Tensor part_ml = at::empty({P.nsplit, rows_total, 2}, fopts);
+  at::Tensor out = at::empty({a.B, a.Hq, a.Sq, a.d}, q.options());
+  const at::Tensor qc = q.contiguous();
+  const size_t smem = partial_smem(rows_per_block(P), ks.dp, vs.dp);
+  TORCH_CHECK(smem <= 227 * 1024, "attention: ", rows_per_block(P), " rows x head_dim ", a.d,
+              " need more shared memory than a block has (", smem, " bytes)");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int fast_e = decode_fast_path(a, ks, vs, k_cache, v_cache);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* qp = reinterpret_cast<const T*>(qc.const_data_ptr());
+    const uint8_t *kp = k_cache.const_data_ptr<uint8_t>(), *vp = v_cache.const_data_ptr<uint8_t>();
+    float *po = part_o.mutable_data_ptr<float>(), *pm = part_ml.mutable_data_ptr<float>();
+    const dim3 grid(P.nsplit, static_cast<unsigned>(a.B * a.Hkv), P.nqchunks);
+    if (fast_e == 16) {
+      launch_decode<16, 4, 1, T>(grid, stream, qp, kp, vp, ks, vs, P, po, pm);
+    } else if (fast_e == 8 && a.G <= 4) {
+      launch_decode<8, 4, 1, T>(grid, stream, qp, kp, vp, ks, vs, P, po, pm);
+    } else if (fast_e == 4) {
+      launch_decode<4, 4, 1, T>(grid, stream, qp, kp, vp, ks, vs, P, po, pm);
+    } else if (fast_e == 8) {
+      launch_decode<8, 8, 1, T>(grid, stream, qp, kp, vp, ks, vs, P, po, pm);
+    } else {
+      auto pk = partial_kernel<T>;
+      TKV_CUDA_CHECK(cudaFuncSetAttribute(pk, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      pk<<<grid, kThreads, smem, stream>>>(qp, kp, vp, ks, vs, P, po, pm);
+    }
+    TKV_CUDA_CHECK(cudaGetLastError());
+    merge_kernel<T><<<static_cast<unsigned>(rows_total), kThreads, sizeof(float) * vs.dp, stream>>>(
+        part_o.const_data_ptr<float>(), part_ml.const_data_ptr<float>(), vs, P.nsplit, rows_total, P.d,
+        reinterpret_cast<T*>(out.mutable_data_ptr()));
+    TKV_CUDA_CHECK(cudaGetLastError());
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      run(float{});
+      break;
+    case at::kHalf:
+      run(__half{});
+      break;
+    default:
+      run(__nv_bfloat16{});
+      break;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(turbokv, CUDA, m) { m.impl("attention", &attention_cuda); }
+
+}  // namespace turbokv::cuda

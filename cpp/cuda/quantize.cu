@@ -1,0 +1,191 @@
+// CUDA quantize / dequantize / cache_append. One block per row: load (any float
+// dtype) -> zero-pad -> rotate in shared memory -> encode into a shared staging
+// row -> one coalesced copy out. The encoders are codec.h's, shared with the CPU.
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace turbokv::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+
+// Where encoded row r goes: row r of `out`, or cache slot (b*H + h)*T + positions[b*S + s].
+struct RowTarget {
+  const int64_t* positions;  // null: dense output
+  int64_t H, S, T;
+};
+
+__device__ __forceinline__ int64_t target_row(const RowTarget& t, int64_t r) {
+  if (t.positions == nullptr) return r;
+  const int64_t b = r / (t.H * t.S), h = (r / t.S) % t.H, s = r % t.S;
+  const int64_t p = t.positions[b * t.S + s];
+  if (p < 0 || p >= t.T) return -1;  // validated on the host unless capturing a graph: never write out of bounds
+  return (b * t.H + h) * t.T + p;
+}
+
+template <typename scalar_t>
+__device__ void encode_one_row(const scalar_t* __restrict__ x, const DevSide& s, uint8_t* __restrict__ dst, float* buf,
+                               uint8_t* obuf, float* cb, float* mids) {
+  for (int j = threadIdx.x; j < s.dp; j += blockDim.x) buf[j] = j < s.d ? to_float(x[j]) : 0.0f;
+  if (threadIdx.x < 16) {
+    cb[threadIdx.x] = s.cb[threadIdx.x];
+    mids[threadIdx.x] = s.mids[threadIdx.x];
+  }
+  __syncthreads();
+  if (s.rot_group) rotate_smem<float>(buf, s.dp, s.rot_group, s.seeded != 0, s.seed, false);
+  const Family fam = static_cast<Family>(s.family);
+  if (fam == Family::kFloat) {
+    for (int j = threadIdx.x; j < s.dp; j += blockDim.x)
+      store_u16(obuf + 2 * j, s.fmt == kFmt_bf16 ? f32_to_bf16_bits(buf[j]) : f32_to_f16_bits(buf[j]));
+  } else if (fam == Family::kBlock) {
+    for (int b = threadIdx.x; b < s.dp / 32; b += blockDim.x)
+      encode_block(s.fmt, buf + 32 * b, obuf + b * s.group_bytes, s.group_bytes);
+  } else {
+    for (int b = threadIdx.x; b < s.dp / s.g; b += blockDim.x)
+      encode_turbo_group(buf + s.g * b, s.g, s.bits, cb, mids, obuf + b * s.group_bytes);
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < s.row_bytes; j += blockDim.x) dst[j] = obuf[j];
+  __syncthreads();
+}
+
+// blockIdx.x = row, blockIdx.y = side (0: K / the only side, 1: V).
+template <typename scalar_t>
+__global__ void encode_kernel(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ x1, int64_t d, DevSide s0,
+                              DevSide s1, uint8_t* out0, uint8_t* out1, RowTarget target) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float cb[16], mids[16];
+  const bool second = blockIdx.y == 1;
+  const DevSide& s = second ? s1 : s0;
+  float* buf = reinterpret_cast<float*>(smem_raw);
+  uint8_t* obuf = smem_raw + sizeof(float) * s.dp;
+  const int64_t r = blockIdx.x;
+  const int64_t dst = target_row(target, r);
+  if (dst < 0) return;
+  encode_one_row((second ? x1 : x0) + r * d, s, (second ? out1 : out0) + dst * s.row_bytes, buf, obuf, cb, mids);
+}
+
+template <typename scalar_t>
+__global__ void decode_kernel(const uint8_t* __restrict__ packed, DevSide s, bool unrotate, scalar_t* __restrict__ y,
+                              int width) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float cb[16];
+  float* buf = reinterpret_cast<float*>(smem_raw);
+  if (threadIdx.x < 16) cb[threadIdx.x] = s.cb[threadIdx.x];
+  __syncthreads();
+  const int64_t r = blockIdx.x;
+  const uint8_t* row = packed + r * s.row_bytes;
+  for (int j = threadIdx.x; j < s.dp; j += blockDim.x) buf[j] = decode_at(s, cb, row, j);
+  __syncthreads();
+  if (unrotate && s.rot_group) rotate_smem<float>(buf, s.dp, s.rot_group, s.seeded != 0, s.seed, true);
+  for (int j = threadIdx.x; j < width; j += blockDim.x) y[r * width + j] = from_float<scalar_t>(buf[j]);
+}
+
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(__half{});
+      break;
+    default:
+      f(__nv_bfloat16{});
+      break;
+  }
+}
+
+size_t encode_smem(const DevSide& a, const DevSide& b) {
+  return std::max(sizeof(float) * a.dp + a.row_bytes, sizeof(float) * b.dp + b.row_bytes) + 16;
+}
+
+at::Tensor quantize_cuda(const at::Tensor& x, c10::string_view format, int64_t rot_group,
+                         std::optional<int64_t> rot_seed) {
+  check_cuda(x, "x");
+  check_float_input(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x: got a 0-dim tensor, expected (..., head_dim)");
+  const SideSpec side = make_side(std::string(format), x.size(-1), rot_group, rot_seed, "format", "rot_group");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  auto sizes = xc.sizes().vec();
+  sizes.back() = side.layout.row_bytes;
+  at::Tensor out = at::empty(sizes, xc.options().dtype(at::kByte));
+  const int64_t rows = xc.numel() / side.layout.d;
+  if (rows == 0) return out;
+  const DevSide s = dev_side(side);
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* p = reinterpret_cast<const T*>(xc.const_data_ptr());
+    encode_kernel<T>
+        <<<dim3(static_cast<unsigned>(rows), 1), kThreads, encode_smem(s, s), c10::cuda::getCurrentCUDAStream()>>>(
+            p, p, side.layout.d, s, s, out.mutable_data_ptr<uint8_t>(), nullptr, RowTarget{nullptr, 0, 0, 0});
+  });
+  TKV_CUDA_CHECK(cudaGetLastError());
+  return out;
+}
+
+at::Tensor dequantize_cuda(const at::Tensor& packed, c10::string_view format, int64_t head_dim, int64_t rot_group,
+                           std::optional<int64_t> rot_seed, bool unrotate, at::ScalarType dtype) {
+  check_cuda(packed, "packed");
+  const SideSpec side = make_side(std::string(format), head_dim, rot_group, rot_seed, "format", "rot_group");
+  check_packed(packed, side, "packed");
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "dtype: got ", dtype,
+                   ", expected float32, float16 or bfloat16");
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const at::Tensor pc = packed.contiguous();
+  const int width = unrotate ? side.layout.d : side.layout.dp;
+  auto sizes = pc.sizes().vec();
+  sizes.back() = width;
+  at::Tensor out = at::empty(sizes, pc.options().dtype(dtype));
+  const int64_t rows = pc.numel() / side.layout.row_bytes;
+  if (rows == 0) return out;
+  const DevSide s = dev_side(side);
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    decode_kernel<T>
+        <<<static_cast<unsigned>(rows), kThreads, sizeof(float) * s.dp, c10::cuda::getCurrentCUDAStream()>>>(
+            pc.const_data_ptr<uint8_t>(), s, unrotate, reinterpret_cast<T*>(out.mutable_data_ptr()), width);
+  });
+  TKV_CUDA_CHECK(cudaGetLastError());
+  return out;
+}
+
+void cache_append_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& positions, c10::string_view k_format, int64_t k_rot_group,
+                       std::optional<int64_t> k_rot_seed, c10::string_view v_format, int64_t v_rot_group,
+                       std::optional<int64_t> v_rot_seed) {
+  check_cuda(k, "k");
+  const AppendArgs a = check_append(k_cache, v_cache, k, v, positions, std::string(k_format), k_rot_group, k_rot_seed,
+                                    std::string(v_format), v_rot_group, v_rot_seed);
+  TORCH_CHECK_TYPE(k.scalar_type() == v.scalar_type(), "v: got dtype ", v.scalar_type(), ", expected the dtype of k ",
+                   k.scalar_type());
+  const c10::cuda::CUDAGuard guard(k.device());
+  const at::Tensor pos = positions.to(at::kLong).contiguous();
+  // Validating values needs a device->host copy; during graph capture the kernel skips bad slots instead.
+  if (!capturing()) check_positions(pos.cpu(), a.T);
+  const int64_t rows = a.B * a.H * a.S;
+  if (rows == 0) return;
+  const at::Tensor kc = k.contiguous(), vc = v.contiguous();
+  const DevSide ks = dev_side(a.ks), vs = dev_side(a.vs);
+  dispatch_float(k.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    encode_kernel<T>
+        <<<dim3(static_cast<unsigned>(rows), 2), kThreads, encode_smem(ks, vs), c10::cuda::getCurrentCUDAStream()>>>(
+            reinterpret_cast<const T*>(kc.const_data_ptr()), reinterpret_cast<const T*>(vc.const_data_ptr()), a.d, ks,
+            vs, k_cache.mutable_data_ptr<uint8_t>(), v_cache.mutable_data_ptr<uint8_t>(),
+            RowTarget{pos.const_data_ptr<int64_t>(), a.H, a.S, a.T});
+  });
+  TKV_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(turbokv, CUDA, m) {
+  m.impl("quantize", &quantize_cuda);
+  m.impl("dequantize", &dequantize_cuda);
+  m.impl("cache_append", &cache_append_cuda);
+}
+
+}  // namespace turbokv::cuda

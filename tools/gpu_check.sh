@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One GPU-machine session: build with the CUDA kernels, run the CUDA tests, then the
+# attention benchmark. Usage there: bash tools/gpu_check.sh [pytest -k expr] [bench args...]
+# Logs go to $OUT (the device tool brings them back). Carry .whl (the gguf wheel).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+t0=$(date +%s)
+TURBOKV_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+echo "build: $(($(date +%s) - t0)) s"
+python3 -c "import turbokv; print('WITH_CUDA', turbokv._C.WITH_CUDA, turbokv._C.CUDA_ARCHS, 'native cuda', turbokv.native_loaded('cuda'))"
+kexpr=${1:-}
+python3 -m pytest -q -rs -m cuda ${kexpr:+-k "$kexpr"} tests 2>&1 | tee "$out/pytest_cuda.log" | tail -40
+shift || true
+if [ "${1:-}" != "nobench" ]; then
+  python3 benchmarks/bench_attention.py "$@" 2>&1 | tee "$out/bench_attention.log"
+fi
