@@ -13,5 +13,20 @@ __all__ = [
     "quantize",
     "reference",
     "rotation",
+    "TurboCache",
+    "TurboLayer",
+    "patch",
+    "unpatch",
 ]
 __version__ = "0.1.0"
+
+_HF = {"TurboCache": "turbokv.cache", "TurboLayer": "turbokv.cache", "patch": "turbokv.hf", "unpatch": "turbokv.hf"}
+
+
+def __getattr__(name: str):
+    """The transformers integration loads on first use, so the core needs no transformers."""
+    if name in _HF:
+        import importlib
+
+        return getattr(importlib.import_module(_HF[name]), name)
+    raise AttributeError(f"module 'turbokv' has no attribute {name!r}")

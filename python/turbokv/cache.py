@@ -1,0 +1,290 @@
+"""TurboCache: a transformers ``Cache`` whose attention layers hold packed, rotated K/V.
+
+Each full-attention or sliding-window layer is a :class:`TurboLayer`: K and V are
+stored as ``(B, Hkv, capacity, row_bytes)`` uint8 buffers written by
+``turbokv.cache_append`` and grown geometrically. Two ways to read them:
+
+* fused (``turbokv.patch(model)``): ``update`` returns the packed buffers and the
+  registered attention function runs ``turbokv.attention`` on them;
+* fallback (any other attention implementation): ``update`` returns dequantized,
+  un-rotated K/V, so stock SDPA / eager attention work unchanged (slow, correct).
+
+Sliding-window layers are compressed too and keep every token; the window is
+applied inside attention (the stock masks apply it on the fallback path).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from turbokv import formats, ops
+from turbokv.rotation import Rotation, auto_rotation
+
+ROTATE_CHOICES = ("auto", "on", "off")
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+# data_ptr of a layer's packed K buffer -> the layer, so the attention function can find
+# the layer behind the tensors that ``update`` returned (transformers passes only those).
+_LAYERS_BY_BUFFER: weakref.WeakValueDictionary[int, TurboLayer] = weakref.WeakValueDictionary()
+
+
+@dataclass(frozen=True)
+class SideSpec:
+    """One side (K or V) of one layer: format and rotation policy."""
+
+    format: str
+    rotate: str = "auto"
+
+    def __post_init__(self):
+        formats.get(self.format)
+        if self.rotate not in ROTATE_CHOICES:
+            raise ValueError(f"rotate: got {self.rotate!r}, expected one of {ROTATE_CHOICES}")
+
+    def rotation(self, head_dim: int, side: str) -> Rotation:
+        auto = auto_rotation(self.format, head_dim, side)
+        if self.rotate == "off":
+            return Rotation()
+        if self.rotate == "on" and not auto.enabled:  # f16/bf16 with rotation forced on
+            return auto_rotation("q8_0", head_dim, side)
+        return auto
+
+
+def _lengths_tensor(n: int, batch: int, device) -> torch.Tensor:
+    return torch.full((batch,), n, dtype=torch.int64, device=device)
+
+
+class TurboLayer(CacheLayerMixin):
+    """One attention layer's packed K/V cache.
+
+    Buffers: ``k_packed`` / ``v_packed`` of shape ``(B, Hkv, capacity, row_bytes)``;
+    ``length`` tokens are valid (the same for every sequence: left padding is
+    handled by the attention mask, as in transformers' DynamicLayer).
+    """
+
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, k: SideSpec, v: SideSpec, sliding_window: int | None = None, fused: bool = False):
+        super().__init__()
+        self.k_spec, self.v_spec = k, v
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.fused = fused
+        self.length = 0
+        self.k_packed: torch.Tensor | None = None
+        self.v_packed: torch.Tensor | None = None
+        self.head_dim = 0
+
+    # ------------------------------------------------------------------ storage
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.shape[-1] != value_states.shape[-1]:
+            raise ValueError(
+                f"value_states: got head dim {value_states.shape[-1]}, expected the key head dim "
+                f"{key_states.shape[-1]}: different K/V head dims (MLA) are not supported by TurboCache"
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.head_dim = key_states.shape[-1]
+        self.k_rot = self.k_spec.rotation(self.head_dim, "k")
+        self.v_rot = self.v_spec.rotation(self.head_dim, "v")
+        b, h = key_states.shape[:2]
+        self._alloc(b, h, max(256, key_states.shape[-2]))
+        self.is_initialized = True
+
+    def _alloc(self, batch: int, heads: int, capacity: int) -> None:
+        kb = formats.row_bytes(self.k_spec.format, self.head_dim)
+        vb = formats.row_bytes(self.v_spec.format, self.head_dim)
+        k = torch.zeros(batch, heads, capacity, kb, dtype=torch.uint8, device=self.device)
+        v = torch.zeros(batch, heads, capacity, vb, dtype=torch.uint8, device=self.device)
+        if self.k_packed is not None and self.length:
+            k[:, :, : self.length] = self.k_packed[:, :, : self.length]
+            v[:, :, : self.length] = self.v_packed[:, :, : self.length]
+        self._set_buffers(k, v)
+
+    def _set_buffers(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k_packed, self.v_packed = k.contiguous(), v.contiguous()
+        _LAYERS_BY_BUFFER[self.k_packed.data_ptr()] = self
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k_packed is None else self.k_packed.shape[2]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``(B, Hkv, S, d)`` new K/V; return what the attention function expects."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, s, _ = key_states.shape
+        if self.length + s > self.capacity:
+            self._alloc(b, h, max(2 * self.capacity, self.length + s))
+        positions = torch.arange(self.length, self.length + s, device=self.device).expand(b, s)
+        ops.cache_append(
+            self.k_packed,
+            self.v_packed,
+            key_states,
+            value_states,
+            positions,
+            self.k_spec.format,
+            self.v_spec.format,
+            self.k_rot,
+            self.v_rot,
+        )
+        self.length += s
+        if self.fused:
+            return self.k_packed, self.v_packed
+        return self.dequantized()
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-rotated K/V of the valid tokens, ``(B, Hkv, length, d)`` in the model's dtype."""
+        n, d = self.length, self.head_dim
+        k = ops.dequantize(self.k_packed[:, :, :n], self.k_spec.format, d, self.k_rot, dtype=self.dtype)
+        v = ops.dequantize(self.v_packed[:, :, :n], self.v_spec.format, d, self.v_rot, dtype=self.dtype)
+        return k, v
+
+    def lengths(self) -> torch.Tensor:
+        return _lengths_tensor(self.length, self.k_packed.shape[0], self.device)
+
+    # ------------------------------------------------------------------ what generation needs
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Negative: drop that many tokens; positive (legacy): keep that many."""
+        keep = tokens_to_remove if tokens_to_remove >= 0 else self.length + tokens_to_remove
+        self.length = max(0, min(self.length, keep))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            idx = beam_idx.to(self.device)
+            self._set_buffers(self.k_packed.index_select(0, idx), self.v_packed.index_select(0, idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._set_buffers(
+                self.k_packed.repeat_interleave(repeats, dim=0), self.v_packed.repeat_interleave(repeats, dim=0)
+            )
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._set_buffers(self.k_packed[indices], self.v_packed[indices])
+
+    def offload(self):
+        if self.is_initialized:
+            self._set_buffers(self.k_packed.to("cpu"), self.v_packed.to("cpu"))
+
+    def prefetch(self):
+        if self.is_initialized and self.k_packed.device != self.device:
+            self._set_buffers(self.k_packed.to(self.device), self.v_packed.to(self.device))
+
+    @property
+    def batch_size(self) -> int:
+        return self.k_packed.shape[0] if self.k_packed is not None else -1
+
+    def nbytes(self) -> int:
+        """Bytes of the valid packed K/V (capacity slack excluded)."""
+        if not self.is_initialized:
+            return 0
+        b, h = self.k_packed.shape[:2]
+        return b * h * self.length * (self.k_packed.shape[3] + self.v_packed.shape[3])
+
+    def __repr__(self) -> str:
+        return f"TurboLayer(k={self.k_spec.format}, v={self.v_spec.format}, tokens={self.length})"
+
+
+def layer_for_buffer(k: torch.Tensor) -> TurboLayer | None:
+    """The TurboLayer whose packed K buffer is ``k`` (what ``update`` returned in fused mode)."""
+    layer = _LAYERS_BY_BUFFER.get(k.data_ptr())
+    return layer if layer is not None and layer.k_packed is k else None
+
+
+class TurboCache(Cache):
+    """A transformers Cache storing K/V in turbokv formats.
+
+    ``TurboCache(model.config, k="turbo3", v="turbo3")``. Per side: a format and a
+    rotation policy (``rotate_k`` / ``rotate_v``: auto, on, off). ``overrides`` maps
+    layer index -> ``(k_format, v_format)``; ``keep_first`` / ``keep_last`` layers use
+    ``keep_format`` (a common guard at very low bits). Pass it as
+    ``generate(past_key_values=cache)``; with ``turbokv.patch(model)`` attention
+    reads the packed cache directly.
+    """
+
+    def __init__(
+        self,
+        config,
+        k: str = "turbo3",
+        v: str = "turbo3",
+        rotate_k: str = "auto",
+        rotate_v: str = "auto",
+        overrides: dict[int, tuple[str, str]] | None = None,
+        keep_first: int = 0,
+        keep_last: int = 0,
+        keep_format: str = "q8_0",
+    ):
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.config = config
+        n = config.num_hidden_layers
+        if getattr(config, "num_kv_shared_layers", 0):
+            raise ValueError("config: KV sharing between layers (num_kv_shared_layers) is not supported by TurboCache")
+        layer_types = getattr(config, "layer_types", None) or (
+            ["sliding_attention"] * n if getattr(config, "sliding_window", None) else ["full_attention"] * n
+        )
+        layers = []
+        for i, kind in enumerate(layer_types[:n]):
+            if kind not in SUPPORTED_LAYER_TYPES:
+                raise ValueError(
+                    f"config.layer_types[{i}]: got {kind!r}, expected one of {SUPPORTED_LAYER_TYPES} "
+                    "(TurboCache compresses attention layers only)"
+                )
+            kf, vf = k, v
+            if i < keep_first or i >= n - keep_last:
+                kf = vf = keep_format
+            if overrides and i in overrides:
+                kf, vf = overrides[i]
+            window = getattr(config, "sliding_window", None) if kind == "sliding_attention" else None
+            layers.append(TurboLayer(SideSpec(kf, rotate_k), SideSpec(vf, rotate_v), sliding_window=window))
+        super().__init__(layers=layers)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        layer.fused = getattr(self.config, "_attn_implementation", None) == "turbokv"
+        return layer.update(key_states, value_states, *args, **kwargs)
+
+    def nbytes(self) -> int:
+        """Bytes of packed K/V held for the valid tokens, all layers."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def f16_nbytes(self) -> int:
+        """What the same tokens would take in an f16 cache."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                b, h = layer.k_packed.shape[:2]
+                total += b * h * layer.length * layer.head_dim * 2 * 2
+        return total
+
+    def __repr__(self) -> str:
+        specs = sorted({(lay.k_spec.format, lay.v_spec.format) for lay in self.layers})
+        desc = ", ".join(f"k={kf} v={vf}" for kf, vf in specs)
+        tokens = self.get_seq_length()
+        nb, f16 = self.nbytes(), self.f16_nbytes()
+        ratio = f"{nb / f16:.3f}x f16" if f16 else "empty"
+        d = next((lay.head_dim for lay in self.layers if lay.is_initialized), 0)
+        bpv = ""
+        if d:
+            kb = formats.bits_per_value(self.layers[0].k_spec.format, d)
+            vb = formats.bits_per_value(self.layers[0].v_spec.format, d)
+            bpv = f", {kb:.3f}/{vb:.3f} bits per value (layer 0 K/V)"
+        return f"TurboCache({len(self.layers)} layers, {desc}{bpv}, {tokens} tokens, {nb} bytes, {ratio})"

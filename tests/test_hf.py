@@ -1,0 +1,211 @@
+"""TurboCache and the fused attention inside transformers' generate(), on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import device_params
+from hf_models import FAMILIES, build, transformers
+
+import turbokv
+from turbokv.hf import turbokv_attention
+
+MAX_NEW = 12
+
+
+def prompt(gen, batch=1, length=12):
+    return torch.randint(1, 96, (batch, length), generator=gen)
+
+
+def greedy(model, ids, cache, mask=None, **kw):
+    return model.generate(
+        ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        max_new_tokens=MAX_NEW,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
+
+
+def f16_cache(model):
+    return turbokv.TurboCache(model.config, k="f16", v="f16", rotate_k="on", rotate_v="on")
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("patched", [False, True])
+def test_f16_with_rotation_equals_dynamic_cache(device, family, patched, gen):
+    """f16 storage + rotation on both sides: the same tokens as DynamicCache + SDPA, logits within tolerance."""
+    model = build(family).to(device)
+    ids = prompt(gen).to(device)
+    ref = greedy(model, ids, transformers.DynamicCache(config=model.config))
+    calls = turbokv_attention.calls
+    if patched:
+        with turbokv.patch(model):
+            out = greedy(model, ids, f16_cache(model))
+        assert turbokv_attention.calls - calls == model.config.num_hidden_layers * MAX_NEW  # the fused op ran
+    else:
+        out = greedy(model, ids, f16_cache(model))
+        assert turbokv_attention.calls == calls
+    assert torch.equal(out.sequences, ref.sequences)
+    # f16 storage of K/V (the reference keeps fp32) moves logits ~1 % of their range after 3 layers;
+    # a wrong rotation moves them by their whole range (tests/test_attention.py checks that at op level).
+    for a, b in zip(out.scores, ref.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=2.5e-2 * b.abs().max().item())
+
+
+def left_padded(gen, batch=3, length=10):
+    ids = prompt(gen, batch, length)
+    mask = torch.ones_like(ids)
+    for b, pad in enumerate([0, 3, 6][:batch]):
+        ids[b, :pad] = 0
+        mask[b, :pad] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["llama64", "qwen3", "gemma3"])
+def test_left_padded_batch_f16_matches_dynamic_cache(family, gen):
+    model = build(family)
+    ids, mask = left_padded(gen)
+    ref = greedy(model, ids, transformers.DynamicCache(config=model.config), mask)
+    with turbokv.patch(model):
+        out = greedy(model, ids, f16_cache(model), mask)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("family", ["llama128", "mistral", "phi3", "gemma3"])
+@pytest.mark.parametrize("k,v", [("turbo3", "turbo3"), ("q4_0", "q4_0"), ("q8_0", "turbo4")])
+def test_quantized_patched_equals_unpatched(device, family, k, v, gen):
+    """Fused attention on the packed cache and SDPA over its dequantized K/V agree (batch 3, left padding)."""
+    model = build(family).to(device)
+    ids, mask = (t.to(device) for t in left_padded(gen))
+    plain = greedy(model, ids, turbokv.TurboCache(model.config, k=k, v=v), mask)
+    with turbokv.patch(model):
+        fused = greedy(model, ids, turbokv.TurboCache(model.config, k=k, v=v), mask)
+    assert torch.equal(fused.sequences, plain.sequences)
+    # Both read the same quantized values, but fp32 rounding differences in one layer's output can flip
+    # a quantization index of the next layer's K/V, so logits may move by a quantization step.
+    for a, b in zip(fused.scores, plain.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=5e-2 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_beam_search_and_sampling_run(patched, gen):
+    model = build("llama64")
+    ids, mask = left_padded(gen)
+    ctx = turbokv.patch(model) if patched else None
+    try:
+        beams = model.generate(
+            ids,
+            attention_mask=mask,
+            past_key_values=turbokv.TurboCache(model.config),
+            max_new_tokens=6,
+            num_beams=3,
+            do_sample=False,
+        )
+        torch.manual_seed(0)
+        sampled = model.generate(
+            ids,
+            attention_mask=mask,
+            past_key_values=turbokv.TurboCache(model.config),
+            max_new_tokens=6,
+            do_sample=True,
+            top_k=20,
+        )
+    finally:
+        if ctx is not None:
+            turbokv.unpatch(model)
+    assert beams.shape == (3, 16) and sampled.shape == (3, 16)
+    # f16 beams equal DynamicCache beams: reorder_cache keeps the right rows.
+    ref = model.generate(
+        ids,
+        attention_mask=mask,
+        past_key_values=transformers.DynamicCache(config=model.config),
+        max_new_tokens=6,
+        num_beams=3,
+        do_sample=False,
+    )
+    with turbokv.patch(model):
+        f16 = model.generate(
+            ids, attention_mask=mask, past_key_values=f16_cache(model), max_new_tokens=6, num_beams=3, do_sample=False
+        )
+    assert torch.equal(f16, ref)
+
+
+def test_crop_then_refeed_reproduces_logits(gen):
+    model = build("llama64")
+    ids = prompt(gen, 1, 16)
+    with turbokv.patch(model):
+        cache = turbokv.TurboCache(model.config, k="turbo4", v="turbo4")
+        full = model(ids, past_key_values=cache).logits
+        assert cache.get_seq_length() == 16
+        cache.crop(-5)
+        assert cache.get_seq_length() == 11
+        again = model(ids[:, 11:], past_key_values=cache).logits
+    torch.testing.assert_close(again, full[:, 11:], rtol=0, atol=1e-4)
+
+
+def test_multi_turn_continues_on_the_same_cache(gen):
+    model = build("qwen3")
+    ids = prompt(gen)
+    ref_cache, cache = transformers.DynamicCache(config=model.config), f16_cache(model)
+    with turbokv.patch(model):
+        first = model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False)
+        turn2 = torch.cat([first, prompt(gen, 1, 4)], dim=1)
+        second = model.generate(turn2, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    r1 = model.generate(ids, past_key_values=ref_cache, max_new_tokens=5, do_sample=False)
+    r2 = model.generate(torch.cat([r1, turn2[:, -4:]], 1), past_key_values=ref_cache, max_new_tokens=5, do_sample=False)
+    assert torch.equal(first, r1) and torch.equal(second, r2)
+    assert cache.get_seq_length() == second.shape[1] - 1
+
+
+def test_memory_and_repr(gen):
+    model = build("llama128")
+    cache = turbokv.TurboCache(model.config, k="turbo3", v="turbo3")
+    model(prompt(gen, 2, 40), past_key_values=cache)
+    assert cache.nbytes() == 3 * 2 * 2 * 40 * (50 + 50)  # layers x batch x heads x tokens x bytes
+    assert cache.nbytes() / cache.f16_nbytes() == pytest.approx(100 / 512)
+    text = repr(cache)
+    assert "k=turbo3 v=turbo3" in text and "40 tokens" in text and "0.195x f16" in text and "3.125" in text
+
+
+def test_layer_presets_and_overrides():
+    model = build("llama64")
+    cache = turbokv.TurboCache(model.config, k="turbo2", v="turbo3", keep_first=1, overrides={2: ("q8_0", "turbo4")})
+    specs = [(lay.k_spec.format, lay.v_spec.format) for lay in cache.layers]
+    assert specs == [("q8_0", "q8_0"), ("turbo2", "turbo3"), ("q8_0", "turbo4")]
+
+
+def test_patch_is_idempotent_and_reversible():
+    model = build("llama64")
+    assert model.config._attn_implementation == "sdpa"
+    handle = turbokv.patch(model)
+    turbokv.patch(model)
+    assert model.config._attn_implementation == "turbokv"
+    assert handle.config is model.config  # the handle behaves as the model
+    turbokv.unpatch(handle)
+    assert model.config._attn_implementation == "sdpa"
+    turbokv.unpatch(model)  # a second unpatch is a no-op
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_unsupported_inputs_are_named(gen):
+    model = build("llama64")
+    model.config.model_type = "deepseek_v3"
+    with pytest.raises(ValueError, match="model: got model_type 'deepseek_v3'"):
+        turbokv.patch(model)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, layer_types=["full_attention", "linear_attention"])
+    with pytest.raises(ValueError, match=r"layer_types\[1\]: got 'linear_attention'"):
+        turbokv.TurboCache(cfg)
+    layer = turbokv.TurboLayer(turbokv.cache.SideSpec("turbo3"), turbokv.cache.SideSpec("turbo3"))
+    with pytest.raises(ValueError, match="MLA"):
+        layer.update(torch.randn(1, 1, 2, 192), torch.randn(1, 1, 2, 128))
+    with pytest.raises(ValueError, match="rotate: got 'maybe'"):
+        turbokv.cache.SideSpec("turbo3", "maybe")
+    model = build("llama64")
+    with turbokv.patch(model), pytest.raises(RuntimeError, match="not a TurboCache buffer"):
+        model(prompt(gen), past_key_values=transformers.DynamicCache(config=model.config))
