@@ -88,6 +88,34 @@ void check_device(const at::Tensor& t, const at::Device& device, const char* arg
   TORCH_CHECK_VALUE(t.device() == device, arg, ": got device ", t.device(), ", expected ", device);
 }
 
+RowsOp prepare_quantize(const at::Tensor& x, const std::string& format, int64_t rot_group,
+                        const std::optional<int64_t>& rot_seed) {
+  check_float_input(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x: got a 0-dim tensor, expected (..., head_dim)");
+  RowsOp op{make_side(format, x.size(-1), rot_group, rot_seed, "format", "rot_group"), x.contiguous(), {}, 0, 0};
+  op.width = op.side.layout.row_bytes;
+  auto sizes = op.input.sizes().vec();
+  sizes.back() = op.width;
+  op.out = at::empty(sizes, op.input.options().dtype(at::kByte));
+  op.rows = op.input.numel() / op.side.layout.d;
+  return op;
+}
+
+RowsOp prepare_dequantize(const at::Tensor& packed, const std::string& format, int64_t head_dim, int64_t rot_group,
+                          const std::optional<int64_t>& rot_seed, bool unrotate, at::ScalarType dtype) {
+  RowsOp op{make_side(format, head_dim, rot_group, rot_seed, "format", "rot_group"), {}, {}, 0, 0};
+  check_packed(packed, op.side, "packed");
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "dtype: got ", dtype,
+                   ", expected float32, float16 or bfloat16");
+  op.input = packed.contiguous();
+  op.width = unrotate ? op.side.layout.d : op.side.layout.dp;
+  auto sizes = op.input.sizes().vec();
+  sizes.back() = op.width;
+  op.out = at::empty(sizes, op.input.options().dtype(dtype));
+  op.rows = op.input.numel() / op.side.layout.row_bytes;
+  return op;
+}
+
 namespace {
 void check_cache(const at::Tensor& cache, const SideSpec& s, const at::Device& device, const char* arg) {
   check_device(cache, device, arg);

@@ -36,6 +36,19 @@ void check_index_tensor(const at::Tensor& t, const char* arg, int64_t dim0, cons
 std::string shape_str(const at::Tensor& t);
 void check_device(const at::Tensor& t, const at::Device& device, const char* arg);
 
+// quantize / dequantize: checks, the contiguous input and the empty output, for every backend.
+struct RowsOp {
+  SideSpec side;
+  at::Tensor input;  // contiguous
+  at::Tensor out;
+  int64_t rows;
+  int width;  // values per output row (dequantize) or bytes (quantize)
+};
+RowsOp prepare_quantize(const at::Tensor& x, const std::string& format, int64_t rot_group,
+                        const std::optional<int64_t>& rot_seed);
+RowsOp prepare_dequantize(const at::Tensor& packed, const std::string& format, int64_t head_dim, int64_t rot_group,
+                          const std::optional<int64_t>& rot_seed, bool unrotate, at::ScalarType dtype);
+
 // cache_append: every shape/dtype/device check, before any write.
 struct AppendArgs {
   int64_t B, H, S, d, T;

@@ -27,50 +27,36 @@ void check_cpu(const at::Tensor& t, const char* arg) {
 at::Tensor quantize_cpu(const at::Tensor& x, c10::string_view format, int64_t rot_group,
                         std::optional<int64_t> rot_seed) {
   check_cpu(x, "x");
-  check_float_input(x, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "x: got a 0-dim tensor, expected (..., head_dim)");
-  const SideSpec s = make_side(std::string(format), x.size(-1), rot_group, rot_seed, "format", "rot_group");
+  RowsOp op = prepare_quantize(x, std::string(format), rot_group, rot_seed);
+  const SideSpec& s = op.side;
   const RowLayout& L = s.layout;
-  at::Tensor xc = x.contiguous();
-  auto sizes = xc.sizes().vec();
-  sizes.back() = L.row_bytes;
-  at::Tensor out = at::empty(sizes, xc.options().dtype(at::kByte));
-  const int64_t rows = xc.numel() / L.d;
-  uint8_t* dst = out.mutable_data_ptr<uint8_t>();
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+  uint8_t* dst = op.out.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, op.rows, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(L.dp);
     for (int64_t r = begin; r < end; ++r) {
-      prepare_row(xc, r, s, buf.data());
+      prepare_row(op.input, r, s, buf.data());
       encode_row(L, buf.data(), dst + r * L.row_bytes);
     }
   });
-  return out;
+  return op.out;
 }
 
 at::Tensor dequantize_cpu(const at::Tensor& packed, c10::string_view format, int64_t head_dim, int64_t rot_group,
                           std::optional<int64_t> rot_seed, bool unrotate, at::ScalarType dtype) {
   check_cpu(packed, "packed");
-  const SideSpec s = make_side(std::string(format), head_dim, rot_group, rot_seed, "format", "rot_group");
-  check_packed(packed, s, "packed");
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "dtype: got ", dtype,
-                   ", expected float32, float16 or bfloat16");
+  RowsOp op = prepare_dequantize(packed, std::string(format), head_dim, rot_group, rot_seed, unrotate, dtype);
+  const SideSpec& s = op.side;
   const RowLayout& L = s.layout;
-  at::Tensor pc = packed.contiguous();
-  const int64_t width = unrotate ? L.d : L.dp;
-  auto sizes = pc.sizes().vec();
-  sizes.back() = width;
-  at::Tensor out = at::empty(sizes, pc.options().dtype(dtype));
-  const int64_t rows = pc.numel() / L.row_bytes;
-  const uint8_t* src = pc.const_data_ptr<uint8_t>();
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+  const uint8_t* src = op.input.const_data_ptr<uint8_t>();
+  at::parallel_for(0, op.rows, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(L.dp);
     for (int64_t r = begin; r < end; ++r) {
       decode_row_fast(L, src + r * L.row_bytes, buf.data());
       if (unrotate && s.rot_group) rotate_row<float>(buf.data(), L.dp, s.rot_group, s.s1_ptr(), s.s2_ptr(), true);
-      store_row(out, r, width, buf.data());
+      store_row(op.out, r, op.width, buf.data());
     }
   });
-  return out;
+  return op.out;
 }
 
 void cache_append_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,

@@ -104,52 +104,36 @@ size_t encode_smem(const DevSide& a, const DevSide& b) {
 at::Tensor quantize_cuda(const at::Tensor& x, c10::string_view format, int64_t rot_group,
                          std::optional<int64_t> rot_seed) {
   check_cuda(x, "x");
-  check_float_input(x, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "x: got a 0-dim tensor, expected (..., head_dim)");
-  const SideSpec side = make_side(std::string(format), x.size(-1), rot_group, rot_seed, "format", "rot_group");
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous();
-  auto sizes = xc.sizes().vec();
-  sizes.back() = side.layout.row_bytes;
-  at::Tensor out = at::empty(sizes, xc.options().dtype(at::kByte));
-  const int64_t rows = xc.numel() / side.layout.d;
-  if (rows == 0) return out;
-  const DevSide s = dev_side(side);
+  RowsOp op = prepare_quantize(x, std::string(format), rot_group, rot_seed);
+  if (op.rows == 0) return op.out;
+  const DevSide s = dev_side(op.side);
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* p = reinterpret_cast<const T*>(xc.const_data_ptr());
+    const T* p = reinterpret_cast<const T*>(op.input.const_data_ptr());
     encode_kernel<T>
-        <<<dim3(static_cast<unsigned>(rows), 1), kThreads, encode_smem(s, s), c10::cuda::getCurrentCUDAStream()>>>(
-            p, p, side.layout.d, s, s, out.mutable_data_ptr<uint8_t>(), nullptr, RowTarget{nullptr, 0, 0, 0});
+        <<<dim3(static_cast<unsigned>(op.rows), 1), kThreads, encode_smem(s, s), c10::cuda::getCurrentCUDAStream()>>>(
+            p, p, op.side.layout.d, s, s, op.out.mutable_data_ptr<uint8_t>(), nullptr, RowTarget{nullptr, 0, 0, 0});
   });
   TKV_CUDA_CHECK(cudaGetLastError());
-  return out;
+  return op.out;
 }
 
 at::Tensor dequantize_cuda(const at::Tensor& packed, c10::string_view format, int64_t head_dim, int64_t rot_group,
                            std::optional<int64_t> rot_seed, bool unrotate, at::ScalarType dtype) {
   check_cuda(packed, "packed");
-  const SideSpec side = make_side(std::string(format), head_dim, rot_group, rot_seed, "format", "rot_group");
-  check_packed(packed, side, "packed");
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "dtype: got ", dtype,
-                   ", expected float32, float16 or bfloat16");
   const c10::cuda::CUDAGuard guard(packed.device());
-  const at::Tensor pc = packed.contiguous();
-  const int width = unrotate ? side.layout.d : side.layout.dp;
-  auto sizes = pc.sizes().vec();
-  sizes.back() = width;
-  at::Tensor out = at::empty(sizes, pc.options().dtype(dtype));
-  const int64_t rows = pc.numel() / side.layout.row_bytes;
-  if (rows == 0) return out;
-  const DevSide s = dev_side(side);
+  RowsOp op = prepare_dequantize(packed, std::string(format), head_dim, rot_group, rot_seed, unrotate, dtype);
+  if (op.rows == 0) return op.out;
+  const DevSide s = dev_side(op.side);
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     decode_kernel<T>
-        <<<static_cast<unsigned>(rows), kThreads, sizeof(float) * s.dp, c10::cuda::getCurrentCUDAStream()>>>(
-            pc.const_data_ptr<uint8_t>(), s, unrotate, reinterpret_cast<T*>(out.mutable_data_ptr()), width);
+        <<<static_cast<unsigned>(op.rows), kThreads, sizeof(float) * s.dp, c10::cuda::getCurrentCUDAStream()>>>(
+            op.input.const_data_ptr<uint8_t>(), s, unrotate, reinterpret_cast<T*>(op.out.mutable_data_ptr()), op.width);
   });
   TKV_CUDA_CHECK(cudaGetLastError());
-  return out;
+  return op.out;
 }
 
 void cache_append_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,

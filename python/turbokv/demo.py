@@ -1,77 +1,73 @@
-"""The quantization demo: every format, with and without rotation, on real-looking K/V.
+"""The main job: generate with the real default model under f16 and compressed caches, and compare.
 
-Prints bits per value, compression ratio against f16, the relative error of
-K and V rows, and the relative error of a decode attention step computed on
-the packed cache, against the same attention over the f32 K/V.
+For each cache: bytes and ratio to f16, decode tokens/s, and — teacher-forcing the f16
+run's tokens through the compressed cache — mean KLD and same-top-token rate against the
+f16 run, plus the first line of generated text.
 """
 
 from __future__ import annotations
 
-import math
+import time
 
 import torch
 
-from turbokv import formats, ops, reference
-from turbokv.rotation import Rotation, auto_rotation
-from turbokv.synthetic import kv, queries
+import turbokv
+from turbokv.eval import model as model_mod
+from turbokv.eval.metrics import summarize, token_stats
+from turbokv.eval.runner import CacheSpec
+
+PROMPT = (
+    "The history of the printing press begins in the fifteenth century. Johannes Gutenberg, a goldsmith "
+    "from Mainz, combined movable metal type, oil-based ink and a wooden screw press. Within fifty years"
+)
+CACHES = [CacheSpec("f16", "f16", "off", "off"), CacheSpec("turbo3", "turbo3"), CacheSpec("q4_0", "q4_0", "on", "on")]
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def run(tokens: int = 2048, head_dim: int = 128, kv_heads: int = 4, q_heads: int = 16, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    k, v = kv(1, kv_heads, tokens, head_dim, g)
-    q = queries(1, q_heads, 1, head_dim, g)
-    lengths = torch.tensor([tokens])
-    scale = 1.0 / math.sqrt(head_dim)
-    f32_out = reference.attention(
-        q.double(),
-        reference.quantize(k, "f16"),
-        reference.quantize(v, "f16"),
-        lengths,
-        None,
-        "f16",
-        0,
-        None,
-        "f16",
-        0,
-        None,
-        scale,
-        compute_dtype=torch.float64,
-    )
-    rows = []
-    for name, fmt in formats.FORMATS.items():
-        modes = [False, True] if fmt.quantized else [False]
-        for rotate in modes:
-            kr = auto_rotation(name, head_dim, "k") if rotate else Rotation()
-            vr = auto_rotation(name, head_dim, "v") if rotate else Rotation()
-            kc, vc = ops.quantize(k, name, kr), ops.quantize(v, name, vr)
-            k_back, v_back = ops.dequantize(kc, name, head_dim, kr), ops.dequantize(vc, name, head_dim, vr)
-            out = ops.attention(q, kc, vc, lengths, k_format=name, v_format=name, k_rot=kr, v_rot=vr, scale=scale)
-            rows.append(
-                {
-                    "format": name,
-                    "rotation": f"{kr.group}/{vr.group}" if rotate else "off",
-                    "bpv": formats.bits_per_value(name, head_dim),
-                    "ratio": 16.0 / formats.bits_per_value(name, head_dim),
-                    "k_err": rel(k_back, k),
-                    "v_err": rel(v_back, v),
-                    "attn_err": rel(out, f32_out),
-                }
-            )
-    return rows
-
-
-def main(tokens: int = 2048) -> None:
-    print(f"turbokv demo: synthetic post-RoPE K/V with outlier channels, {tokens} tokens, d = 128, GQA 16/4")
-    print("relative L2 errors against f32; attention = one decode step computed on the packed cache\n")
-    header = f"{'format':<8} {'rot K/V':>8} {'bits/val':>9} {'vs f16':>7} {'K err':>8} {'V err':>8} {'attn err':>9}"
-    print(header)
-    print("-" * len(header))
-    for r in run(tokens):
-        print(
-            f"{r['format']:<8} {r['rotation']:>8} {r['bpv']:>9.3f} {r['ratio']:>6.2f}x "
-            f"{r['k_err']:>8.4f} {r['v_err']:>8.4f} {r['attn_err']:>9.4f}"
+@torch.no_grad()
+def generate(model, ids, spec: CacheSpec, new_tokens: int):
+    cache = turbokv.TurboCache(model.config, k=spec.k, v=spec.v, rotate_k=spec.rotate_k, rotate_v=spec.rotate_v)
+    with turbokv.patch(model):
+        t0 = time.perf_counter()
+        out = model.generate(
+            ids, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens
         )
+        dt = time.perf_counter() - t0
+    return out, cache, dt
+
+
+@torch.no_grad()
+def logprobs_on(model, seq, spec: CacheSpec, start: int) -> torch.Tensor:
+    cache = turbokv.TurboCache(model.config, k=spec.k, v=spec.v, rotate_k=spec.rotate_k, rotate_v=spec.rotate_v)
+    with turbokv.patch(model):
+        logits = model(seq, past_key_values=cache).logits[0]
+    return torch.log_softmax(logits[start - 1 : -1].float(), -1)
+
+
+def main(new_tokens: int = 200, model_path: str | None = None) -> None:
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model, tok = model_mod.load(model_path)
+    print(f"model: {model_mod.describe(model)} (loaded in {time.perf_counter() - t0:.0f} s)")
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    start = ids.shape[1]
+    runs = {}
+    for spec in CACHES:
+        out, cache, dt = generate(model, ids, spec, new_tokens)
+        runs[spec] = (out, cache, dt)
+    ref_seq = runs[CACHES[0]][0]
+    ref_logp = logprobs_on(model, ref_seq, CACHES[0], start)
+    print(f"\n{'cache':<32} {'KV bytes':>10} {'vs f16':>7} {'tok/s':>7} {'mean KLD':>9} {'same top':>9}")
+    texts = []
+    for spec, (out, cache, dt) in runs.items():
+        test = logprobs_on(model, ref_seq, spec, start)
+        s = summarize([token_stats(ref_logp, test, ref_seq[0, start:])])
+        ratio = cache.nbytes() / cache.f16_nbytes()
+        print(
+            f"{spec.label:<32} {cache.nbytes():>10} {ratio:>6.3f}x {new_tokens / dt:>7.1f} "
+            f"{s.kld_mean:>9.5f} {100 * s.same_top:>8.1f}%"
+        )
+        texts.append((spec.label, tok.decode(out[0, start:], skip_special_tokens=True)))
+    print("\nprompt: " + PROMPT)
+    for label, text in texts:
+        line = " ".join(text.split())[:160]
+        print(f"\n[{label}]\n  {line} ...")

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""The README's quality table: the default model on WikiText-2, one row per cache setting.
+
+Rows: f16; q8_0, q5_0, q4_1, q4_0 with and without rotation; turbo4, turbo3, turbo2;
+q8_0-K with turbo4-V and turbo3-V. Prints a markdown table (rows are flushed as they
+finish) with bits per value, compression ratio, PPL, mean KLD and same-top rate.
+Usage: python benchmarks/eval_table.py [--ctx 512] [--chunks 40] [--out table.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+from turbokv import formats
+from turbokv.eval import model as model_mod
+from turbokv.eval.runner import CacheSpec, Reference, default_text_path, evaluate, make_chunks
+
+ROWS = [CacheSpec("f16", "f16", "off", "off")]
+for _f in ("q8_0", "q5_0", "q4_1", "q4_0"):
+    ROWS += [CacheSpec(_f, _f, "off", "off"), CacheSpec(_f, _f, "on", "on")]
+ROWS += [CacheSpec(f, f) for f in ("turbo4", "turbo3", "turbo2")]
+ROWS += [CacheSpec("q8_0", "turbo4"), CacheSpec("q8_0", "turbo3")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--out", default=None, help="also append the table to this file")
+    args = ap.parse_args()
+    model, tok = model_mod.load()
+    chunks = make_chunks(tok, default_text_path().read_text(), args.ctx, args.chunks)
+    ref = Reference(model, chunks, "default")
+    d = model.config.head_dim
+    lines = [
+        f"{model_mod.describe(model)}; WikiText-2 test, {len(chunks)} chunks x {args.ctx} tokens "
+        f"(second halves scored); {datetime.date.today()}",
+        "",
+        "| K | V | rotation | bits/value K+V | vs f16 | PPL | mean KLD | same top |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    out = Path(args.out) if args.out else None
+    for line in lines:
+        print(line, flush=True)
+    if out:
+        out.write_text("\n".join(lines) + "\n")
+    for spec in ROWS:
+        s = evaluate(model, chunks, spec, ref, progress=False)
+        bpv = (formats.bits_per_value(spec.k, d) + formats.bits_per_value(spec.v, d)) / 2
+        row = (
+            f"| {spec.k} | {spec.v} | {spec.rotate_k} | {bpv:.3f} | {16 / bpv:.2f}x | {s.ppl:.4f} | "
+            f"{s.kld_mean:.5f} ± {s.kld_stderr:.5f} | {100 * s.same_top:.2f} % |"
+        )
+        print(row, flush=True)
+        if out:
+            with out.open("a") as f:
+                f.write(row + "\n")
+
+
+if __name__ == "__main__":
+    main()

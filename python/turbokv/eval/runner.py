@@ -1,0 +1,104 @@
+"""Chunked evaluation of a compressed cache against the f16 cache, and sweeps over formats.
+
+Like ``llama-perplexity --kl-divergence``: the text is cut into chunks of ``ctx`` tokens;
+each chunk runs through the model once with the cache under test (attention reads the
+quantized cache, as generation would: ``turbokv.patch`` + ``TurboCache``); the second half
+of each chunk is scored. Reference log-probabilities come from the same model with an f16
+cache, computed once and stored as safetensors (fp16) for reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import turbokv
+from turbokv.eval.metrics import Summary, summarize, token_stats
+from turbokv.eval.model import CACHE_DIR
+
+WIKITEXT = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def default_text_path() -> Path:
+    """WikiText-2 test from the shared folder beside the project (or the current directory's parent)."""
+    repo = Path(__file__).resolve().parents[3]
+    for base in (Path.cwd().parent, Path.cwd(), repo.parent, repo):
+        if (base / WIKITEXT).exists():
+            return base / WIKITEXT
+    raise FileNotFoundError(f"text: no {WIKITEXT} beside the project; pass --text FILE")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The cache under test: formats and rotation policy per side."""
+
+    k: str
+    v: str
+    rotate_k: str = "auto"
+    rotate_v: str = "auto"
+
+    @property
+    def label(self) -> str:
+        rot = self.rotate_k if self.rotate_k == self.rotate_v else f"{self.rotate_k}/{self.rotate_v}"
+        return f"K {self.k} / V {self.v} (rotation {rot})"
+
+
+F16 = CacheSpec("f16", "f16", "off", "off")
+
+
+def make_chunks(tokenizer, text: str, ctx: int, n_chunks: int) -> torch.Tensor:
+    """``(n, ctx)`` token ids: consecutive chunks from the start of the text."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    available = ids.numel() // ctx
+    if available == 0:
+        raise ValueError(f"text: got {ids.numel()} tokens, expected at least ctx = {ctx}")
+    n = available if n_chunks <= 0 else min(n_chunks, available)
+    return ids[: n * ctx].reshape(n, ctx)
+
+
+@torch.no_grad()
+def scored_logprobs(model, chunk: torch.Tensor, spec: CacheSpec) -> torch.Tensor:
+    """Log-probabilities ``(ctx - ctx//2, vocab)`` predicting the second half of ``chunk``."""
+    cache = turbokv.TurboCache(model.config, k=spec.k, v=spec.v, rotate_k=spec.rotate_k, rotate_v=spec.rotate_v)
+    with turbokv.patch(model):
+        logits = model(chunk[None].to(model.device), past_key_values=cache).logits[0]
+    first = chunk.numel() // 2
+    return torch.log_softmax(logits[first - 1 : -1].float(), dim=-1).cpu()
+
+
+class Reference:
+    """f16-cache log-probabilities per chunk, stored once in a safetensors file."""
+
+    def __init__(self, model, chunks: torch.Tensor, model_id: str):
+        key = hashlib.sha256(chunks.numpy().tobytes() + model_id.encode()).hexdigest()[:16]
+        self.path = CACHE_DIR / "reference" / f"{key}.safetensors"
+        self.model, self.chunks = model, chunks
+
+    def ensure(self, progress: bool = True) -> None:
+        if self.path.exists():
+            return
+        tensors = {}
+        for i in tqdm(range(len(self.chunks)), desc="f16 reference", disable=not progress):
+            tensors[f"chunk_{i}"] = scored_logprobs(self.model, self.chunks[i], F16).half()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(self.path))
+
+    def get(self, i: int) -> torch.Tensor:
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(f"chunk_{i}").float()
+
+
+def evaluate(model, chunks: torch.Tensor, spec: CacheSpec, ref: Reference, progress: bool = True) -> Summary:
+    ref.ensure(progress)
+    first = chunks.shape[1] // 2
+    stats = []
+    for i in tqdm(range(len(chunks)), desc=spec.label, disable=not progress):
+        test = scored_logprobs(model, chunks[i], spec)
+        stats.append(token_stats(ref.get(i), test, chunks[i, first:]))
+    return summarize(stats)

