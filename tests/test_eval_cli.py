@@ -9,14 +9,16 @@ import pytest
 
 pytest.importorskip("transformers", reason="transformers is needed to load the model")
 from turbokv.eval import model as model_mod  # noqa: E402
+from turbokv.eval.runner import default_text_path  # noqa: E402
 
 try:
     model_mod.default_model_path()
-    HAVE_MODEL = True
-except FileNotFoundError as e:  # pragma: no cover - printed as the skip reason
-    HAVE_MODEL, WHY = False, str(e)
+    default_text_path()
+    HAVE_INPUTS, WHY = True, ""
+except FileNotFoundError as e:  # printed as the skip reason
+    HAVE_INPUTS, WHY = False, str(e)
 
-pytestmark = pytest.mark.skipif(not HAVE_MODEL, reason="" if HAVE_MODEL else WHY)
+pytestmark = pytest.mark.skipif(not HAVE_INPUTS, reason=WHY)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,11 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "outlier_sprea
 
 def test_outlier_notebook_runs(tmp_path, monkeypatch):
     from turbokv.eval import model as model_mod
+    from turbokv.eval.runner import default_text_path
 
     try:
         model_mod.default_model_path()
+        default_text_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
     monkeypatch.setenv("TURBOKV_NOTEBOOK_SMALL", "1")

@@ -10,6 +10,7 @@ cache, computed once and stored as safetensors (fp16) for reuse.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,9 @@ WIKITEXT = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def default_text_path() -> Path:
-    """WikiText-2 test from the shared folder beside the project (or the current directory's parent)."""
+    """$TURBOKV_TEXT, else WikiText-2 test from the shared folder beside the project (or the working directory)."""
+    if os.environ.get("TURBOKV_TEXT"):
+        return Path(os.environ["TURBOKV_TEXT"])
     repo = Path(__file__).resolve().parents[3]
     for base in (Path.cwd().parent, Path.cwd(), repo.parent, repo):
         if (base / WIKITEXT).exists():
