@@ -5,6 +5,8 @@ For B = 1 and 16, 32 q heads / 8 KV heads, d = 128, prints the time of one decod
 step per path, the bytes each path reads, the achieved bandwidth and its fraction
 of the device-to-device copy bandwidth measured in the same run. Each path rotates
 among several cache copies whose total exceeds the L2, so times are HBM times.
+Every path is captured in a CUDA graph and replayed (what compiled decoding runs:
+no launch gaps, no host checks); "eager call" rows time the plain op call instead.
 Usage: python benchmarks/bench_attention.py [--contexts 4096,16384,65536,131072]
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 
 import torch
 
@@ -23,16 +26,28 @@ HQ, HKV, D = 32, 8, 128
 FORMATS = ("f16", "q8_0", "q4_0", "turbo4", "turbo3", "turbo2")
 
 
-def bench_ms(fn, n_bufs: int, iters: int = 50) -> float:
-    """Median of `iters` timed calls (CUDA events), cycling over n_bufs inputs."""
+def bench_ms(fn, n_bufs: int, iters: int = 50, graph: bool = True) -> float:
+    """Median of `iters` timed calls (CUDA events), cycling over n_bufs inputs.
+
+    graph: capture fn(i) once per input in a CUDA graph and time the replays.
+    """
     for i in range(3):
         fn(i % n_bufs)
     torch.cuda.synchronize()
+    calls = [lambda i=i: fn(i) for i in range(n_bufs)]
+    if graph:
+        graphs = []
+        for i in range(n_bufs):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn(i)
+            graphs.append(g)
+        calls = [g.replay for g in graphs]
     times = []
     for i in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn(i % n_bufs)
+        calls[i % n_bufs]()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -48,7 +63,7 @@ def copy_bandwidth() -> float:
     """Device-to-device copy, GB/s counting bytes read plus written."""
     n = 1 << 30
     src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
-    ms = bench_ms(lambda i: dst.copy_(src), 1, 20)
+    ms = bench_ms(lambda i: dst.copy_(src), 1, 20, graph=False)
     return 2 * n / ms / 1e6
 
 
@@ -84,6 +99,11 @@ def run(batch: int, tokens: int, copy_gbs: float) -> list[tuple]:
                 return turbokv.attention(q, kc[i], vc[i], lengths, k_format=name, v_format=name)
 
             rows.append(("turbokv turbo3 no-rot", nbytes, bench_ms(norot, n)))
+            rows.append(("turbokv turbo3 eager call", nbytes, bench_ms(fused, n, graph=False)))
+        if name in ("turbo3", "q4_0", "f16"):
+            os.environ["TURBOKV_ATTENTION_KERNEL"] = "simt"  # the previous (CUDA-core) decode kernel
+            rows.append((f"turbokv {name} simt kernel", nbytes, bench_ms(fused, n)))
+            del os.environ["TURBOKV_ATTENTION_KERNEL"]
         if name == "q4_0":
 
             def deq(i, kc=kc, vc=vc, name=name, kr=kr, vr=vr):

@@ -10,6 +10,7 @@ Bandwidth counts bytes read plus written.
 from __future__ import annotations
 
 import datetime
+import os
 
 import torch
 
@@ -69,24 +70,32 @@ def main() -> None:
         gbs = nb / t / 1e6
         print(f"{'cache_append 64k x 8 heads ' + name:<34} {t:>8.3f} {gbs:>7.0f} {100 * gbs / copy_gbs:>6.1f}%")
     print()
-    Hq, Sq = 32, 4096
-    q = torch.randn(1, Hq, Sq, d, device="cuda", dtype=torch.float16)
-    kk, vv = k[:, :, :Sq].contiguous(), v[:, :, :Sq].contiguous()
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-        t_sdpa = ms(
-            lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=True)
-        )
-    print(f"{'prefill 4096 causal, SDPA fp16':<34} {t_sdpa:>8.3f}")
-    lengths = torch.tensor([Sq], device="cuda")
-    for name in ("f16", "q4_0", "turbo3"):
-        kr, vr = auto_rotation(name, d, "k"), auto_rotation(name, d, "v")
-        kc, vc = turbokv.quantize(kk, name, kr), turbokv.quantize(vv, name, vr)
-        t = ms(
-            lambda kc=kc, vc=vc, name=name, kr=kr, vr=vr: turbokv.attention(
-                q, kc, vc, lengths, k_format=name, v_format=name, k_rot=kr, v_rot=vr
+    Hq = 32
+    for Sq in (4096, 16384):
+        q = torch.randn(1, Hq, Sq, d, device="cuda", dtype=torch.float16)
+        kk, vv = k[:, :, :Sq].contiguous(), v[:, :, :Sq].contiguous()
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            t_sdpa = ms(
+                lambda q=q, kk=kk, vv=vv: torch.nn.functional.scaled_dot_product_attention(
+                    q, kk, vv, is_causal=True, enable_gqa=True
+                )
             )
-        )
-        print(f"{'prefill 4096 causal, turbokv ' + name:<34} {t:>8.3f}   {t_sdpa / t:.2f}x SDPA")
+        print(f"{f'prefill {Sq} causal, SDPA fp16':<40} {t_sdpa:>8.3f}")
+        lengths = torch.tensor([Sq], device="cuda")
+        for name in ("f16", "q4_0", "turbo3"):
+            kr, vr = auto_rotation(name, d, "k"), auto_rotation(name, d, "v")
+            kc, vc = turbokv.quantize(kk, name, kr), turbokv.quantize(vv, name, vr)
+
+            def run(q=q, kc=kc, vc=vc, name=name, kr=kr, vr=vr, lengths=lengths):
+                return turbokv.attention(q, kc, vc, lengths, k_format=name, v_format=name, k_rot=kr, v_rot=vr)
+
+            t = ms(run)
+            print(f"{f'prefill {Sq} causal, turbokv {name}':<40} {t:>8.3f}   {t_sdpa / t:.2f}x SDPA")
+            if Sq == 4096 and name == "turbo3":  # the op's own tiled kernel (chunked prefill, padding, softcap)
+                os.environ["TURBOKV_ATTENTION_KERNEL"] = "tiled"
+                t = ms(run)
+                del os.environ["TURBOKV_ATTENTION_KERNEL"]
+                print(f"{f'prefill {Sq} causal, tiled kernel {name}':<40} {t:>8.3f}   {t_sdpa / t:.2f}x SDPA")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -208,3 +210,129 @@ def test_padding_is_invisible(gen):
     q = torch.randn(1, 1, 1, 96, generator=gen)
     out = turbokv.attention(q, kc, vc, torch.tensor([10]), k_format="turbo3", v_format="turbo3", k_rot=kr, v_rot=vr)
     assert out.shape == (1, 1, 1, 96)
+
+
+CUDA_ONLY = [p for p in device_params() if p != "cpu"]
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize(
+    "kf,vf", [("turbo3", "turbo3"), ("q4_0", "q8_0"), ("f16", "bf16"), ("q8_0", "q8_0"), ("turbo4", "q5_1")]
+)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_decode_kernels_agree_cuda(device, kf, vf, d, gen, monkeypatch):
+    """The tensor-core decode kernel, the SIMT one and the tiled one give the same attention.
+
+    TURBOKV_ATTENTION_KERNEL pins each; auto takes the tensor-core kernel where it is the faster
+    one (f16/bf16/q8_0 rows), and pinning it where it cannot run is a clear error.
+    """
+    kr, vr = sides(kf, vf, d)
+    kc, vc = make_cache(gen, 3, 2, 300, d, kf, vf, kr, vr, scale=2.0)
+    q = torch.randn(3, 8, 1, d, generator=gen).half()
+    args = attention_args(q, kc, vc, torch.tensor([300, 17, 1]), torch.tensor([0, 5, 0]), kf, vf, kr, vr)
+    dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    outs = {}
+    for kernel in ("mma", "simt", "tiled", "auto"):
+        monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
+        poison_cuda_memory()
+        outs[kernel] = torch.ops.turbokv.attention(*dev).double().cpu()
+    err, ref_err = reference_errors(args, outs["mma"].half())
+    assert err <= 2 * ref_err + 1e-6
+    cheap = {"f16", "bf16", "q8_0"}
+    assert torch.equal(outs["auto"], outs["mma" if {kf, vf} <= cheap else "simt"])
+    for other in ("simt", "tiled"):
+        torch.testing.assert_close(outs["mma"], outs[other], rtol=0, atol=4 * ref_err + 1e-6)
+    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "mma")
+    q3 = torch.randn(3, 8, 3, d, generator=gen).half().to(device)
+    with pytest.raises(RuntimeError, match="one query per sequence"):
+        torch.ops.turbokv.attention(q3, dev[1], dev[2], torch.tensor([300, 17, 3], device=device), *dev[4:])
+    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "fastest")
+    with pytest.raises(RuntimeError, match="got 'fastest', expected auto, mma, simt or tiled"):
+        torch.ops.turbokv.attention(*dev)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_decode_step_replays_in_a_cuda_graph(device, gen):
+    """cache_append + attention captured once in a CUDA graph, replayed on new tokens and lengths
+    (no host sync inside), equal the eager ops."""
+    d, kf, vf, T = 128, "turbo3", "q4_0", 64
+    kr, vr = sides(kf, vf, d)
+    rb = lambda f: formats.row_bytes(f, d)  # noqa: E731
+    kc = torch.zeros(2, 2, T, rb(kf), dtype=torch.uint8, device=device)
+    vc = torch.zeros(2, 2, T, rb(vf), dtype=torch.uint8, device=device)
+    k0, v0 = torch.randn(2, 2, 20, d, generator=gen), torch.randn(2, 2, 20, d, generator=gen)
+    pos0 = torch.arange(20).expand(2, 20).to(device)
+    turbokv.cache_append(kc, vc, k0.half().to(device), v0.half().to(device), pos0, kf, vf, kr, vr)
+    q, k, v = (torch.zeros(2, n, 1, d, dtype=torch.half, device=device) for n in (8, 2, 2))
+    pos = torch.zeros(2, 1, dtype=torch.int64, device=device)
+    lengths = torch.zeros(2, dtype=torch.int64, device=device)
+
+    def step():
+        turbokv.cache_append(kc, vc, k, v, pos, kf, vf, kr, vr)
+        return turbokv.attention(q, kc, vc, lengths, k_format=kf, v_format=vf, k_rot=kr, v_rot=vr)
+
+    def feed(t):
+        for dst in (q, k, v):
+            dst.copy_(torch.randn(dst.shape, generator=gen).half())
+        pos.fill_(t)
+        lengths.fill_(t + 1)
+
+    feed(20)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for t in (21, 22, 40):
+        feed(t)
+        graph.replay()
+        replayed = out.clone()
+        kc_after, vc_after = kc.clone(), vc.clone()
+        kc[:, :, t].zero_()
+        vc[:, :, t].zero_()
+        eager = step()
+        assert torch.equal(kc, kc_after) and torch.equal(vc, vc_after)
+        torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_whole_prompt_prefill_via_flash_cuda(device, dtype, gen, monkeypatch):
+    """A whole-prompt prefill (lengths == Sq) takes dequantize + flash SDPA; it stays inside the
+    error budget and agrees with the op's own tiled kernel."""
+    d, kf, vf, sq = 128, "turbo3", "q4_0", 300
+    kr, vr = sides(kf, vf, d)
+    kc, vc = make_cache(gen, 2, 2, 320, d, kf, vf, kr, vr, scale=2.0)
+    q = torch.randn(2, 8, sq, d, generator=gen).to(dtype)
+    args = attention_args(q, kc, vc, torch.tensor([sq, sq]), None, kf, vf, kr, vr)
+    dev = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    kw = dict(k_format=kf, v_format=vf, k_rot=kr, v_rot=vr)
+    assert turbokv.ops._whole_prompt_prefill(dev[0], dev[1], dev[3], None, True, 0, 0.0)
+    fast = turbokv.attention(dev[0], dev[1], dev[2], dev[3], **kw)
+    err, ref_err = reference_errors(args, fast)
+    assert err <= 2 * ref_err + 1e-6, f"error {err:.3e} > 2 x reference error {ref_err:.3e}"
+    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "tiled")
+    assert not turbokv.ops._whole_prompt_prefill(dev[0], dev[1], dev[3], None, True, 0, 0.0)
+    tiled = turbokv.attention(dev[0], dev[1], dev[2], dev[3], **kw)
+    torch.testing.assert_close(fast.double(), tiled.double(), rtol=0, atol=4 * ref_err + 1e-6)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_bad_lengths_are_an_error_cuda(device):
+    """Lengths that do not fit the cache give an error naming them (turbokv.attention checks them
+    on the host; checked in a child process: raising inside the CUDA op once crashed the process)."""
+    code = (
+        "import torch, turbokv\n"
+        "kc = torch.zeros(3, 2, 300, 256, dtype=torch.uint8, device='cuda')\n"
+        "q = torch.randn(3, 8, 3, 128, device='cuda').half()\n"
+        "try:\n"
+        "    turbokv.attention(q, kc, kc, torch.tensor([300, 17, 1], device='cuda'), k_format='f16', v_format='f16')\n"
+        "except (ValueError, RuntimeError) as e:\n"
+        "    print('raised:', str(e).splitlines()[0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"child exited with {out.returncode}: {out.stderr[-500:]}"
+    assert "raised: lengths: got 1 for sequence 2, expected >= 3" in out.stdout, out.stdout

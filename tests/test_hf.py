@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import device_params
@@ -209,3 +211,82 @@ def test_unsupported_inputs_are_named(gen):
     model = build("llama64")
     with turbokv.patch(model), pytest.raises(RuntimeError, match="not a TurboCache buffer"):
         model(prompt(gen), past_key_values=transformers.DynamicCache(config=model.config))
+
+
+# ---------------------------------------------------------------- static capacity, compiled decoding
+
+
+def static_cache(model, k="f16", v="f16", n=64, **kw):
+    return turbokv.TurboCache(model.config, k=k, v=v, rotate_k="on", rotate_v="on", max_cache_len=n, **kw)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("family", ["llama64", "qwen3", "gemma3"])
+@pytest.mark.parametrize("patched", [False, True])
+def test_static_cache_equals_dynamic(device, family, patched, gen):
+    """max_cache_len (preallocated buffers, device-side token count) gives the dynamic TurboCache's tokens.
+
+    Left-padded batch of 3; f16 storage with rotation and q4_0/turbo3; sliding layers (qwen3, gemma3).
+    """
+    model = build(family).to(device)
+    ids, mask = (t.to(device) for t in left_padded(gen))
+    with turbokv.patch(model) if patched else contextlib.nullcontext():
+        for k, v in [("f16", "f16"), ("q4_0", "turbo3")]:
+            dyn = greedy(model, ids, turbokv.TurboCache(model.config, k=k, v=v, rotate_k="on", rotate_v="on"), mask)
+            st = greedy(model, ids, static_cache(model, k, v), mask, disable_compile=True)
+            assert torch.equal(st.sequences, dyn.sequences), (k, v)
+            for a, b in zip(st.scores, dyn.scores, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * b.abs().max().item())
+
+
+def compile_config(device: str):
+    """generate()'s compile settings: CUDA graphs on the GPU; on the CPU, fullgraph tracing only
+    (aot_eager: proves no graph break and that every op has a fake kernel, without inductor's minutes)."""
+    if device == "cuda":
+        return transformers.CompileConfig(fullgraph=True, mode="reduce-overhead")
+    cfg = transformers.CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    cfg._compile_all_devices = True  # generate() compiles on CUDA-like devices only unless told
+    return cfg
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_static_cache_compiled_generation_matches_eager(device, gen):
+    """generate() compiles the decode step for a static TurboCache (fullgraph) and gives the eager tokens."""
+    torch._dynamo.reset()
+    model = build("llama64").to(device)
+    ids, mask = (t.to(device) for t in left_padded(gen))
+    with turbokv.patch(model):
+        eager = greedy(model, ids, static_cache(model, "q4_0", "turbo3"), mask, disable_compile=True)
+        cache = static_cache(model, "q4_0", "turbo3")
+        assert cache.is_compileable and model._valid_auto_compile_criteria(
+            {"past_key_values": cache}, transformers.GenerationConfig(compile_config=compile_config(device))
+        )
+        calls = turbokv_attention.calls
+        compiled = greedy(model, ids, cache, mask, compile_config=compile_config(device))
+        # Eager calls: the prefill only (the compiled decode steps do not run the Python function).
+        assert turbokv_attention.calls - calls == model.config.num_hidden_layers
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for a, b in zip(compiled.scores, eager.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * b.abs().max().item())
+    assert int(cache.get_seq_length()) == ids.shape[1] + MAX_NEW - 1
+
+
+def test_static_cache_bookkeeping_and_overflow(gen):
+    model = build("llama64")
+    cache = static_cache(model, "turbo3", "turbo3", n=20)
+    assert cache.get_max_length() == 20 and not cache.layers[0].is_initialized
+    with turbokv.patch(model):
+        model(prompt(gen, 2, 16), past_key_values=cache)
+        before = [(lay.k_packed.clone(), lay.v_packed.clone()) for lay in cache.layers]
+        assert int(cache.get_seq_length()) == 16 and "16 tokens" in repr(cache)
+        with pytest.raises(ValueError, match="positions"):
+            model(prompt(gen, 2, 5), past_key_values=cache)  # 16 + 5 > 20 slots
+        layer = cache.layers[0]
+        assert torch.equal(layer.k_packed, before[0][0]) and torch.equal(layer.v_packed, before[0][1])
+        assert layer.k_packed.shape[2] == 20  # never grown
+        cache.crop(-6)
+        assert int(cache.get_seq_length()) == 10
+        cache.reset()
+        assert int(cache.get_seq_length()) == 0
+    with pytest.raises(ValueError, match="max_cache_len: got 0"):
+        turbokv.TurboCache(model.config, max_cache_len=0)

@@ -23,10 +23,11 @@ out=$(mktemp -d)
 # header; an empty stand-in is enough to compile (searched after torch's own paths).
 mkdir -p "$out/shim/c10/cuda/impl"
 echo '#pragma once' >"$out/shim/c10/cuda/impl/cuda_cmake_macros.h"
-for f in "${srcs[@]}"; do
-  echo "check_cuda_compile: $f"
-  "$nvcc" -std=c++20 -gencode=arch=compute_90a,code=sm_90a -Icpp -Icpp/include $incs -I"$out/shim" -D_GLIBCXX_USE_CXX11_ABI=1 \
-    -DTURBOKV_COMPILE_CHECK=1 -Xcompiler=-Werror=frame-larger-than=16384 --expt-relaxed-constexpr \
-    -c "$f" -o "$out/$(basename "$f").o"
-done
+# One nvcc per core: the attention kernels are split into several files for this.
+export nvcc incs out
+printf '%s\n' "${srcs[@]}" | xargs -P "$(nproc)" -I{} bash -c '
+  echo "check_cuda_compile: {}"
+  "$nvcc" -std=c++20 -gencode=arch=compute_90a,code=sm_90a -Icpp -Icpp/include $incs -I"$out/shim" \
+    -D_GLIBCXX_USE_CXX11_ABI=1 -DTURBOKV_COMPILE_CHECK=1 -Xcompiler=-Werror=frame-larger-than=16384 \
+    --expt-relaxed-constexpr -c {} -o "$out/$(basename {}).o"'
 echo "check_cuda_compile: ${#srcs[@]} file(s) compiled"

@@ -12,8 +12,13 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
 
 #include "attention_decode.cuh"
+#include "attention_mma.cuh"
 #include "common.cuh"
 
 namespace turbokv::cuda {
@@ -182,15 +187,6 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = from_float<scalar_t>(buf[j]);
 }
 
-template <int E, int GMAX, int U, typename T>
-void launch_decode(dim3 grid, cudaStream_t stream, const T* q, const uint8_t* kc, const uint8_t* vc, const DevSide& ks,
-                   const DevSide& vs, const AttnParams& P, float* po, float* pm) {
-  const size_t smem = sizeof(float) * (GMAX * ks.dp + 4 * GMAX * (ks.dp + 2) + 32);
-  auto k = decode_kernel<E, GMAX, U, T>;
-  TKV_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  k<<<grid, kThreads, smem, stream>>>(q, kc, vc, ks, vs, P, po, pm);
-}
-
 // Values per lane (16 or 8) of the decode fast path, or 0 when this call must take the general kernel.
 int decode_fast_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& kc,
                      const at::Tensor& vc) {
@@ -212,6 +208,92 @@ int decode_fast_path(const AttentionArgs& a, const DevSide& ks, const DevSide& v
   return e;
 }
 
+// Which kernel runs a call. TURBOKV_ATTENTION_KERNEL = auto | mma | simt | tiled (read per
+// call) pins one for tests and benchmarks; a pinned kernel that cannot run the call is an error.
+enum class Path { kTiled, kSimt, kMma };
+
+MmaKernel mma_for_dp(int nt, int dp) {
+  switch (dp) {
+    case 64:
+      return mma_kernel<64>(nt);
+    case 96:
+      return mma_kernel<96>(nt);
+    case 128:
+      return mma_kernel<128>(nt);
+    case 256:
+      return mma_kernel<256>(nt);
+    default:
+      return nullptr;
+  }
+}
+
+// Resident blocks per SM of a tensor-core kernel with `smem` bytes of shared memory. Cached:
+// the attribute call and the occupancy query run once, outside any CUDA-graph capture.
+int mma_blocks_per_sm(MmaKernel k, size_t smem, int device) {
+  static std::mutex mu;
+  static std::map<std::tuple<MmaKernel, size_t, int>, int> known;
+  static std::map<std::pair<MmaKernel, int>, bool> opted_in;
+  const std::lock_guard<std::mutex> lock(mu);
+  if (!opted_in[{k, device}]) {
+    // The opt-in limit, once per kernel: one kernel serves several formats with different
+    // shared-memory sizes, and a limit set for a smaller one would make a larger launch fail.
+    int optin = 0;
+    TKV_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    TKV_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    opted_in[{k, device}] = true;
+  }
+  const auto key = std::make_tuple(k, smem, device);
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  int per_sm = 1;
+  TKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kThreads, smem));
+  known[key] = std::max(per_sm, 1);
+  return known[key];
+}
+
+// 16-key tiles per chunk: two when a chunk of K and V stays within 8 KiB.
+int mma_tiles(const DevSide& ks, const DevSide& vs) { return 32 * (ks.row_bytes + vs.row_bytes) <= 8192 ? 2 : 1; }
+
+// Why the tensor-core decode kernel cannot run this call, or nullptr when it can.
+const char* mma_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
+                      const at::Tensor& kc, const at::Tensor& vc) {
+  if (a.Sq != 1) return "it is built for one query per sequence (decode)";
+  if (a.G > 8) return "it is built for GQA groups of at most 8 query heads";
+  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) return "it is built for f16/bf16 queries";
+  if (ks.dp != vs.dp || !mma_for_dp(1, ks.dp)) return "it is built for K and V rows of 64, 96, 128 or 256 values";
+  if (reinterpret_cast<uintptr_t>(kc.const_data_ptr()) % 16 || reinterpret_cast<uintptr_t>(vc.const_data_ptr()) % 16)
+    return "it needs 16-byte aligned cache tensors";
+  return nullptr;
+}
+
+Path choose_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
+                 const at::Tensor& kc, const at::Tensor& vc) {
+  const char* env = std::getenv("TURBOKV_ATTENTION_KERNEL");
+  const std::string want = env ? env : "auto";
+  const char* unfit = mma_unfit(a, ks, vs, q, kc, vc);
+  if (want == "mma") {
+    TORCH_CHECK(
+        !unfit,
+        "attention: TURBOKV_ATTENTION_KERNEL=mma, but the tensor-core decode kernel cannot run this call: ", unfit);
+    return Path::kMma;
+  }
+  if (want == "simt") {
+    TORCH_CHECK(decode_fast_path(a, ks, vs, kc, vc) != 0,
+                "attention: TURBOKV_ATTENTION_KERNEL=simt, but the SIMT decode kernel is built for one query per "
+                "sequence, GQA groups <= 8 and equal K/V row sizes whose head dim splits into 4..32 lanes");
+    return Path::kSimt;
+  }
+  if (want == "tiled") return Path::kTiled;
+  TORCH_CHECK(want == "auto", "TURBOKV_ATTENTION_KERNEL: got '", want, "', expected auto, mma, simt or tiled");
+  // By measurement (benchmarks/RESULTS.md, H100): the tensor-core kernel wins where decoding a
+  // value is a load and a convert (f16, bf16, q8_0); for 4-bit and turbo rows its per-value
+  // decode is still slower than the SIMT kernel's.
+  const auto cheap = [](const DevSide& s) {
+    return s.family == static_cast<int>(Family::kFloat) || s.fmt == kFmt_q8_0;
+  };
+  if (!unfit && cheap(ks) && cheap(vs)) return Path::kMma;
+  return decode_fast_path(a, ks, vs, kc, vc) ? Path::kSimt : Path::kTiled;
+}
+
 at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& lengths, const std::optional<at::Tensor>& starts, c10::string_view k_format,
                           int64_t k_rot_group, std::optional<int64_t> k_rot_seed, c10::string_view v_format,
@@ -225,9 +307,10 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
   const at::Tensor len = lengths.to(at::kLong).contiguous();
   at::Tensor st;
   if (starts.has_value()) st = starts->to(at::kLong).contiguous();
-  if (!capturing())  // value checks need a host copy; skipped (kernel clamps) while capturing a graph
-    check_lengths(len.cpu(), starts.has_value() ? st.cpu() : at::zeros({a.B}, len.options().device(at::kCPU)), a.T,
-                  a.Sq, causal);
+  // Length values are checked by the Python wrapper (turbokv.attention) before the op runs, not
+  // here: raising from this point crashed the process on the GPU machine (2026-11-23, any
+  // exception type; not understood yet). The kernels clamp lengths and starts to [0, T], so a
+  // direct torch.ops call with bad values reads no memory outside the cache.
 
   const DevSide ks = dev_side(a.ks), vs = dev_side(a.vs);
   AttnParams P{};
@@ -247,14 +330,29 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
   P.window = window;
   P.lengths = len.const_data_ptr<int64_t>();
   P.starts = starts.has_value() ? st.const_data_ptr<int64_t>() : nullptr;
-  // Split the keys so the grid fills the GPU about twice, each split at least 4 tiles.
   int sms = 132;
   TKV_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()));
+  const Path path = choose_path(a, ks, vs, q, k_cache, v_cache);
   const int64_t blocks = a.B * a.Hkv * P.nqchunks;
-  const int64_t max_split = std::max<int64_t>(1, (a.T + 4 * kTile - 1) / (4 * kTile));
-  P.nsplit =
-      static_cast<int>(std::clamp<int64_t>((2 * sms + blocks - 1) / blocks, 1, std::min<int64_t>(max_split, 256)));
-  P.span = ((a.T + P.nsplit - 1) / P.nsplit + kTile - 1) / kTile * kTile;
+  MmaKernel mma = nullptr;
+  size_t mma_smem = 0;
+  if (path == Path::kMma) {
+    // One wave of resident blocks, each warp with at least one chunk of keys.
+    const int nt = mma_tiles(ks, vs), tk = 16 * nt;
+    mma = mma_for_dp(nt, ks.dp);
+    mma_smem = mma_smem_bytes(MmaLayout(nt, ks.row_bytes, vs.row_bytes), ks.dp);
+    const int per_sm = mma_blocks_per_sm(mma, mma_smem, q.device().index());
+    const int64_t max_split = std::max<int64_t>(1, (a.T + 4 * tk - 1) / (4 * tk));
+    P.nsplit = static_cast<int>(
+        std::clamp<int64_t>((int64_t{sms} * per_sm + blocks - 1) / blocks, 1, std::min<int64_t>(max_split, 1024)));
+    P.span = ((a.T + P.nsplit - 1) / P.nsplit + tk - 1) / tk * tk;
+  } else {
+    // Split the keys so the grid fills the GPU about twice, each split at least 4 tiles.
+    const int64_t max_split = std::max<int64_t>(1, (a.T + 4 * kTile - 1) / (4 * kTile));
+    P.nsplit =
+        static_cast<int>(std::clamp<int64_t>((2 * sms + blocks - 1) / blocks, 1, std::min<int64_t>(max_split, 256)));
+    P.span = ((a.T + P.nsplit - 1) / P.nsplit + kTile - 1) / kTile * kTile;
+  }
 
   const int64_t rows_total = a.B * a.Hq * a.Sq;
   auto fopts = q.options().dtype(at::kFloat);
@@ -266,21 +364,19 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
   TORCH_CHECK(smem <= 227 * 1024, "attention: ", rows_per_block(P), " rows x head_dim ", a.d,
               " need more shared memory than a block has (", smem, " bytes)");
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int fast_e = decode_fast_path(a, ks, vs, k_cache, v_cache);
+  clear_stale_error();
+  const int fast_e = path == Path::kSimt ? decode_fast_path(a, ks, vs, k_cache, v_cache) : 0;
   auto run = [&](auto tag) {
     using T = decltype(tag);
     const T* qp = reinterpret_cast<const T*>(qc.const_data_ptr());
     const uint8_t *kp = k_cache.const_data_ptr<uint8_t>(), *vp = v_cache.const_data_ptr<uint8_t>();
     float *po = part_o.mutable_data_ptr<float>(), *pm = part_ml.mutable_data_ptr<float>();
     const dim3 grid(P.nsplit, static_cast<unsigned>(a.B * a.Hkv), P.nqchunks);
-    if (fast_e == 16) {
-      launch_decode<16, 4, 1, T>(grid, stream, qp, kp, vp, ks, vs, P, po, pm);
-    } else if (fast_e == 8 && a.G <= 4) {
-      launch_decode<8, 4, 1, T>(grid, stream, qp, kp, vp, ks, vs, P, po, pm);
-    } else if (fast_e == 4) {
-      launch_decode<4, 4, 1, T>(grid, stream, qp, kp, vp, ks, vs, P, po, pm);
-    } else if (fast_e == 8) {
-      launch_decode<8, 8, 1, T>(grid, stream, qp, kp, vp, ks, vs, P, po, pm);
+    if (mma) {
+      mma<<<grid, kThreads, mma_smem, stream>>>(qc.const_data_ptr(), q.scalar_type() == at::kBFloat16 ? 1 : 0, kp, vp,
+                                                ks, vs, P, po, pm);
+    } else if (fast_e) {
+      launch_simt<T>(fast_e, a.G, grid, stream, qp, kp, vp, ks, vs, P, po, pm);
     } else {
       auto pk = partial_kernel<T>;
       TKV_CUDA_CHECK(cudaFuncSetAttribute(pk, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));

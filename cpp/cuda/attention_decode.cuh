@@ -154,4 +154,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Launches decode_kernel with e values per lane (16, 8 or 4) for GQA group G; built in
+// attention_simt.cu (its own file, so it compiles in parallel with the others).
+template <typename T>
+void launch_simt(int e, int G, dim3 grid, cudaStream_t stream, const T* q, const uint8_t* kc, const uint8_t* vc,
+                 const DevSide& ks, const DevSide& vs, const AttnParams& P, float* po, float* pm);
+
 }  // namespace turbokv::cuda

@@ -55,6 +55,11 @@ inline void check_cuda(const at::Tensor& t, const char* arg) {
   TORCH_CHECK_VALUE(t.is_cuda(), arg, ": got device ", t.device(), ", expected a CUDA tensor for this kernel");
 }
 
+// Resets a non-sticky error that an earlier, unchecked runtime call (ours or a library's) left
+// behind, so the cudaGetLastError after our launches reports our launches only. Sticky errors
+// (a faulted context) are returned by every later call anyway.
+inline void clear_stale_error() { (void)cudaGetLastError(); }
+
 #define TKV_CUDA_CHECK(expr)                                                            \
   do {                                                                                  \
     const cudaError_t err_ = (expr);                                                    \

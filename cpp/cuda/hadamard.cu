@@ -39,6 +39,7 @@ void launch(const at::Tensor& x, at::Tensor& y, int n, const std::optional<int64
   const int threads = std::min(256, std::max(32, chunk / 2));
   const size_t smem = static_cast<size_t>(chunk) * sizeof(acc_t);
   auto kernel = hadamard_kernel<scalar_t, acc_t>;
+  clear_stale_error();
   TKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const scalar_t*>(x.const_data_ptr()), reinterpret_cast<scalar_t*>(y.mutable_data_ptr()), total,

@@ -108,6 +108,7 @@ at::Tensor quantize_cuda(const at::Tensor& x, c10::string_view format, int64_t r
   RowsOp op = prepare_quantize(x, std::string(format), rot_group, rot_seed);
   if (op.rows == 0) return op.out;
   const DevSide s = dev_side(op.side);
+  clear_stale_error();
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* p = reinterpret_cast<const T*>(op.input.const_data_ptr());
@@ -126,6 +127,7 @@ at::Tensor dequantize_cuda(const at::Tensor& packed, c10::string_view format, in
   RowsOp op = prepare_dequantize(packed, std::string(format), head_dim, rot_group, rot_seed, unrotate, dtype);
   if (op.rows == 0) return op.out;
   const DevSide s = dev_side(op.side);
+  clear_stale_error();
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     decode_kernel<T>
@@ -153,6 +155,7 @@ void cache_append_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tenso
   if (rows == 0) return;
   const at::Tensor kc = k.contiguous(), vc = v.contiguous();
   const DevSide ks = dev_side(a.ks), vs = dev_side(a.vs);
+  clear_stale_error();
   dispatch_float(k.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     encode_kernel<T>

@@ -11,6 +11,11 @@ stored as ``(B, Hkv, capacity, row_bytes)`` uint8 buffers written by
 
 Sliding-window layers are compressed too and keep every token; the window is
 applied inside attention (the stock masks apply it on the fallback path).
+
+Static capacity (``max_cache_len=N``): buffers are allocated once at N tokens, the
+token count lives in a device tensor, and ``update`` does no host syncs and no
+data-dependent shapes, so ``generate()`` can compile the decode step (CUDA graphs),
+as with transformers' ``StaticCache``.
 """
 
 from __future__ import annotations
@@ -65,16 +70,29 @@ class TurboLayer(CacheLayerMixin):
     handled by the attention mask, as in transformers' DynamicLayer).
     """
 
-    is_compileable = False
     is_croppable = True
 
-    def __init__(self, k: SideSpec, v: SideSpec, sliding_window: int | None = None, fused: bool = False):
+    def __init__(
+        self,
+        k: SideSpec,
+        v: SideSpec,
+        sliding_window: int | None = None,
+        fused: bool = False,
+        max_cache_len: int | None = None,
+    ):
         super().__init__()
+        if max_cache_len is not None and max_cache_len < 1:
+            raise ValueError(f"max_cache_len: got {max_cache_len}, expected a positive number of tokens or None")
         self.k_spec, self.v_spec = k, v
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.fused = fused
-        self.length = 0
+        self.max_cache_len = max_cache_len
+        self.is_compileable = max_cache_len is not None
+        # Static mode counts tokens in a device tensor (a Python int would be baked into a
+        # compiled graph); dynamic mode in a Python int.
+        self.cumulative_length = torch.zeros((), dtype=torch.int64) if self.is_compileable else None
+        self._length = 0
         self.k_packed: torch.Tensor | None = None
         self.v_packed: torch.Tensor | None = None
         self.head_dim = 0
@@ -92,8 +110,27 @@ class TurboLayer(CacheLayerMixin):
         self.k_rot = self.k_spec.rotation(self.head_dim, "k")
         self.v_rot = self.v_spec.rotation(self.head_dim, "v")
         b, h = key_states.shape[:2]
-        self._alloc(b, h, max(256, key_states.shape[-2]))
+        if self.is_compileable:
+            self._alloc(b, h, self.max_cache_len)
+            self.cumulative_length = self.cumulative_length.to(self.device)
+            if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay on these buffers
+                for t in (self.k_packed, self.v_packed, self.cumulative_length):
+                    torch._dynamo.mark_static_address(t)
+        else:
+            self._alloc(b, h, max(256, key_states.shape[-2]))
         self.is_initialized = True
+
+    @property
+    def length(self) -> int:
+        """Valid tokens (a host sync in static mode: not for the compiled decode step)."""
+        return int(self.cumulative_length) if self.is_compileable else self._length
+
+    @length.setter
+    def length(self, n: int) -> None:
+        if self.is_compileable:
+            self.cumulative_length.fill_(n)
+        else:
+            self._length = n
 
     def _alloc(self, batch: int, heads: int, capacity: int) -> None:
         kb = formats.row_bytes(self.k_spec.format, self.head_dim)
@@ -106,6 +143,10 @@ class TurboLayer(CacheLayerMixin):
         self._set_buffers(k, v)
 
     def _set_buffers(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.is_compileable and self.k_packed is not None and k.shape == self.k_packed.shape:
+            self.k_packed.copy_(k)  # keep the static addresses
+            self.v_packed.copy_(v)
+            return
         self.k_packed, self.v_packed = k.contiguous(), v.contiguous()
         _LAYERS_BY_BUFFER[self.k_packed.data_ptr()] = self
 
@@ -117,6 +158,8 @@ class TurboLayer(CacheLayerMixin):
         """Append ``(B, Hkv, S, d)`` new K/V; return what the attention function expects."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.is_compileable:
+            return self._update_static(key_states, value_states)
         b, h, s, _ = key_states.shape
         if self.length + s > self.capacity:
             self._alloc(b, h, max(2 * self.capacity, self.length + s))
@@ -137,29 +180,68 @@ class TurboLayer(CacheLayerMixin):
             return self.k_packed, self.v_packed
         return self.dequantized()
 
+    def _update_static(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """``update`` without host syncs: positions come from the device-side token count.
+
+        Writing past ``max_cache_len`` is refused by ``cache_append`` (eager), or clamped
+        by the kernel while a CUDA graph is captured.
+        """
+        b, _, s, _ = key_states.shape
+        positions = (torch.arange(s, device=self.device) + self.cumulative_length).expand(b, s)
+        ops.cache_append(
+            self.k_packed,
+            self.v_packed,
+            key_states,
+            value_states,
+            positions,
+            self.k_spec.format,
+            self.v_spec.format,
+            self.k_rot,
+            self.v_rot,
+        )
+        self.cumulative_length.add_(s)
+        if self.fused:
+            return self.k_packed, self.v_packed
+        return self.dequantized()
+
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Un-rotated K/V of the valid tokens, ``(B, Hkv, length, d)`` in the model's dtype."""
-        n, d = self.length, self.head_dim
+        """Un-rotated K/V of the valid tokens, ``(B, Hkv, length, d)`` in the model's dtype.
+
+        Static mode returns all ``max_cache_len`` slots (the mask hides the unused ones), as
+        transformers' StaticLayer does.
+        """
+        n = self.capacity if self.is_compileable else self.length
+        d = self.head_dim
         k = ops.dequantize(self.k_packed[:, :, :n], self.k_spec.format, d, self.k_rot, dtype=self.dtype)
         v = ops.dequantize(self.v_packed[:, :, :n], self.v_spec.format, d, self.v_rot, dtype=self.dtype)
         return k, v
 
     def lengths(self) -> torch.Tensor:
+        """Valid tokens per sequence, ``(B,)`` int64 on the cache's device."""
+        if self.is_compileable:
+            return self.cumulative_length.expand(self.k_packed.shape[0])
         return _lengths_tensor(self.length, self.k_packed.shape[0], self.device)
 
     # ------------------------------------------------------------------ what generation needs
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.is_compileable:
+            return self.max_cache_len, 0
         return self.length + query_length, 0
 
     def get_seq_length(self) -> int:
+        if self.is_compileable:
+            return self.cumulative_length if self.is_initialized else 0
         return self.length
 
     def get_max_length(self) -> int:
-        return -1
+        return self.max_cache_len if self.is_compileable else -1
 
     def reset(self) -> None:
-        self.length = 0
+        if self.is_compileable:
+            self.cumulative_length.zero_()
+        else:
+            self._length = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Negative: drop that many tokens; positive (legacy): keep that many."""
@@ -204,8 +286,24 @@ class TurboLayer(CacheLayerMixin):
         return f"TurboLayer(k={self.k_spec.format}, v={self.v_spec.format}, tokens={self.length})"
 
 
-def layer_for_buffer(k: torch.Tensor) -> TurboLayer | None:
-    """The TurboLayer whose packed K buffer is ``k`` (what ``update`` returned in fused mode)."""
+class _Active:
+    cache: TurboCache | None = None
+
+
+_ACTIVE = _Active()  # the TurboCache whose update ran last
+
+
+def layer_for_buffer(k: torch.Tensor, layer_idx: int | None = None) -> TurboLayer | None:
+    """The TurboLayer whose packed K buffer is ``k`` (what ``update`` returned in fused mode).
+
+    ``layer_idx`` (the attention module's) finds it through the cache that updated last,
+    which traces under torch.compile; the data_ptr registry is the eager fallback.
+    """
+    cache = _ACTIVE.cache
+    if cache is not None and layer_idx is not None and layer_idx < len(cache.layers):
+        layer = cache.layers[layer_idx]
+        if layer.k_packed is k:
+            return layer
     layer = _LAYERS_BY_BUFFER.get(k.data_ptr())
     return layer if layer is not None and layer.k_packed is k else None
 
@@ -216,7 +314,8 @@ class TurboCache(Cache):
     ``TurboCache(model.config, k="turbo3", v="turbo3")``. Per side: a format and a
     rotation policy (``rotate_k`` / ``rotate_v``: auto, on, off). ``overrides`` maps
     layer index -> ``(k_format, v_format)``; ``keep_first`` / ``keep_last`` layers use
-    ``keep_format`` (a common guard at very low bits). Pass it as
+    ``keep_format`` (a common guard at very low bits). ``max_cache_len=N`` makes the
+    cache static (preallocated, compileable: ``generate()`` then compiles decoding). Pass it as
     ``generate(past_key_values=cache)``; with ``turbokv.patch(model)`` attention
     reads the packed cache directly.
     """
@@ -232,6 +331,7 @@ class TurboCache(Cache):
         keep_first: int = 0,
         keep_last: int = 0,
         keep_format: str = "q8_0",
+        max_cache_len: int | None = None,
     ):
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.config = config
@@ -254,12 +354,17 @@ class TurboCache(Cache):
             if overrides and i in overrides:
                 kf, vf = overrides[i]
             window = getattr(config, "sliding_window", None) if kind == "sliding_attention" else None
-            layers.append(TurboLayer(SideSpec(kf, rotate_k), SideSpec(vf, rotate_v), sliding_window=window))
+            layers.append(
+                TurboLayer(
+                    SideSpec(kf, rotate_k), SideSpec(vf, rotate_v), sliding_window=window, max_cache_len=max_cache_len
+                )
+            )
         super().__init__(layers=layers)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
         layer.fused = getattr(self.config, "_attn_implementation", None) == "turbokv"
+        _ACTIVE.cache = self  # lets the attention function find the layer without data_ptr (compiled graphs)
         return layer.update(key_states, value_states, *args, **kwargs)
 
     def nbytes(self) -> int:
@@ -278,7 +383,7 @@ class TurboCache(Cache):
     def __repr__(self) -> str:
         specs = sorted({(lay.k_spec.format, lay.v_spec.format) for lay in self.layers})
         desc = ", ".join(f"k={kf} v={vf}" for kf, vf in specs)
-        tokens = self.get_seq_length()
+        tokens = int(self.get_seq_length())
         nb, f16 = self.nbytes(), self.f16_nbytes()
         ratio = f"{nb / f16:.3f}x f16" if f16 else "empty"
         d = next((lay.head_dim for lay in self.layers if lay.is_initialized), 0)

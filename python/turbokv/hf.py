@@ -3,17 +3,17 @@
 ``turbokv.patch(model)`` registers an attention function named ``"turbokv"`` with
 ``AttentionInterface`` and pairs it with a mask function in ``AttentionMaskInterface``
 (without the pair, transformers silently passes no mask at all). The mask function
-is transformers' own FlashAttention one: it yields the 2D padding mask, or None when
-nothing is padded, from which the attention function takes each sequence's
-left-padding start. Causality, sliding windows and softcapping are arguments of
-``turbokv.attention``.
+turns the 2D padding mask into each sequence's left-padding start, once per forward
+and without a data-dependent branch (so a compiled decode step has no graph break);
+every layer's attention passes those starts to ``turbokv.attention``. Causality,
+sliding windows and softcapping are arguments of the op.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+from transformers.masking_utils import AttentionMaskInterface
 
 from turbokv import ops
 from turbokv.cache import layer_for_buffer
@@ -26,10 +26,24 @@ _PREVIOUS = "_turbokv_previous_attn_implementation"
 
 
 def left_padding_starts(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """First valid slot of each row of a 2D boolean padding mask ``(B, kv_len)`` (left padding)."""
+    """First valid slot of each row of a 2D padding mask ``(B, kv_len)`` (left padding), ``(B,)`` int64.
+
+    Zeros after the last valid token (a static cache's unused slots) do not count.
+    """
     if attention_mask is None:
         return None
-    return (~attention_mask.bool()).cumprod(dim=-1).sum(dim=-1)
+    return (~attention_mask.bool()).to(torch.int64).cumprod(dim=-1).sum(dim=-1)
+
+
+def turbokv_mask(attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+    """Mask function paired with :func:`turbokv_attention`: ``(B,)`` left-padding starts, or None.
+
+    Idempotent: generate() builds the mask once for a compileable cache and passes the result
+    back in as the model's attention_mask, which comes here again.
+    """
+    if attention_mask is not None and attention_mask.dim() == 1:
+        return attention_mask
+    return left_padding_starts(attention_mask)
 
 
 def turbokv_attention(
@@ -49,7 +63,7 @@ def turbokv_attention(
     ``query``: ``(B, Hq, Sq, d)``; ``key``/``value``: the layer's packed buffers.
     Returns ``(B, Sq, Hq, d)`` as transformers' attention functions do.
     """
-    layer = layer_for_buffer(key)
+    layer = layer_for_buffer(key, getattr(module, "layer_idx", None))
     if layer is None:
         raise RuntimeError(
             "turbokv attention: key is not a TurboCache buffer. Pass past_key_values=turbokv.TurboCache(...) "
@@ -57,16 +71,19 @@ def turbokv_attention(
         )
     if dropout:
         raise ValueError(f"dropout: got {dropout}, expected 0.0 (turbokv attention is for inference)")
-    if attention_mask is not None and attention_mask.dim() != 2:
+    if attention_mask is not None and attention_mask.dim() == 2:  # a 2D padding mask passed directly
+        attention_mask = left_padding_starts(attention_mask)
+    if attention_mask is not None and attention_mask.dim() != 1:
         raise ValueError(
-            f"attention_mask: got {attention_mask.dim()} dims, expected the 2D padding mask of turbokv's mask function"
+            f"attention_mask: got {attention_mask.dim()} dims, expected the (B,) starts of turbokv's mask function "
+            "or a 2D padding mask"
         )
     out = ops.attention(
         query,
         layer.k_packed,
         layer.v_packed,
         layer.lengths(),
-        left_padding_starts(attention_mask),
+        attention_mask,
         k_format=layer.k_spec.format,
         v_format=layer.v_spec.format,
         k_rot=layer.k_rot,
@@ -76,7 +93,8 @@ def turbokv_attention(
         window=int(sliding_window or 0),
         softcap=float(softcap or 0.0),
     )
-    turbokv_attention.calls += 1
+    if not torch.compiler.is_compiling():
+        turbokv_attention.calls += 1
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -86,7 +104,7 @@ turbokv_attention.calls = 0  # counts fused calls (tests use it to prove the fus
 def register() -> None:
     """Register the attention and mask functions under the name ``"turbokv"`` (idempotent)."""
     AttentionInterface.register(NAME, turbokv_attention)
-    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    AttentionMaskInterface.register(NAME, turbokv_mask)
 
 
 class _Patched:

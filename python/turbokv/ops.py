@@ -8,6 +8,7 @@ A rotation is a :class:`turbokv.rotation.Rotation` (``group`` 0 = none).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -107,9 +108,23 @@ def attention(
     are valid (``starts`` skips left padding). ``window > 0`` keeps keys with
     ``qpos - j < window``; ``softcap > 0`` applies ``softcap * tanh(s / softcap)``.
     Returns ``(B, Hq, Sq, d)`` in q's dtype; rows with no valid key are zeros.
+
+    A whole-prompt prefill on the GPU (every sequence's length == Sq >= 64, no padding,
+    window or softcap, f16/bf16) runs as dequantize + PyTorch's flash SDPA: at that size
+    attention is compute-bound and the flash kernel's tensor-core pipeline wins, while the
+    dequantized copy costs one pass over the new tokens. Same values as the op (it reads
+    the same packed cache); TURBOKV_ATTENTION_KERNEL other than auto forces the op.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    _check_lengths_cuda(q, k_cache, lengths, starts, causal)
+    if _whole_prompt_prefill(q, k_cache, lengths, starts, causal, window, softcap):
+        sq, d = q.shape[2], q.shape[3]
+        k = dequantize(k_cache[:, :, :sq], k_format, d, k_rot, dtype=q.dtype)
+        v = dequantize(v_cache[:, :, :sq], v_format, d, v_rot, dtype=q.dtype)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
     return _ops.attention(
         q,
         k_cache,
@@ -127,6 +142,53 @@ def attention(
         window,
         softcap,
     )
+
+
+PREFILL_SDPA_MIN_QUERIES = 64
+
+
+def _check_lengths_cuda(q, k_cache, lengths, starts, causal) -> None:
+    """The values check the CPU op does itself (the CUDA op clamps instead; see attention.cu).
+
+    One host sync; skipped while compiling or capturing a CUDA graph.
+    """
+    if not (lengths.is_cuda and lengths.dim() == 1 and k_cache.dim() == 4 and q.dim() == 4):
+        return  # CPU tensors are checked by the op; shape errors are the op's to report
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return
+    lens = lengths.tolist()
+    sts = starts.tolist() if starts is not None and starts.dim() == 1 else [0] * len(lens)
+    cap, sq = k_cache.shape[2], q.shape[2]
+    for b, (n, s) in enumerate(zip(lens, sts, strict=False)):
+        if not 0 <= n <= cap:
+            raise ValueError(f"lengths: got {n} for sequence {b}, expected 0 <= length <= cache capacity {cap}")
+        if causal and n < sq:
+            raise ValueError(
+                f"lengths: got {n} for sequence {b}, expected >= {sq} (the queries are the last Sq cached tokens)"
+            )
+        if not 0 <= s <= n:
+            raise ValueError(f"starts: got {s} for sequence {b}, expected 0 <= start <= length {n}")
+
+
+def _whole_prompt_prefill(q, k_cache, lengths, starts, causal, window, softcap) -> bool:
+    """True when attention() may run as dequantize + flash SDPA (see attention's docstring)."""
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and causal and not window and not softcap):
+        return False
+    sq = q.shape[2]
+    if (
+        sq < PREFILL_SDPA_MIN_QUERIES
+        or sq > k_cache.shape[2]
+        or os.environ.get("TURBOKV_ATTENTION_KERNEL", "auto") != "auto"
+    ):
+        return False
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return False  # the check below reads values on the host
+    if lengths.shape != (q.shape[0],) or k_cache.shape[0] != q.shape[0]:
+        return False  # let the op report the shape error
+    uniform = lengths == sq
+    if starts is not None:
+        uniform = uniform & (starts == 0)
+    return bool(uniform.all())
 
 
 # ---------------------------------------------------------------- fake kernels (torch.compile, opcheck)

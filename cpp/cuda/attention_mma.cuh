@@ -1,0 +1,373 @@
+// Decode on tensor cores: one query per sequence, f16/bf16 queries, GQA group <= 8.
+//
+// Each warp streams chunks of TK = 16 * NT keys of one (sequence, KV head) through shared
+// memory (cp.async, kStages deep) and runs two mma.m16n8k16 products per 16 keys, with the
+// keys as M so that the GQA group (padded to 8) is N:
+//   S^T (16 keys x 8 heads)  = K (16 keys x dp)   . Q^T (dp x 8 heads)
+//   O^T (dp x 8 heads)      += V^T (dp x 16 keys) . P^T (16 keys x 8 heads)
+// A dot product does not care in which order its terms are summed, so each lane's k-slots
+// of the first product are mapped to dp/4 *contiguous* dims of a K row (Q's fragment uses
+// the same map), and each lane's m-slots of the second product to dp/8 contiguous dims of a
+// V row (the output rows go back through the same map). A lane thus decodes short
+// contiguous spans of packed rows -- one q4_0 block, a few bytes of turbo indices --
+// straight into f16 fragments: nothing dequantised is ever written to memory.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 .f16): lane = 4 * gr + tg.
+//   A (16x16): {row gr, cols 2tg..+1}, {row gr+8, same}, {row gr, cols 2tg+8..+9}, {row gr+8, same}
+//   B (16x8):  {rows 2tg..+1, col gr}, {rows 2tg+8..+9, col gr}
+//   C (16x8):  {row gr, cols 2tg..+1}, {row gr+8, cols 2tg..+1}
+#pragma once
+
+#include "attention_params.cuh"
+
+namespace turbokv::cuda {
+
+constexpr int kMmaStages = 2;
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// N (2 or 4) values [j0, j0 + N) of a packed row held in shared memory; j0 % N == 0, and
+// the N values never straddle a block or turbo group (N divides 32 and the group sizes).
+template <int N>
+__device__ __forceinline__ void decode_n(const DevSide& s, const float* cb, const uint8_t* row, int j0,
+                                         float (&out)[N]) {
+  if (s.family == static_cast<int>(Family::kFloat)) {  // rows of 2 * dp bytes, dp % 16 == 0: aligned
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(row + 2 * j0);
+#pragma unroll
+    for (int k = 0; k < N / 2; ++k) {
+      const uint32_t x = w[k];
+      if (s.fmt == kFmt_bf16) {
+        out[2 * k] = __uint_as_float(x << 16);
+        out[2 * k + 1] = __uint_as_float(x & 0xffff0000u);
+      } else {
+        const __half2 h = *reinterpret_cast<const __half2*>(&x);
+        const float2 f = __half22float2(h);
+        out[2 * k] = f.x;
+        out[2 * k + 1] = f.y;
+      }
+    }
+    return;
+  }
+  if (s.family == static_cast<int>(Family::kTurbo)) {
+    const uint8_t* blk = row + (j0 / s.g) * s.group_bytes;
+    const int w = j0 % s.g;
+    const float scale = __half2float(__ushort_as_half(static_cast<uint16_t>(blk[0] | (blk[1] << 8))));
+    const uint8_t* idx = blk + 2;
+    uint32_t codes;  // N indices of `bits` bits, value k at bits [4k, 4k + 4)
+    if (s.bits == 4) {
+      codes = idx[w / 2] | (N == 4 ? static_cast<uint32_t>(idx[w / 2 + 1]) << 8 : 0u);
+    } else {
+      const uint32_t lo = idx[w / 4] >> (2 * (w % 4));
+      uint32_t c = 0;
+#pragma unroll
+      for (int k = 0; k < N; ++k) c |= ((lo >> (2 * k)) & 3u) << (4 * k);
+      if (s.bits == 3) {
+        const uint32_t hi = idx[s.g / 4 + w / 8] >> (w % 8);
+#pragma unroll
+        for (int k = 0; k < N; ++k) c |= ((hi >> k) & 1u) << (4 * k + 2);
+      }
+      codes = c;
+    }
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = scale * cb[(codes >> (4 * k)) & 15u];
+    return;
+  }
+  const uint8_t* blk = row + (j0 / 32) * s.group_bytes;
+  const int w = j0 % 32;
+  const float d = __half2float(__ushort_as_half(static_cast<uint16_t>(blk[0] | (blk[1] << 8))));
+  if (s.fmt == kFmt_q8_0) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = static_cast<float>(static_cast<int8_t>(blk[2 + w + k])) * d;
+    return;
+  }
+  if (s.fmt == kFmt_q4_0) {
+    const int shift = w < 16 ? 0 : 4;
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = d * static_cast<float>(((blk[2 + w % 16 + k] >> shift) & 15) - 8);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = decode_at(s, cb, row, j0 + k);
+}
+
+// Shared memory of one block: kMmaStages chunk buffers per warp (K then V bytes, each with
+// 32 bytes of slack for the 16-byte alignment of cp.async), reused by the final merge.
+struct MmaLayout {
+  int tk, kbuf, vbuf, stage;
+  __host__ __device__ MmaLayout(int nt, int krb, int vrb)
+      : tk(16 * nt), kbuf((16 * nt * krb + 47) / 16 * 16), vbuf((16 * nt * vrb + 47) / 16 * 16), stage(kbuf + vbuf) {}
+};
+
+// Byte offset of the rotated queries (8 x dp floats) and codebooks (32 floats).
+__host__ __device__ inline size_t mma_q_offset(const MmaLayout& L, int dp) {
+  const size_t stages = static_cast<size_t>(4) * kMmaStages * L.stage;
+  const size_t merge = sizeof(float) * 4 * 8 * (dp + 2);
+  return stages > merge ? stages : merge;
+}
+inline size_t mma_smem_bytes(const MmaLayout& L, int dp) { return mma_q_offset(L, dp) + sizeof(float) * (8 * dp + 32); }
+
+// Where row t0 of `src` lands in a chunk buffer: copies start at the 16-byte boundary at or
+// before it (the cache tensor itself is 16-byte aligned, so this stays inside its allocation).
+__device__ __forceinline__ int stage_offset(const uint8_t* src, int row_bytes, int64_t t0) {
+  return static_cast<int>(reinterpret_cast<uintptr_t>(src + t0 * row_bytes) & 15u);
+}
+
+// Copies rows [t0, t1) of `src` (row_bytes each) into `dst`, 16 bytes per cp.async.
+__device__ __forceinline__ void stage_rows(uint8_t* dst, const uint8_t* src, int row_bytes, int64_t t0, int64_t t1,
+                                           int lane) {
+  const int off = stage_offset(src, row_bytes, t0);
+  const uint8_t* a16 = src + t0 * row_bytes - off;
+  const int n16 = (off + static_cast<int>(t1 - t0) * row_bytes + 15) / 16;
+  for (int i = lane; i < n16; i += 32) cp_async16(dst + 16 * i, a16 + 16 * i);
+}
+
+template <int NT, int DP>
+__global__ void __launch_bounds__(kThreads)
+    decode_mma_kernel(const void* __restrict__ q, int q_bf16, const uint8_t* __restrict__ kc,
+                      const uint8_t* __restrict__ vc, DevSide ks, DevSide vs, AttnParams P, float* __restrict__ part_o,
+                      float* __restrict__ part_ml) {
+  constexpr int KS = DP / 16;  // k-steps of the QK product = m-tiles of the PV product
+  constexpr int E = DP / 4;    // K dims per lane and key
+  constexpr int F = DP / 8;    // V dims per lane and key
+  extern __shared__ __align__(16) uint8_t smem[];
+  const MmaLayout L(NT, ks.row_bytes, vs.row_bytes);
+  float* qs = reinterpret_cast<float*>(smem + mma_q_offset(L, DP));
+  float* cbk = qs + 8 * DP;
+  float* cbv = cbk + 16;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gr = lane >> 2, tg = lane & 3;
+  const int split = blockIdx.x, G = P.G;
+  const int64_t bh = blockIdx.y, b = bh / P.Hkv, h = bh % P.Hkv;
+  if (tid < 16) {
+    cbk[tid] = ks.cb[tid];
+    cbv[tid] = vs.cb[tid];
+  }
+  const int64_t len = min(max(P.lengths[b], int64_t(0)), P.T);
+  const int64_t start = P.starts ? min(max(P.starts[b], int64_t(0)), len) : 0;
+  for (int idx = tid; idx < 8 * DP; idx += blockDim.x) {
+    const int g = idx / DP, j = idx % DP;
+    const int64_t at = (b * P.Hq + h * G + g) * P.d + j;
+    float x = 0.0f;
+    if (g < G && j < P.d)
+      x = q_bf16 ? to_float(static_cast<const __nv_bfloat16*>(q)[at]) : to_float(static_cast<const __half*>(q)[at]);
+    qs[idx] = x;
+  }
+  __syncthreads();
+  if (ks.rot_group) rotate_smem<float>(qs, 8 * DP, ks.rot_group, ks.seeded != 0, ks.seed, false);
+  // Q^T as B fragments: k-step s, this lane's slots 2tg..+1 / 2tg+8..+9 -> dims E*tg + 4s + 0..3.
+  uint32_t qf[KS][2];
+#pragma unroll
+  for (int s = 0; s < KS; ++s) {
+    const float* qr = qs + gr * DP + E * tg + 4 * s;
+    qf[s][0] = pack_half2(qr[0] * P.scale, qr[1] * P.scale);
+    qf[s][1] = pack_half2(qr[2] * P.scale, qr[3] * P.scale);
+  }
+
+  int64_t lo = start;
+  if (P.window > 0) lo = max(lo, len - P.window);
+  const int64_t s_lo = lo + split * P.span, s_hi = min(len, s_lo + P.span);
+  const int64_t base = bh * P.T;
+  const uint8_t* krows = kc + base * ks.row_bytes;
+  const uint8_t* vrows = vc + base * vs.row_bytes;
+  uint8_t* my = smem + static_cast<size_t>(warp) * kMmaStages * L.stage;
+  const int nchunks = s_hi > s_lo ? static_cast<int>((s_hi - s_lo + L.tk - 1) / L.tk) : 0;
+  // This warp's chunks: warp, warp + 4, ... (interleaved so short spans keep all warps busy).
+  const int mine = nchunks > warp ? (nchunks - warp + 3) / 4 : 0;
+  auto issue = [&](int i) {
+    if (i < mine) {
+      const int64_t t0 = s_lo + static_cast<int64_t>(warp + 4 * i) * L.tk, t1 = min(s_hi, t0 + L.tk);
+      uint8_t* st = my + (i % kMmaStages) * L.stage;
+      stage_rows(st, krows, ks.row_bytes, t0, t1, lane);
+      stage_rows(st + L.kbuf, vrows, vs.row_bytes, t0, t1, lane);
+    }
+    cp_async_commit();  // an empty group when nothing was issued keeps the wait counts uniform
+  };
+#pragma unroll
+  for (int i = 0; i < kMmaStages - 1; ++i) issue(i);
+
+  float o[KS][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int i = 0; i < KS; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+
+  for (int i = 0; i < mine; ++i) {
+    issue(i + kMmaStages - 1);
+    cp_async_wait<kMmaStages - 1>();
+    __syncwarp();
+    const int64_t t0 = s_lo + static_cast<int64_t>(warp + 4 * i) * L.tk;
+    const uint8_t* st = my + (i % kMmaStages) * L.stage;
+    const uint8_t* kt = st + stage_offset(krows, ks.row_bytes, t0);
+    const uint8_t* vt = st + L.kbuf + stage_offset(vrows, vs.row_bytes, t0);
+    const int nvalid = static_cast<int>(min(static_cast<int64_t>(L.tk), s_hi - t0));
+
+    // Scores: S^T rows gr and gr + 8 of each 16-key tile, heads 2tg and 2tg + 1.
+    float sc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+      const int r0 = 16 * j + gr, r1 = r0 + 8;
+      const uint8_t* k0 = kt + min(r0, nvalid - 1) * ks.row_bytes;  // rows past the end: any valid row, masked below
+      const uint8_t* k1 = kt + min(r1, nvalid - 1) * ks.row_bytes;
+#pragma unroll
+      for (int s = 0; s < KS; ++s) {
+        float x0[4], x1[4];
+        decode_n<4>(ks, cbk, k0, E * tg + 4 * s, x0);
+        decode_n<4>(ks, cbk, k1, E * tg + 4 * s, x1);
+        mma_16816(sc[j], pack_half2(x0[0], x0[1]), pack_half2(x1[0], x1[1]), pack_half2(x0[2], x0[3]),
+                  pack_half2(x1[2], x1[3]), qf[s][0], qf[s][1]);
+      }
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        float v = sc[j][c];
+        if (P.softcap > 0.0f) v = P.softcap * tanhf(v / P.softcap);
+        sc[j][c] = (c < 2 ? r0 : r1) < nvalid ? v : -INFINITY;
+      }
+    }
+    // Online softmax per head column (2tg + c); the 8 lanes of a column differ in gr.
+    float alpha[2];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(sc[j][c], sc[j][c + 2]));
+#pragma unroll
+      for (int off = 4; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float mn = fmaxf(m[c], mx);
+      alpha[c] = mn == -INFINITY ? 1.0f : __expf(m[c] - mn);
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const float p0 = mn == -INFINITY ? 0.0f : __expf(sc[j][c] - mn);
+        const float p1 = mn == -INFINITY ? 0.0f : __expf(sc[j][c + 2] - mn);
+        sc[j][c] = p0;
+        sc[j][c + 2] = p1;
+        sum += p0 + p1;
+      }
+      l[c] = l[c] * alpha[c] + sum;
+      m[c] = mn;
+    }
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt) {
+      o[mt][0] *= alpha[0];
+      o[mt][1] *= alpha[1];
+      o[mt][2] *= alpha[0];
+      o[mt][3] *= alpha[1];
+    }
+    // P^T as B fragments: this lane needs keys 2tg, 2tg+1, 2tg+8, 2tg+9 of head gr, which
+    // lanes 8tg + gr/2 (+4) hold as the (gr & 1) half of their packed head pairs.
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const uint32_t x0 = pack_half2(sc[j][0], sc[j][1]), x1 = pack_half2(sc[j][2], sc[j][3]);
+      const int src = 8 * tg + (gr >> 1);
+      const uint32_t a = __shfl_sync(0xffffffffu, x0, src), bq = __shfl_sync(0xffffffffu, x0, src + 4);
+      const uint32_t c = __shfl_sync(0xffffffffu, x1, src), d = __shfl_sync(0xffffffffu, x1, src + 4);
+      const uint32_t sel = (gr & 1) ? 0x7632u : 0x5410u;
+      const uint32_t p0 = __byte_perm(a, bq, sel), p1 = __byte_perm(c, d, sel);
+      // V rows of keys 2tg, 2tg+1, 2tg+8, 2tg+9; rows past the end read as zeros (p is 0
+      // there, but 0 * NaN garbage would not be).
+      const int rk[4] = {16 * j + 2 * tg, 16 * j + 2 * tg + 1, 16 * j + 2 * tg + 8, 16 * j + 2 * tg + 9};
+#pragma unroll
+      for (int mt2 = 0; mt2 < KS / 2; ++mt2) {  // two m-tiles at a time: 4 dims per key
+        float v[4][4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (rk[k] < nvalid) {
+            decode_n<4>(vs, cbv, vt + rk[k] * vs.row_bytes, F * gr + 4 * mt2, v[k]);
+          } else {
+            v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {  // m-tile 2 * mt2 + u: dims F*gr + 2*mt + 0 / 1
+          const int e = 2 * u;
+          mma_16816(o[2 * mt2 + u], pack_half2(v[0][e], v[1][e]), pack_half2(v[0][e + 1], v[1][e + 1]),
+                    pack_half2(v[2][e], v[3][e]), pack_half2(v[2][e + 1], v[3][e + 1]), p0, p1);
+        }
+      }
+    }
+    __syncwarp();  // every lane is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();
+
+  // Per-lane sums cover this lane's keys only: add the column's 8 lanes.
+#pragma unroll
+  for (int c = 0; c < 2; ++c)
+    for (int off = 4; off < 32; off <<= 1) l[c] += __shfl_xor_sync(0xffffffffu, l[c], off);
+  __syncthreads();  // the stage buffers become the merge buffer
+  float* red = reinterpret_cast<float*>(smem);
+  float* mw = red + warp * 8 * (DP + 2);
+#pragma unroll
+  for (int mt = 0; mt < KS; ++mt) {
+    const int d0 = F * gr + 2 * mt;
+    mw[(2 * tg) * (DP + 2) + d0] = o[mt][0];
+    mw[(2 * tg + 1) * (DP + 2) + d0] = o[mt][1];
+    mw[(2 * tg) * (DP + 2) + d0 + 1] = o[mt][2];
+    mw[(2 * tg + 1) * (DP + 2) + d0 + 1] = o[mt][3];
+  }
+  if (gr == 0) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      mw[(2 * tg + c) * (DP + 2) + DP] = m[c];
+      mw[(2 * tg + c) * (DP + 2) + DP + 1] = l[c];
+    }
+  }
+  __syncthreads();
+  const int64_t rows_total = P.B * P.Hq;
+  for (int idx = tid; idx < G * DP; idx += blockDim.x) {
+    const int g = idx / DP, j = idx % DP;
+    float mx = -INFINITY;
+    for (int w = 0; w < 4; ++w) mx = fmaxf(mx, red[(w * 8 + g) * (DP + 2) + DP]);
+    float acc = 0.0f, sum = 0.0f;
+    for (int w = 0; w < 4; ++w) {
+      const float* r = red + (w * 8 + g) * (DP + 2);
+      if (r[DP] == -INFINITY) continue;
+      const float a = __expf(r[DP] - mx);
+      acc += r[j] * a;
+      sum += r[DP + 1] * a;
+    }
+    const int64_t row = b * P.Hq + h * G + g;
+    part_o[(split * rows_total + row) * DP + j] = acc;
+    if (j == 0) {
+      part_ml[(split * rows_total + row) * 2] = mx;
+      part_ml[(split * rows_total + row) * 2 + 1] = sum;
+    }
+  }
+}
+
+using MmaKernel = void (*)(const void*, int, const uint8_t*, const uint8_t*, DevSide, DevSide, AttnParams, float*,
+                           float*);
+
+// The kernel for rows of DP values and nt tiles per chunk; one .cu file per DP so the
+// instantiations build in parallel (attention_mma<DP>.cu).
+template <int DP>
+MmaKernel mma_kernel(int nt);
+template <>
+MmaKernel mma_kernel<64>(int nt);
+template <>
+MmaKernel mma_kernel<96>(int nt);
+template <>
+MmaKernel mma_kernel<128>(int nt);
+template <>
+MmaKernel mma_kernel<256>(int nt);
+
+}  // namespace turbokv::cuda
