@@ -101,9 +101,10 @@ def run(batch: int, tokens: int, copy_gbs: float) -> list[tuple]:
             rows.append(("turbokv turbo3 no-rot", nbytes, bench_ms(norot, n)))
             rows.append(("turbokv turbo3 eager call", nbytes, bench_ms(fused, n, graph=False)))
         if name in ("turbo3", "q4_0", "f16"):
-            os.environ["TURBOKV_ATTENTION_KERNEL"] = "simt"  # the previous (CUDA-core) decode kernel
+            before = os.environ.get("TURBOKV_ATTENTION_KERNEL", "auto")
+            os.environ["TURBOKV_ATTENTION_KERNEL"] = "simt"  # the CUDA-core decode kernel
             rows.append((f"turbokv {name} simt kernel", nbytes, bench_ms(fused, n)))
-            del os.environ["TURBOKV_ATTENTION_KERNEL"]
+            os.environ["TURBOKV_ATTENTION_KERNEL"] = before
         if name == "q4_0":
 
             def deq(i, kc=kc, vc=vc, name=name, kr=kr, vr=vr):

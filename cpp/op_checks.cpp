@@ -193,8 +193,7 @@ AttentionArgs check_attention(const at::Tensor& q, const at::Tensor& k_cache, co
   return a;
 }
 
-std::string lengths_error(const at::Tensor& len_cpu, const at::Tensor& starts_cpu, int64_t T, int64_t Sq,
-                          bool causal) {
+std::string lengths_error(const at::Tensor& len_cpu, const at::Tensor& starts_cpu, int64_t T, int64_t Sq, bool causal) {
   const int64_t* lp = len_cpu.const_data_ptr<int64_t>();
   const int64_t* sp = starts_cpu.const_data_ptr<int64_t>();
   std::ostringstream os;

@@ -51,8 +51,8 @@ __device__ __forceinline__ void cp_async_wait() {
 // N (2 or 4) values [j0, j0 + N) of a packed row held in shared memory; j0 % N == 0, and
 // the N values never straddle a block or turbo group (N divides 32 and the group sizes).
 template <int N>
-__device__ __forceinline__ void decode_n(const DevSide& s, const float* cb, const uint8_t* row, int j0,
-                                         float (&out)[N]) {
+__device__ __forceinline__ void decode_n(const DevSide& s, const float* cb, const float2* pairs, const uint8_t* row,
+                                         int j0, float (&out)[N]) {
   if (s.family == static_cast<int>(Family::kFloat)) {  // rows of 2 * dp bytes, dp % 16 == 0: aligned
     const uint32_t* w = reinterpret_cast<const uint32_t*>(row + 2 * j0);
 #pragma unroll
@@ -71,27 +71,36 @@ __device__ __forceinline__ void decode_n(const DevSide& s, const float* cb, cons
     return;
   }
   if (s.family == static_cast<int>(Family::kTurbo)) {
-    const uint8_t* blk = row + (j0 / s.g) * s.group_bytes;
-    const int w = j0 % s.g;
+    // Groups are 64 or 128 values: shifts, not divisions. Two values per lookup in `pairs`
+    // (pairs[a | b << bits] = (c[a], c[b])), one byte of low bits (+ 4 high bits) per 4 values.
+    const int gshift = s.g == 128 ? 7 : 6;
+    const uint8_t* blk = row + (j0 >> gshift) * s.group_bytes;
+    const int w = j0 & (s.g - 1);
     const float scale = __half2float(__ushort_as_half(static_cast<uint16_t>(blk[0] | (blk[1] << 8))));
     const uint8_t* idx = blk + 2;
-    uint32_t codes;  // N indices of `bits` bits, value k at bits [4k, 4k + 4)
+    static_assert(N == 2 || N == 4, "decode_n: 2 or 4 values");
+    uint32_t p[2];  // pair indices
     if (s.bits == 4) {
-      codes = idx[w / 2] | (N == 4 ? static_cast<uint32_t>(idx[w / 2 + 1]) << 8 : 0u);
+      p[0] = idx[w >> 1];
+      p[1] = N == 4 ? idx[(w >> 1) + 1] : 0u;
     } else {
-      const uint32_t lo = idx[w / 4] >> (2 * (w % 4));
-      uint32_t c = 0;
-#pragma unroll
-      for (int k = 0; k < N; ++k) c |= ((lo >> (2 * k)) & 3u) << (4 * k);
-      if (s.bits == 3) {
-        const uint32_t hi = idx[s.g / 4 + w / 8] >> (w % 8);
-#pragma unroll
-        for (int k = 0; k < N; ++k) c |= ((hi >> k) & 1u) << (4 * k + 2);
+      const uint32_t lo = idx[w >> 2] >> (2 * (w & 3));
+      if (s.bits == 2) {
+        p[0] = lo & 15u;
+        p[1] = (lo >> 4) & 15u;
+      } else {
+        const uint32_t hi = idx[(s.g >> 2) + (w >> 3)] >> (w & 7);
+        // value k: (lo >> 2k) & 3 | ((hi >> k) & 1) << 2; a pair is a | b << 3
+        p[0] = (lo & 3u) | ((hi & 1u) << 2) | (((lo >> 2) & 3u) << 3) | (((hi >> 1) & 1u) << 5);
+        p[1] = ((lo >> 4) & 3u) | (((hi >> 2) & 1u) << 2) | (((lo >> 6) & 3u) << 3) | (((hi >> 3) & 1u) << 5);
       }
-      codes = c;
     }
 #pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = scale * cb[(codes >> (4 * k)) & 15u];
+    for (int k = 0; k < N / 2; ++k) {
+      const float2 c = pairs[p[k]];
+      out[2 * k] = scale * c.x;
+      out[2 * k + 1] = scale * c.y;
+    }
     return;
   }
   const uint8_t* blk = row + (j0 / 32) * s.group_bytes;
@@ -120,13 +129,16 @@ struct MmaLayout {
       : tk(16 * nt), kbuf((16 * nt * krb + 47) / 16 * 16), vbuf((16 * nt * vrb + 47) / 16 * 16), stage(kbuf + vbuf) {}
 };
 
-// Byte offset of the rotated queries (8 x dp floats) and codebooks (32 floats).
+// Byte offset of the rotated queries (8 x dp floats), codebooks (32 floats) and the turbo
+// pair tables (2 x 256 float2).
 __host__ __device__ inline size_t mma_q_offset(const MmaLayout& L, int dp) {
   const size_t stages = static_cast<size_t>(4) * kMmaStages * L.stage;
   const size_t merge = sizeof(float) * 4 * 8 * (dp + 2);
   return stages > merge ? stages : merge;
 }
-inline size_t mma_smem_bytes(const MmaLayout& L, int dp) { return mma_q_offset(L, dp) + sizeof(float) * (8 * dp + 32); }
+inline size_t mma_smem_bytes(const MmaLayout& L, int dp) {
+  return mma_q_offset(L, dp) + sizeof(float) * (8 * dp + 32) + sizeof(float2) * 2 * 256;
+}
 
 // Where row t0 of `src` lands in a chunk buffer: copies start at the 16-byte boundary at or
 // before it (the cache tensor itself is 16-byte aligned, so this stays inside its allocation).
@@ -156,12 +168,20 @@ __global__ void __launch_bounds__(kThreads)
   float* qs = reinterpret_cast<float*>(smem + mma_q_offset(L, DP));
   float* cbk = qs + 8 * DP;
   float* cbv = cbk + 16;
+  float2* pk = reinterpret_cast<float2*>(cbv + 16);  // (c[a], c[b]) at a | b << bits, K side
+  float2* pv = pk + 256;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gr = lane >> 2, tg = lane & 3;
   const int split = blockIdx.x, G = P.G;
   const int64_t bh = blockIdx.y, b = bh / P.Hkv, h = bh % P.Hkv;
   if (tid < 16) {
     cbk[tid] = ks.cb[tid];
     cbv[tid] = vs.cb[tid];
+  }
+  const bool tk = ks.family == static_cast<int>(Family::kTurbo), tv = vs.family == static_cast<int>(Family::kTurbo);
+  for (int i = tid; i < 256; i += blockDim.x) {  // turbo codebooks have at most 16 entries
+    const int nk = tk ? 1 << ks.bits : 1, nv = tv ? 1 << vs.bits : 1;
+    pk[i] = make_float2(ks.cb[i & (nk - 1)], ks.cb[(i >> (tk ? ks.bits : 0)) & (nk - 1)]);
+    pv[i] = make_float2(vs.cb[i & (nv - 1)], vs.cb[(i >> (tv ? vs.bits : 0)) & (nv - 1)]);
   }
   const int64_t len = min(max(P.lengths[b], int64_t(0)), P.T);
   const int64_t start = P.starts ? min(max(P.starts[b], int64_t(0)), len) : 0;
@@ -231,8 +251,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int s = 0; s < KS; ++s) {
         float x0[4], x1[4];
-        decode_n<4>(ks, cbk, k0, E * tg + 4 * s, x0);
-        decode_n<4>(ks, cbk, k1, E * tg + 4 * s, x1);
+        decode_n<4>(ks, cbk, pk, k0, E * tg + 4 * s, x0);
+        decode_n<4>(ks, cbk, pk, k1, E * tg + 4 * s, x1);
         mma_16816(sc[j], pack_half2(x0[0], x0[1]), pack_half2(x1[0], x1[1]), pack_half2(x0[2], x0[3]),
                   pack_half2(x1[2], x1[3]), qf[s][0], qf[s][1]);
       }
@@ -292,7 +312,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           if (rk[k] < nvalid) {
-            decode_n<4>(vs, cbv, vt + rk[k] * vs.row_bytes, F * gr + 4 * mt2, v[k]);
+            decode_n<4>(vs, cbv, pv, vt + rk[k] * vs.row_bytes, F * gr + 4 * mt2, v[k]);
           } else {
             v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;
           }
