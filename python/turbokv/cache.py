@@ -158,12 +158,16 @@ class TurboLayer(CacheLayerMixin):
         """Append ``(B, Hkv, S, d)`` new K/V; return what the attention function expects."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.is_compileable:
-            return self._update_static(key_states, value_states)
         b, h, s, _ = key_states.shape
-        if self.length + s > self.capacity:
-            self._alloc(b, h, max(2 * self.capacity, self.length + s))
-        positions = torch.arange(self.length, self.length + s, device=self.device).expand(b, s)
+        if self.is_compileable:
+            # No host syncs: positions come from the device-side token count. Writing past
+            # max_cache_len is refused by cache_append (eager), or clamped while a CUDA graph
+            # is captured.
+            positions = (torch.arange(s, device=self.device) + self.cumulative_length).expand(b, s)
+        else:
+            if self.length + s > self.capacity:
+                self._alloc(b, h, max(2 * self.capacity, self.length + s))
+            positions = torch.arange(self.length, self.length + s, device=self.device).expand(b, s)
         ops.cache_append(
             self.k_packed,
             self.v_packed,
@@ -175,31 +179,10 @@ class TurboLayer(CacheLayerMixin):
             self.k_rot,
             self.v_rot,
         )
-        self.length += s
-        if self.fused:
-            return self.k_packed, self.v_packed
-        return self.dequantized()
-
-    def _update_static(self, key_states: torch.Tensor, value_states: torch.Tensor):
-        """``update`` without host syncs: positions come from the device-side token count.
-
-        Writing past ``max_cache_len`` is refused by ``cache_append`` (eager), or clamped
-        by the kernel while a CUDA graph is captured.
-        """
-        b, _, s, _ = key_states.shape
-        positions = (torch.arange(s, device=self.device) + self.cumulative_length).expand(b, s)
-        ops.cache_append(
-            self.k_packed,
-            self.v_packed,
-            key_states,
-            value_states,
-            positions,
-            self.k_spec.format,
-            self.v_spec.format,
-            self.k_rot,
-            self.v_rot,
-        )
-        self.cumulative_length.add_(s)
+        if self.is_compileable:
+            self.cumulative_length.add_(s)
+        else:
+            self.length += s
         if self.fused:
             return self.k_packed, self.v_packed
         return self.dequantized()
