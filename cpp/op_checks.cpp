@@ -193,29 +193,17 @@ AttentionArgs check_attention(const at::Tensor& q, const at::Tensor& k_cache, co
   return a;
 }
 
-std::string lengths_error(const at::Tensor& len_cpu, const at::Tensor& starts_cpu, int64_t T, int64_t Sq, bool causal) {
+void check_lengths(const at::Tensor& len_cpu, const at::Tensor& starts_cpu, int64_t T, int64_t Sq, bool causal) {
   const int64_t* lp = len_cpu.const_data_ptr<int64_t>();
   const int64_t* sp = starts_cpu.const_data_ptr<int64_t>();
-  std::ostringstream os;
   for (int64_t b = 0; b < len_cpu.numel(); ++b) {
-    if (lp[b] < 0 || lp[b] > T) {
-      os << "lengths: got " << lp[b] << " for sequence " << b << ", expected 0 <= length <= cache capacity " << T;
-    } else if (causal && lp[b] < Sq) {
-      os << "lengths: got " << lp[b] << " for sequence " << b << ", expected >= " << Sq
-         << " (the queries are the last Sq cached tokens)";
-    } else if (sp[b] < 0 || sp[b] > lp[b]) {
-      os << "starts: got " << sp[b] << " for sequence " << b << ", expected 0 <= start <= length " << lp[b];
-    } else {
-      continue;
-    }
-    return os.str();
+    TORCH_CHECK_VALUE(lp[b] >= 0 && lp[b] <= T, "lengths: got ", lp[b], " for sequence ", b,
+                      ", expected 0 <= length <= cache capacity ", T);
+    TORCH_CHECK_VALUE(!causal || lp[b] >= Sq, "lengths: got ", lp[b], " for sequence ", b, ", expected >= ", Sq,
+                      " (the queries are the last Sq cached tokens)");
+    TORCH_CHECK_VALUE(sp[b] >= 0 && sp[b] <= lp[b], "starts: got ", sp[b], " for sequence ", b,
+                      ", expected 0 <= start <= length ", lp[b]);
   }
-  return {};
-}
-
-void check_lengths(const at::Tensor& len_cpu, const at::Tensor& starts_cpu, int64_t T, int64_t Sq, bool causal) {
-  const std::string err = lengths_error(len_cpu, starts_cpu, T, Sq, causal);
-  TORCH_CHECK_VALUE(err.empty(), err);
 }
 
 }  // namespace turbokv

@@ -75,7 +75,5 @@ AttentionArgs check_attention(const at::Tensor& q, const at::Tensor& k_cache, co
                               int64_t window, double softcap);
 // Values of lengths / starts (CPU int64 copies).
 void check_lengths(const at::Tensor& len_cpu, const at::Tensor& starts_cpu, int64_t T, int64_t Sq, bool causal);
-// The same check as a message ("" when valid), for callers that raise the error themselves.
-std::string lengths_error(const at::Tensor& len_cpu, const at::Tensor& starts_cpu, int64_t T, int64_t Sq, bool causal);
 
 }  // namespace turbokv

@@ -71,8 +71,7 @@ def turbokv_attention(
         )
     if dropout:
         raise ValueError(f"dropout: got {dropout}, expected 0.0 (turbokv attention is for inference)")
-    if attention_mask is not None and attention_mask.dim() == 2:  # a 2D padding mask passed directly
-        attention_mask = left_padding_starts(attention_mask)
+    attention_mask = turbokv_mask(attention_mask)  # a 2D padding mask passed directly becomes starts too
     if attention_mask is not None and attention_mask.dim() != 1:
         raise ValueError(
             f"attention_mask: got {attention_mask.dim()} dims, expected the (B,) starts of turbokv's mask function "

@@ -117,8 +117,8 @@ def attention(
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    _check_lengths_cuda(q, k_cache, lengths, starts, causal)
-    if _whole_prompt_prefill(q, k_cache, lengths, starts, causal, window, softcap):
+    host = _check_lengths_cuda(q, k_cache, lengths, starts, causal)
+    if _whole_prompt_prefill(q, k_cache, lengths, starts, causal, window, softcap, host):
         sq, d = q.shape[2], q.shape[3]
         k = dequantize(k_cache[:, :, :sq], k_format, d, k_rot, dtype=q.dtype)
         v = dequantize(v_cache[:, :, :sq], v_format, d, v_rot, dtype=q.dtype)
@@ -144,18 +144,16 @@ def attention(
     )
 
 
-PREFILL_SDPA_MIN_QUERIES = 64
-
-
-def _check_lengths_cuda(q, k_cache, lengths, starts, causal) -> None:
+def _check_lengths_cuda(q, k_cache, lengths, starts, causal) -> tuple[list[int], list[int]] | None:
     """The values check the CPU op does itself (the CUDA op clamps instead; see attention.cu).
 
-    One host sync; skipped while compiling or capturing a CUDA graph.
+    One host sync; returns the host copies of lengths and starts (None when skipped: CPU
+    tensors, which the op checks, or while compiling / capturing a CUDA graph).
     """
     if not (lengths.is_cuda and lengths.dim() == 1 and k_cache.dim() == 4 and q.dim() == 4):
-        return  # CPU tensors are checked by the op; shape errors are the op's to report
+        return None  # shape errors are the op's to report
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return
+        return None
     lens = lengths.tolist()
     sts = starts.tolist() if starts is not None and starts.dim() == 1 else [0] * len(lens)
     cap, sq = k_cache.shape[2], q.shape[2]
@@ -168,23 +166,31 @@ def _check_lengths_cuda(q, k_cache, lengths, starts, causal) -> None:
             )
         if not 0 <= s <= n:
             raise ValueError(f"starts: got {s} for sequence {b}, expected 0 <= start <= length {n}")
+    return lens, sts
 
 
-def _whole_prompt_prefill(q, k_cache, lengths, starts, causal, window, softcap) -> bool:
-    """True when attention() may run as dequantize + flash SDPA (see attention's docstring)."""
+PREFILL_SDPA_MIN_QUERIES = 64
+
+
+def _whole_prompt_prefill(q, k_cache, lengths, starts, causal, window, softcap, host=None) -> bool:
+    """True when attention() may run as dequantize + flash SDPA (see attention's docstring).
+
+    ``host``: the (lengths, starts) host copies _check_lengths_cuda already made, if any.
+    """
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and causal and not window and not softcap):
         return False
     sq = q.shape[2]
-    if (
-        sq < PREFILL_SDPA_MIN_QUERIES
-        or sq > k_cache.shape[2]
-        or os.environ.get("TURBOKV_ATTENTION_KERNEL", "auto") != "auto"
-    ):
+    if sq < PREFILL_SDPA_MIN_QUERIES or sq > k_cache.shape[2]:
         return False
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return False  # the check below reads values on the host
+    if os.environ.get("TURBOKV_ATTENTION_KERNEL", "auto") != "auto":
+        return False
     if lengths.shape != (q.shape[0],) or k_cache.shape[0] != q.shape[0]:
         return False  # let the op report the shape error
+    if host is not None:
+        lens, sts = host
+        return all(n == sq for n in lens) and not any(sts)
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return False  # the check below reads values on the host
     uniform = lengths == sq
     if starts is not None:
         uniform = uniform & (starts == 0)
