@@ -101,9 +101,11 @@ def run(batch: int, tokens: int, copy_gbs: float) -> list[tuple]:
             rows.append(("turbokv turbo3 no-rot", nbytes, bench_ms(norot, n)))
             rows.append(("turbokv turbo3 eager call", nbytes, bench_ms(fused, n, graph=False)))
         if name in ("turbo3", "q4_0", "f16"):
+            # The generic kernels auto falls back to (mixed formats, other head dims), pinned.
             before = os.environ.get("TURBOKV_ATTENTION_KERNEL", "auto")
-            os.environ["TURBOKV_ATTENTION_KERNEL"] = "simt"  # the CUDA-core decode kernel
-            rows.append((f"turbokv {name} simt kernel", nbytes, bench_ms(fused, n)))
+            for kernel in ("mma", "simt"):
+                os.environ["TURBOKV_ATTENTION_KERNEL"] = kernel
+                rows.append((f"turbokv {name} {kernel} kernel", nbytes, bench_ms(fused, n)))
             os.environ["TURBOKV_ATTENTION_KERNEL"] = before
         if name == "q4_0":
 

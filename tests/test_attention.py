@@ -223,23 +223,25 @@ CUDA_ONLY = [p for p in device_params() if p != "cpu"]
 def test_decode_kernels_agree_cuda(device, kf, vf, d, gen, monkeypatch):
     """The tensor-core decode kernel, the SIMT one and the tiled one give the same attention.
 
-    TURBOKV_ATTENTION_KERNEL pins each; auto takes the tensor-core kernel where it is the faster
-    one (f16/bf16/q8_0 rows), and pinning it where it cannot run is a clear error.
+    TURBOKV_ATTENTION_KERNEL pins each; auto takes the format-specialised kernel where one is
+    built (same format both sides), else the generic tensor-core kernel for f16/bf16/q8_0 rows
+    and the SIMT one for the rest; pinning a kernel where it cannot run is a clear error.
     """
     kr, vr = sides(kf, vf, d)
     kc, vc = make_cache(gen, 3, 2, 300, d, kf, vf, kr, vr, scale=2.0)
     q = torch.randn(3, 8, 1, d, generator=gen).half()
     args = attention_args(q, kc, vc, torch.tensor([300, 17, 1]), torch.tensor([0, 5, 0]), kf, vf, kr, vr)
     dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    cheap = {"f16", "bf16", "q8_0"}
+    expected = "spec" if kf == vf and kf in SPEC_FORMATS else "mma" if {kf, vf} <= cheap else "simt"
     outs = {}
-    for kernel in ("mma", "simt", "tiled", "auto"):
+    for kernel in {"mma", "simt", "tiled", "auto", expected}:
         monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
         poison_cuda_memory()
         outs[kernel] = torch.ops.turbokv.attention(*dev).double().cpu()
     err, ref_err = reference_errors(args, outs["mma"].half())
     assert err <= 2 * ref_err + 1e-6
-    cheap = {"f16", "bf16", "q8_0"}
-    assert torch.equal(outs["auto"], outs["mma" if {kf, vf} <= cheap else "simt"])
+    assert torch.equal(outs["auto"], outs[expected])
     for other in ("simt", "tiled"):
         torch.testing.assert_close(outs["mma"], outs[other], rtol=0, atol=4 * ref_err + 1e-6)
     monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "mma")
@@ -247,15 +249,61 @@ def test_decode_kernels_agree_cuda(device, kf, vf, d, gen, monkeypatch):
     with pytest.raises(RuntimeError, match="one query per sequence"):
         torch.ops.turbokv.attention(q3, dev[1], dev[2], torch.tensor([300, 17, 3], device=device), *dev[4:])
     monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "fastest")
-    with pytest.raises(RuntimeError, match="got 'fastest', expected auto, mma, simt or tiled"):
+    with pytest.raises(RuntimeError, match="got 'fastest', expected auto, spec, mma, simt or tiled"):
         torch.ops.turbokv.attention(*dev)
 
 
+SPEC_FORMATS = ("f16", "q8_0", "q4_0", "turbo2", "turbo3", "turbo4")
+
+
 @pytest.mark.parametrize("device", CUDA_ONLY)
-def test_decode_step_replays_in_a_cuda_graph(device, gen):
+@pytest.mark.parametrize("fmt", SPEC_FORMATS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 1), (3, 3)])
+def test_spec_decode_kernel_cuda(device, fmt, d, hq, hkv, gen, monkeypatch):
+    """The format-specialised tensor-core decode kernel (each format's own bit tricks and dim
+    order) against the reference: odd lengths, left padding, GQA 4 / 8 / 1, bf16 and f16
+    queries; it is what auto runs for these formats, and the tiled kernel agrees with it."""
+    kr, vr = sides(fmt, fmt, d)
+    lengths, starts = [4097, 137, 7, 1], [0, 3, 0, 0]
+    kc, vc = make_cache(gen, 4, hkv, 4097, d, fmt, fmt, kr, vr, scale=2.0)
+    for dtype in (torch.float16, torch.bfloat16):
+        q = torch.randn(4, hq, 1, d, generator=gen).to(dtype)
+        args = attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor(starts), fmt, fmt, kr, vr)
+        dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+        outs = {}
+        for kernel in ("spec", "auto", "tiled"):
+            monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
+            poison_cuda_memory()
+            outs[kernel] = torch.ops.turbokv.attention(*dev).double().cpu()
+        assert outs["spec"].isfinite().all()
+        err, ref_err = reference_errors(args, outs["spec"].to(dtype))
+        assert err <= 2 * ref_err + 1e-6, (err, ref_err)
+        assert torch.equal(outs["auto"], outs["spec"])
+        torch.testing.assert_close(outs["spec"], outs["tiled"], rtol=0, atol=4 * ref_err + 1e-6)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_spec_kernel_refuses_what_it_is_not_built_for_cuda(device, gen, monkeypatch):
+    """Pinning the specialised kernel on a call it has no variant for is a clear error."""
+    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "spec")
+    for kf, vf, d, match in (("q4_0", "q8_0", 128, "same format"), ("q5_1", "q5_1", 128, "built for f16, q8_0")):
+        kr, vr = sides(kf, vf, d)
+        kc, vc = make_cache(gen, 1, 2, 40, d, kf, vf, kr, vr)
+        q = torch.randn(1, 8, 1, d, generator=gen).half()
+        args = attention_args(q, kc, vc, torch.tensor([40]), None, kf, vf, kr, vr)
+        dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.turbokv.attention(*dev)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("vf", ["q4_0", "turbo3"])
+def test_decode_step_replays_in_a_cuda_graph(device, vf, gen):
     """cache_append + attention captured once in a CUDA graph, replayed on new tokens and lengths
-    (no host sync inside), equal the eager ops."""
-    d, kf, vf, T = 128, "turbo3", "q4_0", 64
+    (no host sync inside), equal the eager ops. turbo3/turbo3 takes the specialised kernel with
+    its fused merge (its split counters must be back at zero after every replay)."""
+    d, kf, T = 128, "turbo3", 4096
     kr, vr = sides(kf, vf, d)
     rb = lambda f: formats.row_bytes(f, d)  # noqa: E731
     kc = torch.zeros(2, 2, T, rb(kf), dtype=torch.uint8, device=device)

@@ -18,7 +18,9 @@
 #include <tuple>
 
 #include "attention_decode.cuh"
+#include "attention_merge.cuh"
 #include "attention_mma.cuh"
+#include "attention_spec.cuh"
 #include "common.cuh"
 
 namespace turbokv::cuda {
@@ -72,7 +74,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int idx = tid; idx < M * dpv; idx += nt_) acc[idx] = 0.0f;
   __syncthreads();
-  if (ks.rot_group) rotate_smem<float>(qs, M * dpk, ks.rot_group, ks.seeded != 0, ks.seed, false);
+  if (ks.rot_group) rotate_side<float>(qs, M * dpk, ks, false);
   for (int idx = tid; idx < M * dpk; idx += nt_) qs[idx] *= P.scale;
 
   // Keys any query of this block may see, then this split's share.
@@ -159,31 +161,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One block per query row: combine the splits, inverse-rotate, store.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kMergeThreads)
     merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml, DevSide vs, int nsplit,
                  int64_t rows_total, int d, scalar_t* __restrict__ out) {
-  extern __shared__ __align__(16) float buf[];
+  extern __shared__ __align__(16) float buf[];  // dpv outputs, then merge_row's scratch
   const int64_t row = blockIdx.x;
-  const int dpv = vs.dp;
-  float m = -INFINITY;
-  for (int s = 0; s < nsplit; ++s) m = fmaxf(m, part_ml[(s * rows_total + row) * 2]);
-  float l = 0.0f;
-  for (int s = 0; s < nsplit; ++s) {
-    const float ms = part_ml[(s * rows_total + row) * 2];
-    if (ms != -INFINITY) l += part_ml[(s * rows_total + row) * 2 + 1] * __expf(ms - m);
-  }
-  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-  for (int j = threadIdx.x; j < dpv; j += blockDim.x) {
-    float o = 0.0f;
-    for (int s = 0; s < nsplit; ++s) {
-      const float ms = part_ml[(s * rows_total + row) * 2];
-      if (ms != -INFINITY) o += part_o[(s * rows_total + row) * dpv + j] * __expf(ms - m);
-    }
-    buf[j] = o * inv;
-  }
+  if (vs.dp % 4 == 0)
+    merge_row<4>(part_o, part_ml, row, rows_total, nsplit, vs.dp, buf, buf + vs.dp);
+  else
+    merge_row<1>(part_o, part_ml, row, rows_total, nsplit, vs.dp, buf, buf + vs.dp);
   __syncthreads();
-  if (vs.rot_group) rotate_smem<float>(buf, dpv, vs.rot_group, vs.seeded != 0, vs.seed, true);
+  if (vs.rot_group) rotate_side<float>(buf, vs.dp, vs, true);
   for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = from_float<scalar_t>(buf[j]);
 }
 
@@ -208,9 +198,9 @@ int decode_fast_path(const AttentionArgs& a, const DevSide& ks, const DevSide& v
   return e;
 }
 
-// Which kernel runs a call. TURBOKV_ATTENTION_KERNEL = auto | mma | simt | tiled (read per
-// call) pins one for tests and benchmarks; a pinned kernel that cannot run the call is an error.
-enum class Path { kTiled, kSimt, kMma };
+// Which kernel runs a call. TURBOKV_ATTENTION_KERNEL = auto | spec | mma | simt | tiled (read
+// per call) pins one for tests and benchmarks; a pinned kernel that cannot run the call is an error.
+enum class Path { kTiled, kSimt, kMma, kSpec };
 
 MmaKernel mma_for_dp(int nt, int dp) {
   switch (dp) {
@@ -238,8 +228,11 @@ int mma_blocks_per_sm(MmaKernel k, size_t smem, int device) {
     // The opt-in limit, once per kernel: one kernel serves several formats with different
     // shared-memory sizes, and a limit set for a smaller one would make a larger launch fail.
     int optin = 0;
+    cudaFuncAttributes attr{};
     TKV_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    TKV_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    TKV_CUDA_CHECK(cudaFuncGetAttributes(&attr, k));  // static shared memory counts against the limit
+    TKV_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        optin - static_cast<int>(attr.sharedSizeBytes)));
     opted_in[{k, device}] = true;
   }
   const auto key = std::make_tuple(k, smem, device);
@@ -265,11 +258,46 @@ const char* mma_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& 
   return nullptr;
 }
 
+SpecKernel spec_for_dp(int fmt, int dp) {
+  switch (dp) {
+    case 64:
+      return spec_kernel<64>(fmt);
+    case 128:
+      return spec_kernel<128>(fmt);
+    case 256:
+      return spec_kernel<256>(fmt);
+    default:
+      return {};
+  }
+}
+
+// Why the format-specialised tensor-core kernel cannot run this call, or nullptr when it can.
+const char* spec_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
+                       const at::Tensor& kc, const at::Tensor& vc) {
+  if (const char* why = mma_unfit(a, ks, vs, q, kc, vc)) return why;
+  if (ks.fmt != vs.fmt) return "it is built for K and V in the same format";
+  if (!spec_for_dp(ks.fmt, ks.dp).fn)
+    return "it is built for f16, q8_0, q4_0, turbo2, turbo3 and turbo4 rows of 64, 128 or 256 values";
+  if (ks.fmt == kFmt_turbo4)  // the decoder relies on c[15 - i] == -c[i]
+    for (int i = 0; i < 16; ++i)
+      if (ks.cb[i] != -ks.cb[15 - i] || vs.cb[i] != -vs.cb[15 - i])
+        return "its turbo4 decoder needs a symmetric codebook";
+  return nullptr;
+}
+
 Path choose_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
                  const at::Tensor& kc, const at::Tensor& vc) {
   const char* env = std::getenv("TURBOKV_ATTENTION_KERNEL");
   const std::string want = env ? env : "auto";
   const char* unfit = mma_unfit(a, ks, vs, q, kc, vc);
+  const char* spec_why = spec_unfit(a, ks, vs, q, kc, vc);
+  if (want == "spec") {
+    TORCH_CHECK(!spec_why,
+                "attention: TURBOKV_ATTENTION_KERNEL=spec, but the format-specialised decode kernel cannot run this "
+                "call: ",
+                spec_why);
+    return Path::kSpec;
+  }
   if (want == "mma") {
     TORCH_CHECK(
         !unfit,
@@ -283,10 +311,11 @@ Path choose_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, c
     return Path::kSimt;
   }
   if (want == "tiled") return Path::kTiled;
-  TORCH_CHECK(want == "auto", "TURBOKV_ATTENTION_KERNEL: got '", want, "', expected auto, mma, simt or tiled");
-  // By measurement (benchmarks/RESULTS.md, H100): the tensor-core kernel wins where decoding a
-  // value is a load and a convert (f16, bf16, q8_0); for 4-bit and turbo rows its per-value
-  // decode is still slower than the SIMT kernel's.
+  TORCH_CHECK(want == "auto", "TURBOKV_ATTENTION_KERNEL: got '", want, "', expected auto, spec, mma, simt or tiled");
+  if (!spec_why) return Path::kSpec;
+  // By measurement (benchmarks/RESULTS.md, H100): the format-specialised kernel is the fastest
+  // wherever it is built (taken above); of the generic ones, the tensor-core kernel wins where
+  // decoding a value is a load and a convert (f16, bf16, q8_0), the SIMT kernel elsewhere.
   const auto cheap = [](const DevSide& s) {
     return s.family == static_cast<int>(Family::kFloat) || s.fmt == kFmt_q8_0;
   };
@@ -336,15 +365,26 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
   const int64_t blocks = a.B * a.Hkv * P.nqchunks;
   MmaKernel mma = nullptr;
   size_t mma_smem = 0;
-  if (path == Path::kMma) {
+  SpecKernel sk;
+  if (path == Path::kMma || path == Path::kSpec) {
     // One wave of resident blocks, each warp with at least one chunk of keys.
-    const int nt = mma_tiles(ks, vs), tk = 16 * nt;
-    mma = mma_for_dp(nt, ks.dp);
-    mma_smem = mma_smem_bytes(MmaLayout(nt, ks.row_bytes, vs.row_bytes), ks.dp);
+    int tk = 0;
+    if (path == Path::kSpec) {
+      sk = spec_for_dp(ks.fmt, ks.dp);
+      mma = sk.fn;
+      mma_smem = static_cast<size_t>(sk.smem);
+      tk = sk.tk;
+    } else {
+      const int nt = mma_tiles(ks, vs);
+      tk = 16 * nt;
+      mma = mma_for_dp(nt, ks.dp);
+      mma_smem = mma_smem_bytes(MmaLayout(nt, ks.row_bytes, vs.row_bytes), ks.dp);
+    }
     const int per_sm = mma_blocks_per_sm(mma, mma_smem, q.device().index());
     const int64_t max_split = std::max<int64_t>(1, (a.T + 4 * tk - 1) / (4 * tk));
-    P.nsplit = static_cast<int>(
-        std::clamp<int64_t>((int64_t{sms} * per_sm + blocks - 1) / blocks, 1, std::min<int64_t>(max_split, 1024)));
+    // Rounded down: one block more than a wave runs alone after it and doubles the time.
+    P.nsplit =
+        static_cast<int>(std::clamp<int64_t>(int64_t{sms} * per_sm / blocks, 1, std::min<int64_t>(max_split, 1024)));
     P.span = ((a.T + P.nsplit - 1) / P.nsplit + tk - 1) / tk * tk;
   } else {
     // Split the keys so the grid fills the GPU about twice, each split at least 4 tiles.
@@ -383,7 +423,7 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
       pk<<<grid, kThreads, smem, stream>>>(qp, kp, vp, ks, vs, P, po, pm);
     }
     TKV_CUDA_CHECK(cudaGetLastError());
-    merge_kernel<T><<<static_cast<unsigned>(rows_total), kThreads, sizeof(float) * vs.dp, stream>>>(
+    merge_kernel<T><<<static_cast<unsigned>(rows_total), kMergeThreads, merge_smem(vs.dp, P.nsplit), stream>>>(
         part_o.const_data_ptr<float>(), part_ml.const_data_ptr<float>(), vs, P.nsplit, rows_total, P.d,
         reinterpret_cast<T*>(out.mutable_data_ptr()));
     TKV_CUDA_CHECK(cudaGetLastError());

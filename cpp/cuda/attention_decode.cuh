@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kThreads)
     qs[idx] = j < P.d ? to_float(q[(b * P.Hq + h * G + g) * P.Sq * P.d + j]) : 0.0f;
   }
   __syncthreads();
-  if (ks.rot_group) rotate_smem<float>(qs, G * dp, ks.rot_group, ks.seeded != 0, ks.seed, false);
+  if (ks.rot_group) rotate_side<float>(qs, G * dp, ks, false);
 
   float qr[GMAX][E], acc[GMAX][E], m[GMAX], l[GMAX];
 #pragma unroll

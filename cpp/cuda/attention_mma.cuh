@@ -155,6 +155,147 @@ __device__ __forceinline__ void stage_rows(uint8_t* dst, const uint8_t* src, int
   for (int i = lane; i < n16; i += 32) cp_async16(dst + 16 * i, a16 + 16 * i);
 }
 
+// ---- pieces shared by the tensor-core decode kernels (this one and attention_spec.cuh) ----
+
+// The GQA group's queries as 8 rows of DP floats in shared memory (zero-padded heads and
+// dims), rotated with the K side's rotation. Ends synchronised.
+template <int DP>
+__device__ void load_queries(float* qs, const void* q, int q_bf16, const AttnParams& P, int64_t b, int64_t h,
+                             const DevSide& ks) {
+  for (int idx = threadIdx.x; idx < 8 * DP; idx += blockDim.x) {
+    const int g = idx / DP, j = idx % DP;
+    const int64_t at = (b * P.Hq + h * P.G + g) * P.d + j;
+    float x = 0.0f;
+    if (g < P.G && j < P.d)
+      x = q_bf16 ? to_float(static_cast<const __nv_bfloat16*>(q)[at]) : to_float(static_cast<const __half*>(q)[at]);
+    qs[idx] = x;
+  }
+  __syncthreads();
+  if (ks.rot_group) rotate_side<float>(qs, 8 * DP, ks, false);
+}
+
+// Q^T (scaled) as B fragments: k-step s takes this lane's values 4s..4s+3 (slots 2tg, 2tg+1,
+// 2tg+8, 2tg+9) of head gr; dim(i) = the dim of the lane's value i in the K fragments.
+template <int DP, int KS, class Dim>
+__device__ __forceinline__ void query_fragments(uint32_t (&qf)[KS][2], const float* qs, int gr, float scale, Dim dim) {
+  const float* qr = qs + gr * DP;
+#pragma unroll
+  for (int s = 0; s < KS; ++s) {
+    qf[s][0] = pack_half2(qr[dim(4 * s)] * scale, qr[dim(4 * s + 1)] * scale);
+    qf[s][1] = pack_half2(qr[dim(4 * s + 2)] * scale, qr[dim(4 * s + 3)] * scale);
+  }
+}
+
+// Softcap and the end-of-chunk mask on the scores of tile j (rows r0 = 16j + gr, r0 + 8).
+template <int NT>
+__device__ __forceinline__ void mask_scores(float (&sc)[NT][4], int j, int r0, int nvalid, float softcap) {
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    float v = sc[j][c];
+    if (softcap > 0.0f) v = softcap * tanhf(v / softcap);
+    sc[j][c] = (c < 2 ? r0 : r0 + 8) < nvalid ? v : -INFINITY;
+  }
+}
+
+// Online softmax of one chunk per head column (2tg + c; the 8 lanes of a column differ in gr):
+// scores become probabilities, (m, l) move on, and the output accumulators are rescaled.
+template <int NT, int KS>
+__device__ __forceinline__ void chunk_softmax(float (&sc)[NT][4], float (&m)[2], float (&l)[2], float (&o)[KS][4]) {
+  float alpha[2];
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(sc[j][c], sc[j][c + 2]));
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float mn = fmaxf(m[c], mx);
+    alpha[c] = mn == -INFINITY ? 1.0f : __expf(m[c] - mn);
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const float p0 = mn == -INFINITY ? 0.0f : __expf(sc[j][c] - mn);
+      const float p1 = mn == -INFINITY ? 0.0f : __expf(sc[j][c + 2] - mn);
+      sc[j][c] = p0;
+      sc[j][c + 2] = p1;
+      sum += p0 + p1;
+    }
+    l[c] = l[c] * alpha[c] + sum;
+    m[c] = mn;
+  }
+#pragma unroll
+  for (int mt = 0; mt < KS; ++mt) {
+    o[mt][0] *= alpha[0];
+    o[mt][1] *= alpha[1];
+    o[mt][2] *= alpha[0];
+    o[mt][3] *= alpha[1];
+  }
+}
+
+// P^T as B fragments of one tile: this lane needs keys 2tg, 2tg+1, 2tg+8, 2tg+9 of head gr,
+// which lanes 8tg + gr/2 (+4) hold as the (gr & 1) half of their packed head pairs.
+__device__ __forceinline__ void p_fragments(const float (&p)[4], int gr, int tg, uint32_t& p0, uint32_t& p1) {
+  const uint32_t x0 = pack_half2(p[0], p[1]), x1 = pack_half2(p[2], p[3]);
+  const int src = 8 * tg + (gr >> 1);
+  const uint32_t a = __shfl_sync(0xffffffffu, x0, src), b = __shfl_sync(0xffffffffu, x0, src + 4);
+  const uint32_t c = __shfl_sync(0xffffffffu, x1, src), d = __shfl_sync(0xffffffffu, x1, src + 4);
+  const uint32_t sel = (gr & 1) ? 0x7632u : 0x5410u;
+  p0 = __byte_perm(a, b, sel);
+  p1 = __byte_perm(c, d, sel);
+}
+
+// End of a decode block: each warp's (o, m, l) into shared memory (`smem`, 4 x 8 x (DP + 2)
+// floats; dim(mt, 0 / 1) = the output dims of this lane's m-tile rows gr / gr + 8), then the
+// 4 warps merged into this split's partial rows of part_o / part_ml. Starts with a barrier.
+template <int DP, int KS, class Dim>
+__device__ void write_partials(const float (&o)[KS][4], const float (&m)[2], float (&l)[2], Dim dim, uint8_t* smem,
+                               const AttnParams& P, int64_t b, int64_t h, int split, float* part_o, float* part_ml) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gr = lane >> 2, tg = lane & 3, G = P.G;
+  // Per-lane sums cover this lane's keys only: add the column's 8 lanes.
+#pragma unroll
+  for (int c = 0; c < 2; ++c)
+    for (int off = 4; off < 32; off <<= 1) l[c] += __shfl_xor_sync(0xffffffffu, l[c], off);
+  __syncthreads();  // the stage buffers become the merge buffer
+  float* red = reinterpret_cast<float*>(smem);
+  float* mw = red + warp * 8 * (DP + 2);
+#pragma unroll
+  for (int mt = 0; mt < KS; ++mt) {
+    const int d0 = dim(mt, 0), d1 = dim(mt, 1);
+    mw[(2 * tg) * (DP + 2) + d0] = o[mt][0];
+    mw[(2 * tg + 1) * (DP + 2) + d0] = o[mt][1];
+    mw[(2 * tg) * (DP + 2) + d1] = o[mt][2];
+    mw[(2 * tg + 1) * (DP + 2) + d1] = o[mt][3];
+  }
+  if (gr == 0) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      mw[(2 * tg + c) * (DP + 2) + DP] = m[c];
+      mw[(2 * tg + c) * (DP + 2) + DP + 1] = l[c];
+    }
+  }
+  __syncthreads();
+  const int64_t rows_total = P.B * P.Hq;
+  for (int idx = tid; idx < G * DP; idx += blockDim.x) {
+    const int g = idx / DP, j = idx % DP;
+    float mx = -INFINITY;
+    for (int w = 0; w < 4; ++w) mx = fmaxf(mx, red[(w * 8 + g) * (DP + 2) + DP]);
+    float acc = 0.0f, sum = 0.0f;
+    for (int w = 0; w < 4; ++w) {
+      const float* r = red + (w * 8 + g) * (DP + 2);
+      if (r[DP] == -INFINITY) continue;
+      const float a = __expf(r[DP] - mx);
+      acc += r[j] * a;
+      sum += r[DP + 1] * a;
+    }
+    const int64_t row = b * P.Hq + h * G + g;
+    part_o[(split * rows_total + row) * DP + j] = acc;
+    if (j == 0) {
+      part_ml[(split * rows_total + row) * 2] = mx;
+      part_ml[(split * rows_total + row) * 2 + 1] = sum;
+    }
+  }
+}
+
 template <int NT, int DP>
 __global__ void __launch_bounds__(kThreads)
     decode_mma_kernel(const void* __restrict__ q, int q_bf16, const uint8_t* __restrict__ kc,
@@ -185,24 +326,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int64_t len = min(max(P.lengths[b], int64_t(0)), P.T);
   const int64_t start = P.starts ? min(max(P.starts[b], int64_t(0)), len) : 0;
-  for (int idx = tid; idx < 8 * DP; idx += blockDim.x) {
-    const int g = idx / DP, j = idx % DP;
-    const int64_t at = (b * P.Hq + h * G + g) * P.d + j;
-    float x = 0.0f;
-    if (g < G && j < P.d)
-      x = q_bf16 ? to_float(static_cast<const __nv_bfloat16*>(q)[at]) : to_float(static_cast<const __half*>(q)[at]);
-    qs[idx] = x;
-  }
-  __syncthreads();
-  if (ks.rot_group) rotate_smem<float>(qs, 8 * DP, ks.rot_group, ks.seeded != 0, ks.seed, false);
-  // Q^T as B fragments: k-step s, this lane's slots 2tg..+1 / 2tg+8..+9 -> dims E*tg + 4s + 0..3.
-  uint32_t qf[KS][2];
-#pragma unroll
-  for (int s = 0; s < KS; ++s) {
-    const float* qr = qs + gr * DP + E * tg + 4 * s;
-    qf[s][0] = pack_half2(qr[0] * P.scale, qr[1] * P.scale);
-    qf[s][1] = pack_half2(qr[2] * P.scale, qr[3] * P.scale);
-  }
+  load_queries<DP>(qs, q, q_bf16, P, b, h, ks);
+  uint32_t qf[KS][2];  // k-step s, this lane's slots 2tg..+1 / 2tg+8..+9 -> dims E*tg + 4s + 0..3
+  query_fragments<DP, KS>(qf, qs, gr, P.scale, [&](int i) { return E * tg + i; });
 
   int64_t lo = start;
   if (P.window > 0) lo = max(lo, len - P.window);
@@ -256,53 +382,13 @@ __global__ void __launch_bounds__(kThreads)
         mma_16816(sc[j], pack_half2(x0[0], x0[1]), pack_half2(x1[0], x1[1]), pack_half2(x0[2], x0[3]),
                   pack_half2(x1[2], x1[3]), qf[s][0], qf[s][1]);
       }
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        float v = sc[j][c];
-        if (P.softcap > 0.0f) v = P.softcap * tanhf(v / P.softcap);
-        sc[j][c] = (c < 2 ? r0 : r1) < nvalid ? v : -INFINITY;
-      }
+      mask_scores<NT>(sc, j, r0, nvalid, P.softcap);
     }
-    // Online softmax per head column (2tg + c); the 8 lanes of a column differ in gr.
-    float alpha[2];
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(sc[j][c], sc[j][c + 2]));
-#pragma unroll
-      for (int off = 4; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      const float mn = fmaxf(m[c], mx);
-      alpha[c] = mn == -INFINITY ? 1.0f : __expf(m[c] - mn);
-      float sum = 0.0f;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const float p0 = mn == -INFINITY ? 0.0f : __expf(sc[j][c] - mn);
-        const float p1 = mn == -INFINITY ? 0.0f : __expf(sc[j][c + 2] - mn);
-        sc[j][c] = p0;
-        sc[j][c + 2] = p1;
-        sum += p0 + p1;
-      }
-      l[c] = l[c] * alpha[c] + sum;
-      m[c] = mn;
-    }
-#pragma unroll
-    for (int mt = 0; mt < KS; ++mt) {
-      o[mt][0] *= alpha[0];
-      o[mt][1] *= alpha[1];
-      o[mt][2] *= alpha[0];
-      o[mt][3] *= alpha[1];
-    }
-    // P^T as B fragments: this lane needs keys 2tg, 2tg+1, 2tg+8, 2tg+9 of head gr, which
-    // lanes 8tg + gr/2 (+4) hold as the (gr & 1) half of their packed head pairs.
+    chunk_softmax<NT, KS>(sc, m, l, o);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      const uint32_t x0 = pack_half2(sc[j][0], sc[j][1]), x1 = pack_half2(sc[j][2], sc[j][3]);
-      const int src = 8 * tg + (gr >> 1);
-      const uint32_t a = __shfl_sync(0xffffffffu, x0, src), bq = __shfl_sync(0xffffffffu, x0, src + 4);
-      const uint32_t c = __shfl_sync(0xffffffffu, x1, src), d = __shfl_sync(0xffffffffu, x1, src + 4);
-      const uint32_t sel = (gr & 1) ? 0x7632u : 0x5410u;
-      const uint32_t p0 = __byte_perm(a, bq, sel), p1 = __byte_perm(c, d, sel);
+      uint32_t p0, p1;
+      p_fragments(sc[j], gr, tg, p0, p1);
       // V rows of keys 2tg, 2tg+1, 2tg+8, 2tg+9; rows past the end read as zeros (p is 0
       // there, but 0 * NaN garbage would not be).
       const int rk[4] = {16 * j + 2 * tg, 16 * j + 2 * tg + 1, 16 * j + 2 * tg + 8, 16 * j + 2 * tg + 9};
@@ -329,49 +415,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   cp_async_wait<0>();
 
-  // Per-lane sums cover this lane's keys only: add the column's 8 lanes.
-#pragma unroll
-  for (int c = 0; c < 2; ++c)
-    for (int off = 4; off < 32; off <<= 1) l[c] += __shfl_xor_sync(0xffffffffu, l[c], off);
-  __syncthreads();  // the stage buffers become the merge buffer
-  float* red = reinterpret_cast<float*>(smem);
-  float* mw = red + warp * 8 * (DP + 2);
-#pragma unroll
-  for (int mt = 0; mt < KS; ++mt) {
-    const int d0 = F * gr + 2 * mt;
-    mw[(2 * tg) * (DP + 2) + d0] = o[mt][0];
-    mw[(2 * tg + 1) * (DP + 2) + d0] = o[mt][1];
-    mw[(2 * tg) * (DP + 2) + d0 + 1] = o[mt][2];
-    mw[(2 * tg + 1) * (DP + 2) + d0 + 1] = o[mt][3];
-  }
-  if (gr == 0) {
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      mw[(2 * tg + c) * (DP + 2) + DP] = m[c];
-      mw[(2 * tg + c) * (DP + 2) + DP + 1] = l[c];
-    }
-  }
-  __syncthreads();
-  const int64_t rows_total = P.B * P.Hq;
-  for (int idx = tid; idx < G * DP; idx += blockDim.x) {
-    const int g = idx / DP, j = idx % DP;
-    float mx = -INFINITY;
-    for (int w = 0; w < 4; ++w) mx = fmaxf(mx, red[(w * 8 + g) * (DP + 2) + DP]);
-    float acc = 0.0f, sum = 0.0f;
-    for (int w = 0; w < 4; ++w) {
-      const float* r = red + (w * 8 + g) * (DP + 2);
-      if (r[DP] == -INFINITY) continue;
-      const float a = __expf(r[DP] - mx);
-      acc += r[j] * a;
-      sum += r[DP + 1] * a;
-    }
-    const int64_t row = b * P.Hq + h * G + g;
-    part_o[(split * rows_total + row) * DP + j] = acc;
-    if (j == 0) {
-      part_ml[(split * rows_total + row) * 2] = mx;
-      part_ml[(split * rows_total + row) * 2 + 1] = sum;
-    }
-  }
+  // Output dims of m-tile mt: F*gr + 2mt (row gr) and + 1 (row gr + 8).
+  write_partials<DP, KS>(
+      o, m, l, [&](int mt, int half) { return F * gr + 2 * mt + half; }, smem, P, b, h, split, part_o, part_ml);
 }
 
 using MmaKernel = void (*)(const void*, int, const uint8_t*, const uint8_t*, DevSide, DevSide, AttnParams, float*,

@@ -25,7 +25,22 @@ struct DevSide {
   unsigned long long seed;
   float cb[16];
   float mids[16];
+  // Bit i = 1 where sign i of the seeded rotation's 2 * rot_group stream is -1 (rot_group <=
+  // 512): computed once on the host, so kernels test a bit instead of hashing per element.
+  uint32_t sign_bits[32];
 };
+
+// The rotation fields of a side: group n (0: none) and, when seeded, its 2n signs as bits.
+inline void set_sign_bits(DevSide& v, int n, bool seeded, uint64_t seed) {
+  v.rot_group = n;
+  v.seeded = seeded ? 1 : 0;
+  v.seed = seed;
+  for (uint32_t& w : v.sign_bits) w = 0u;
+  if (!seeded || n <= 0) return;
+  TORCH_CHECK(n <= 512, "rotation group ", n, " > 512");
+  for (int i = 0; i < 2 * n; ++i)
+    if (sign_at(seed, static_cast<uint64_t>(i)) < 0.0f) v.sign_bits[i >> 5] |= 1u << (i & 31);
+}
 
 inline DevSide dev_side(const SideSpec& s) {
   DevSide v{};
@@ -38,9 +53,7 @@ inline DevSide dev_side(const SideSpec& s) {
   v.g = L.g;
   v.group_bytes = L.group_bytes;
   v.row_bytes = L.row_bytes;
-  v.rot_group = s.rot_group;
-  v.seeded = s.seeded ? 1 : 0;
-  v.seed = s.seed;
+  set_sign_bits(v, s.rot_group, s.seeded, s.seed);
   if (L.codebook) {
     for (int i = 0; i < (1 << L.bits); ++i) v.cb[i] = L.codebook[i];
     for (int i = 0; i + 1 < (1 << L.bits); ++i) v.mids[i] = L.midpoints[i];
@@ -85,20 +98,24 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
-// Block-diagonal rotation of `len` values in shared memory, groups of n, by all threads
-// of the block. Same butterfly order and roundings as fwht.h (bit-identical in fp32).
-// Callers synchronise before (data ready); this returns synchronised.
+// Block-diagonal rotation of `len` values in shared memory by all threads of the block, in
+// groups of the side's rot_group (a power of two): the same butterfly order and roundings as
+// fwht.h (bit-identical in fp32), with the signs read from the side's precomputed bits and
+// the butterfly indices from shifts. Callers synchronise before (data ready); this returns
+// synchronised.
 template <typename T>
-__device__ void rotate_smem(T* x, int len, int n, bool seeded, unsigned long long seed, bool inverse) {
-  const int tid = threadIdx.x, nt = blockDim.x;
+__device__ void rotate_side(T* x, int len, const DevSide& s, bool inverse) {
+  const int tid = threadIdx.x, nt = blockDim.x, n = s.rot_group, lg = __ffs(n) - 1;
   const int pre_off = inverse ? n : 0, post_off = inverse ? 0 : n;
-  if (seeded)
-    for (int i = tid; i < len; i += nt) x[i] *= static_cast<T>(sign_at(seed, pre_off + (i % n)));
+  const auto sign = [&](int i) { return static_cast<T>(((s.sign_bits[i >> 5] >> (i & 31)) & 1u) ? -1.0f : 1.0f); };
+  if (s.seeded)
+    for (int i = tid; i < len; i += nt) x[i] *= sign(pre_off + (i & (n - 1)));
   __syncthreads();
-  for (int h = 1; h < n; h <<= 1) {
+  for (int lh = 0; lh < lg; ++lh) {
+    const int h = 1 << lh;
     for (int p = tid; p < len / 2; p += nt) {
-      const int blk = p / (n / 2), q = p % (n / 2);
-      const int i = blk * n + (q / h) * 2 * h + (q % h);
+      const int blk = p >> (lg - 1), q = p & (n / 2 - 1);
+      const int i = (blk << lg) + ((q >> lh) << (lh + 1)) + (q & (h - 1));
       const T a = x[i], b = x[i + h];
       x[i] = a + b;
       x[i + h] = a - b;
@@ -108,7 +125,7 @@ __device__ void rotate_smem(T* x, int len, int n, bool seeded, unsigned long lon
   const T inv = static_cast<T>(1.0 / sqrt(static_cast<double>(n)));
   for (int i = tid; i < len; i += nt) {
     T v = x[i] * inv;
-    if (seeded) v *= static_cast<T>(sign_at(seed, post_off + (i % n)));
+    if (s.seeded) v *= sign(post_off + (i & (n - 1)));
     x[i] = v;
   }
   __syncthreads();

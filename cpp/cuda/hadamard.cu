@@ -9,7 +9,7 @@ namespace {
 
 template <typename scalar_t, typename acc_t>
 __global__ void hadamard_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t total, int chunk,
-                                int n, int seeded, unsigned long long seed, bool inverse) {
+                                DevSide rot, bool inverse) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* buf = reinterpret_cast<acc_t*>(smem_raw);
   const int64_t base = static_cast<int64_t>(blockIdx.x) * chunk;
@@ -21,7 +21,7 @@ __global__ void hadamard_kernel(const scalar_t* __restrict__ x, scalar_t* __rest
       buf[i] = to_float(x[base + i]);
   }
   __syncthreads();
-  rotate_smem<acc_t>(buf, len, n, seeded != 0, seed, inverse);
+  rotate_side<acc_t>(buf, len, rot, inverse);
   for (int i = threadIdx.x; i < len; i += blockDim.x) {
     if constexpr (std::is_same_v<acc_t, double>)
       y[base + i] = buf[i];
@@ -39,11 +39,13 @@ void launch(const at::Tensor& x, at::Tensor& y, int n, const std::optional<int64
   const int threads = std::min(256, std::max(32, chunk / 2));
   const size_t smem = static_cast<size_t>(chunk) * sizeof(acc_t);
   auto kernel = hadamard_kernel<scalar_t, acc_t>;
+  DevSide rot{};
+  set_sign_bits(rot, n, seed.has_value(), static_cast<uint64_t>(seed.value_or(0)));
   clear_stale_error();
   TKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const scalar_t*>(x.const_data_ptr()), reinterpret_cast<scalar_t*>(y.mutable_data_ptr()), total,
-      chunk, n, seed.has_value() ? 1 : 0, static_cast<unsigned long long>(seed.value_or(0)), inverse);
+      chunk, rot, inverse);
   TKV_CUDA_CHECK(cudaGetLastError());
 }
 

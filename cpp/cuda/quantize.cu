@@ -24,6 +24,54 @@ __device__ __forceinline__ int64_t target_row(const RowTarget& t, int64_t r) {
   return (b * t.H + h) * t.T + p;
 }
 
+// Deterministic block sum of a double (warp shuffles, then the warps in order).
+__device__ double block_sum(double v, double* scratch) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) v += scratch[w];
+  __syncthreads();
+  return v;
+}
+
+// encode_turbo_group (codec.h) with one thread per value (g <= blockDim.x) instead of one
+// thread per group: the same steps and roundings, except that the two fp64 sums run in a
+// different order (a scale may move by an fp16 ulp, an index across a midpoint, rarely).
+// Index bits are gathered with shared-memory atomicOr into `words` (g / 8 words), laid out
+// exactly as the packed bytes (little-endian), then copied to `out`.
+__device__ void encode_turbo_group_parallel(const float* x, int g, int bits, const float* cb, const float* mids,
+                                            uint8_t* out, uint32_t* words, double* scratch) {
+  const int j = threadIdx.x, nmid = (1 << bits) - 1, nwords = g * bits / 32;
+  const bool mine = j < g;
+  for (int w = j; w < nwords; w += blockDim.x) words[w] = 0u;
+  const float xj = mine ? x[j] : 0.0f;
+  const float norm = static_cast<float>(sqrt(block_sum(static_cast<double>(xj) * static_cast<double>(xj), scratch)));
+  const bool finite = norm <= 3.4028234663852886e38f;
+  const float inv = (norm == 0.0f || !finite) ? 0.0f : 1.0f / norm;
+  int k = 0;
+  if (mine && finite) {
+    const float u = xj * inv;
+    while (k < nmid && mids[k] < u) ++k;
+    if (bits == 2) {
+      atomicOr(words + (j >> 4), static_cast<uint32_t>(k) << ((j & 15) * 2));
+    } else if (bits == 4) {
+      atomicOr(words + (j >> 3), static_cast<uint32_t>(k) << ((j & 7) * 4));
+    } else {  // 2 low bits (g / 16 words), then the high bits (g / 32 words)
+      atomicOr(words + (j >> 4), static_cast<uint32_t>(k & 3) << ((j & 15) * 2));
+      atomicOr(words + g / 16 + (j >> 5), static_cast<uint32_t>((k >> 2) & 1) << (j & 31));
+    }
+  }
+  const double c2 = block_sum(mine ? static_cast<double>(cb[k]) * static_cast<double>(cb[k]) : 0.0, scratch);
+  const uint8_t* wb = reinterpret_cast<const uint8_t*>(words);
+  for (int b = j; b < nwords * 4; b += blockDim.x) out[2 + b] = wb[b];
+  if (j == 0) {  // a non-finite group gets the NaN scale (it decodes to NaN, never to finite garbage)
+    const float scale = norm == 0.0f || !finite ? 0.0f : static_cast<float>(static_cast<double>(norm) / sqrt(c2));
+    store_u16(out, finite ? f32_to_f16_bits(scale) : uint16_t{0x7e00});
+  }
+  __syncthreads();
+}
+
 template <typename scalar_t>
 __device__ void encode_one_row(const scalar_t* __restrict__ x, const DevSide& s, uint8_t* __restrict__ dst, float* buf,
                                uint8_t* obuf, float* cb, float* mids) {
@@ -33,7 +81,7 @@ __device__ void encode_one_row(const scalar_t* __restrict__ x, const DevSide& s,
     mids[threadIdx.x] = s.mids[threadIdx.x];
   }
   __syncthreads();
-  if (s.rot_group) rotate_smem<float>(buf, s.dp, s.rot_group, s.seeded != 0, s.seed, false);
+  if (s.rot_group) rotate_side<float>(buf, s.dp, s, false);
   const Family fam = static_cast<Family>(s.family);
   if (fam == Family::kFloat) {
     for (int j = threadIdx.x; j < s.dp; j += blockDim.x)
@@ -42,8 +90,10 @@ __device__ void encode_one_row(const scalar_t* __restrict__ x, const DevSide& s,
     for (int b = threadIdx.x; b < s.dp / 32; b += blockDim.x)
       encode_block(s.fmt, buf + 32 * b, obuf + b * s.group_bytes, s.group_bytes);
   } else {
-    for (int b = threadIdx.x; b < s.dp / s.g; b += blockDim.x)
-      encode_turbo_group(buf + s.g * b, s.g, s.bits, cb, mids, obuf + b * s.group_bytes);
+    __shared__ uint32_t words[64];  // g * bits / 32 <= 16
+    __shared__ double scratch[32];
+    for (int b = 0; b < s.dp / s.g; ++b)
+      encode_turbo_group_parallel(buf + s.g * b, s.g, s.bits, cb, mids, obuf + b * s.group_bytes, words, scratch);
   }
   __syncthreads();
   for (int j = threadIdx.x; j < s.row_bytes; j += blockDim.x) dst[j] = obuf[j];
@@ -78,7 +128,7 @@ __global__ void decode_kernel(const uint8_t* __restrict__ packed, DevSide s, boo
   const uint8_t* row = packed + r * s.row_bytes;
   for (int j = threadIdx.x; j < s.dp; j += blockDim.x) buf[j] = decode_at(s, cb, row, j);
   __syncthreads();
-  if (unrotate && s.rot_group) rotate_smem<float>(buf, s.dp, s.rot_group, s.seeded != 0, s.seed, true);
+  if (unrotate && s.rot_group) rotate_side<float>(buf, s.dp, s, true);
   for (int j = threadIdx.x; j < width; j += blockDim.x) y[r * width + j] = from_float<scalar_t>(buf[j]);
 }
 

@@ -1,0 +1,213 @@
+// Decode on tensor cores, specialised per format at compile time (one query per sequence,
+// f16/bf16 queries, GQA group <= 8, K and V in the same format, rows of 64/128/256 values).
+//
+// Same products and fragment layouts as attention_mma.cuh (keys as M, the padded GQA group
+// as N), with three differences that decide the speed:
+//  * decoding: the format is a template parameter and each lane decodes its whole portion of
+//    a row straight into f16x2 registers with word-wide bit tricks (packed_decode.cuh), in
+//    whatever dim order is cheapest; the query fragments and the output use the same order;
+//  * the V fragments pair two keys per register: two prmt per pair of decoded registers;
+//  * deeper pipelining: up to 4 stages of 16 or 32 keys per warp in flight (cp.async), rows
+//    padded in shared memory where that removes bank conflicts (f16).
+// The partial results (unnormalised output, max, sum per split) go to the same workspace as
+// the other kernels', so merge_kernel (attention.cu) finishes the job.
+#pragma once
+
+#include "attention_mma.cuh"
+#include "packed_decode.cuh"
+
+namespace turbokv::cuda {
+
+// Compile-time shape of one kernel: tiles per chunk, stages, shared-memory layout.
+template <class KF, class VF, int DP>
+struct SpecConfig {
+  static constexpr int kRowK = KF::row_bytes(DP), kRowV = VF::row_bytes(DP);
+  // Padded rows (16-byte multiples only): a stride of 4 words mod 32 banks.
+  static constexpr int kStrideK = KF::kPadRows ? kRowK + 16 : kRowK;
+  static constexpr int kStrideV = VF::kPadRows ? kRowV + 16 : kRowV;
+  static constexpr int NT = 32 * (kRowK + kRowV) <= 6144 ? 2 : 1;
+  static constexpr int TK = 16 * NT;
+  // Contiguous copies start at the 16-byte boundary before the first row: 16 bytes of lead,
+  // and 16 of slack for the word reads past a row's end.
+  static constexpr int buf(int rows, int stride, bool pad) {
+    return pad ? rows * stride : (rows * stride + 47) / 16 * 16;
+  }
+  static constexpr int kBufK = buf(TK, kStrideK, KF::kPadRows), kBufV = buf(TK, kStrideV, VF::kPadRows);
+  static constexpr int kStage = kBufK + kBufV;
+  // Stages per warp: 4 blocks of 4 warps per SM when they fit in shared memory (56 KiB a
+  // block on the H100/H200), else 3 blocks, else fewer stages.
+  static constexpr int stages() {
+    for (int blocks : {4, 3, 2})
+      for (int st : {4, 3})
+        if (4 * st * kStage <= 233472 / blocks - 1024) return st;
+    return 2;
+  }
+  static constexpr int kStages = stages();
+  static constexpr int kMergeBytes = 4 * 8 * (DP + 2) * 4;
+  static constexpr int kSmem = 4 * kStages * kStage > kMergeBytes ? 4 * kStages * kStage : kMergeBytes;
+  // Buffers are stage-major (stage s of warp w at (4 s + w) * kStage): the last stage of all
+  // warps, not in flight during the prologue, holds the rotated queries (8 x DP floats).
+  static constexpr int kQOffset = 4 * (kStages - 1) * kStage;
+  static_assert(4 * kStage >= 4 * 8 * DP, "the query rows must fit in one stage of the 4 warps");
+};
+
+template <class KF, class VF, int DP>
+__global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
+    decode_spec_kernel(const void* __restrict__ q, int q_bf16, const uint8_t* __restrict__ kc,
+                       const uint8_t* __restrict__ vc, DevSide ks, DevSide vs, AttnParams P, float* __restrict__ part_o,
+                       float* __restrict__ part_ml) {
+  using C = SpecConfig<KF, VF, DP>;
+  constexpr int KS = DP / 16, E = DP / 4, F = DP / 8, NT = C::NT, TK = C::TK, S = C::kStages;
+  extern __shared__ __align__(16) uint8_t smem[];
+  float* qs = reinterpret_cast<float*>(smem + C::kQOffset);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gr = lane >> 2, tg = lane & 3;
+  const int split = blockIdx.x, G = P.G;
+  const int64_t bh = blockIdx.y, b = bh / P.Hkv, h = bh % P.Hkv;
+  const packed::Planes tk = packed::make_planes(ks.cb, 8), tv = packed::make_planes(vs.cb, 8);
+  const int64_t len = min(max(P.lengths[b], int64_t(0)), P.T);
+  const int64_t start = P.starts ? min(max(P.starts[b], int64_t(0)), len) : 0;
+  int64_t lo = start;
+  if (P.window > 0) lo = max(lo, len - P.window);
+  const int64_t s_lo = lo + split * P.span, s_hi = min(len, s_lo + P.span);
+  const int64_t base = bh * P.T;
+  const uint8_t* krows = kc + base * C::kRowK;
+  const uint8_t* vrows = vc + base * C::kRowV;
+  const int nchunks = s_hi > s_lo ? static_cast<int>((s_hi - s_lo + TK - 1) / TK) : 0;
+  const int mine = nchunks > warp ? (nchunks - warp + 3) / 4 : 0;  // chunks warp, warp + 4, ...
+  const auto stage_padded = [&](uint8_t* dst, const uint8_t* src, int row, int stride, int64_t t0, int64_t t1) {
+    const int per_row = row / 16, n16 = static_cast<int>(t1 - t0) * per_row;
+    for (int i = lane; i < n16; i += 32) {
+      const int r = i / per_row, c = i % per_row;
+      cp_async16(dst + r * stride + 16 * c, src + (t0 + r) * row + 16 * c);
+    }
+  };
+  auto issue = [&](int i) {
+    if (i < mine) {
+      const int64_t t0 = s_lo + static_cast<int64_t>(warp + 4 * i) * TK, t1 = min(s_hi, t0 + TK);
+      uint8_t* st = smem + static_cast<size_t>(4 * (i % S) + warp) * C::kStage;
+      if constexpr (KF::kPadRows)
+        stage_padded(st, krows, C::kRowK, C::kStrideK, t0, t1);
+      else
+        stage_rows(st, krows, C::kRowK, t0, t1, lane);
+      if constexpr (VF::kPadRows)
+        stage_padded(st + C::kBufK, vrows, C::kRowV, C::kStrideV, t0, t1);
+      else
+        stage_rows(st + C::kBufK, vrows, C::kRowV, t0, t1, lane);
+    }
+    cp_async_commit();  // an empty group when nothing was issued keeps the wait counts uniform
+  };
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) issue(i);
+
+  // The query prologue (load, rotate, fragments) runs while the first chunks are in flight.
+  load_queries<DP>(qs, q, q_bf16, P, b, h, ks);
+  uint32_t qf[KS][2];  // in the K decoder's dim order
+  query_fragments<DP, KS>(qf, qs, gr, P.scale, [&](int i) { return KF::template dim<DP, 4>(tg, i); });
+  __syncthreads();  // the query rows' buffer becomes the warps' last stage
+
+  float o[KS][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int i = 0; i < KS; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+
+  for (int i = 0; i < mine; ++i) {
+    issue(i + S - 1);
+    cp_async_wait<S - 1>();
+    __syncwarp();
+    const int64_t t0 = s_lo + static_cast<int64_t>(warp + 4 * i) * TK;
+    const uint8_t* st = smem + static_cast<size_t>(4 * (i % S) + warp) * C::kStage;
+    const uint8_t* kt = st + (KF::kPadRows ? 0 : stage_offset(krows, C::kRowK, t0));
+    const uint8_t* vt = st + C::kBufK + (VF::kPadRows ? 0 : stage_offset(vrows, C::kRowV, t0));
+    const int nvalid = static_cast<int>(min(static_cast<int64_t>(TK), s_hi - t0));
+
+    // Scores: S^T rows gr and gr + 8 of each 16-key tile, heads 2tg and 2tg + 1.
+    float sc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+      const int r0 = 16 * j + gr, r1 = r0 + 8;
+      uint32_t ha[E / 2], hb[E / 2];  // rows past the end: any valid row, masked below
+      KF::template decode<DP, 4>(kt + min(r0, nvalid - 1) * C::kStrideK, tg, tk, ha);
+      KF::template decode<DP, 4>(kt + min(r1, nvalid - 1) * C::kStrideK, tg, tk, hb);
+#pragma unroll
+      for (int s = 0; s < KS; ++s)
+        mma_16816(sc[j], ha[2 * s], hb[2 * s], ha[2 * s + 1], hb[2 * s + 1], qf[s][0], qf[s][1]);
+      mask_scores<NT>(sc, j, r0, nvalid, P.softcap);
+    }
+    chunk_softmax<NT, KS>(sc, m, l, o);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      uint32_t p0, p1;
+      p_fragments(sc[j], gr, tg, p0, p1);
+      // This lane's portion gr of the 4 keys' V rows; rows past the end read as zeros (p is
+      // 0 there, but 0 * NaN garbage would not be).
+      uint32_t hv[4][F / 2];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int rk = 16 * j + 2 * tg + (k & 1) + 8 * (k >> 1);
+        if (rk < nvalid) {
+          VF::template decode<DP, 8>(vt + rk * C::kStrideV, gr, tv, hv[k]);
+        } else {
+#pragma unroll
+          for (int r = 0; r < F / 2; ++r) hv[k][r] = 0u;
+        }
+      }
+      // m-tile mt: row gr <- value 2mt, row gr + 8 <- value 2mt + 1 of each key's portion.
+#pragma unroll
+      for (int mt = 0; mt < KS; ++mt)
+        mma_16816(o[mt], __byte_perm(hv[0][mt], hv[1][mt], 0x5410), __byte_perm(hv[0][mt], hv[1][mt], 0x7632),
+                  __byte_perm(hv[2][mt], hv[3][mt], 0x5410), __byte_perm(hv[2][mt], hv[3][mt], 0x7632), p0, p1);
+    }
+    __syncwarp();  // every lane is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();
+
+  write_partials<DP, KS>(
+      o, m, l, [&](int mt, int half) { return VF::template dim<DP, 8>(gr, 2 * mt + half); }, smem, P, b, h, split,
+      part_o, part_ml);
+}
+
+// One specialised kernel: its entry point, dynamic shared memory and keys per chunk.
+struct SpecKernel {
+  MmaKernel fn = nullptr;
+  int smem = 0, tk = 0;
+};
+
+template <class F, int DP>
+SpecKernel spec_entry() {
+  using C = SpecConfig<F, F, DP>;
+  return {decode_spec_kernel<F, F, DP>, C::kSmem, C::TK};
+}
+
+// The kernel for K and V rows of format fmt and DP values, or {} when none is built.
+template <int DP>
+SpecKernel spec_table(int fmt) {
+  using namespace packed;
+  switch (fmt) {
+    case kFmt_f16:
+      return spec_entry<F16, DP>();
+    case kFmt_q8_0:
+      return spec_entry<Q8, DP>();
+    case kFmt_q4_0:
+      return spec_entry<Q4, DP>();
+    case kFmt_turbo2:
+      return spec_entry<Turbo2<DP>, DP>();
+    case kFmt_turbo3:
+      return spec_entry<Turbo3<DP>, DP>();
+    case kFmt_turbo4:
+      return spec_entry<Turbo4<DP>, DP>();
+    default:
+      return {};
+  }
+}
+
+// Built in attention_spec<DP>.cu, one file per DP so they compile in parallel.
+template <int DP>
+SpecKernel spec_kernel(int fmt);
+template <>
+SpecKernel spec_kernel<64>(int fmt);
+template <>
+SpecKernel spec_kernel<128>(int fmt);
+template <>
+SpecKernel spec_kernel<256>(int fmt);
+
+}  // namespace turbokv::cuda

@@ -1,0 +1,11 @@
+// Format-specialised tensor-core decode kernels for rows of 128 values (see attention_spec.cuh).
+#include "attention_spec.cuh"
+
+namespace turbokv::cuda {
+
+template <>
+SpecKernel spec_kernel<128>(int fmt) {
+  return spec_table<128>(fmt);
+}
+
+}  // namespace turbokv::cuda

@@ -1,0 +1,307 @@
+// Per-format decoders of the specialised tensor-core decode kernel (attention_spec.cuh).
+//
+// A row of DP values is cut into NP equal portions of n = DP / NP values; lane p of a group
+// decodes portion p of a row straight into n / 2 f16x2 registers h[], with integer bit
+// tricks on whole 32-bit words (prmt / lop3), no per-value branches, no float converts:
+//   * f16: the words themselves.
+//   * q8_0 / q4_0: the byte or nibble is put under the exponent bits of 1024.0 (0x6400),
+//     which makes the f16 1024 + q exactly; subtracting the offset is exact, and one f16
+//     multiply applies the block scale.
+//   * turbo2/3/4: codebook lookups with prmt, which picks 4 bytes out of 8 by 3-bit
+//     selectors: one prmt gives the low bytes of 4 codebook entries, one the high bytes,
+//     and two more interleave them into two f16x2. turbo4 (16 entries) uses the symmetry
+//     c[15 - i] = -c[i]: 8 magnitudes plus a sign flip of the high byte.
+// Which dims land in which register half is whatever is cheapest for the format; dim(p, i)
+// says where value i of portion p comes from, and the kernel builds the query fragments and
+// writes the outputs through that same map (a dot product does not care about order).
+//
+// Rows sit in shared memory with 2-byte alignment (turbo rows are 2 + k bytes long), so
+// 32-bit words are read as two aligned words and a funnel shift.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace turbokv::cuda::packed {
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) { return __byte_perm(a, b, sel); }
+
+// 32-bit word at a 2-byte aligned shared-memory address.
+__device__ __forceinline__ uint32_t ld32(const uint8_t* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(a & ~uintptr_t{3});
+  return __funnelshift_r(w[0], w[1], static_cast<uint32_t>(a & 3u) * 8u);
+}
+__device__ __forceinline__ uint32_t ld16(const uint8_t* p) { return *reinterpret_cast<const uint16_t*>(p); }
+
+__device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<const uint32_t*>(&h); }
+__device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<const __half2*>(&u); }
+// The row's fp16 scale, twice.
+__device__ __forceinline__ __half2 scale2(const uint8_t* p) {
+  const uint32_t s = ld16(p);
+  return u2h(s | (s << 16));
+}
+__device__ __forceinline__ uint32_t hmul(uint32_t a, __half2 s) { return h2u(__hmul2(u2h(a), s)); }
+
+// Codebook of up to 8 f16 entries as byte planes: lo[0..1] hold the low bytes of entries
+// 0..7, hi[0..1] the high bytes (prmt's 8-byte table).
+struct Planes {
+  uint32_t lo0, lo1, hi0, hi1;
+};
+__device__ __forceinline__ Planes make_planes(const float* cb, int entries) {
+  uint32_t lo[2] = {0, 0}, hi[2] = {0, 0};
+  for (int i = 0; i < 8 && i < entries; ++i) {
+    const uint32_t b = __half_as_ushort(__float2half_rn(cb[i]));
+    lo[i / 4] |= (b & 0xffu) << (8 * (i % 4));
+    hi[i / 4] |= (b >> 8) << (8 * (i % 4));
+  }
+  return {lo[0], lo[1], hi[0], hi[1]};
+}
+// Entries at the 4 selector nibbles of sel (low 16 bits) -> two f16x2 (nibbles 0,1 and 2,3).
+__device__ __forceinline__ void lookup4(const Planes& t, uint32_t sel, uint32_t& r01, uint32_t& r23,
+                                        uint32_t hi_flip = 0) {
+  const uint32_t lo = prmt(t.lo0, t.lo1, sel);
+  const uint32_t hi = prmt(t.hi0, t.hi1, sel) ^ hi_flip;
+  r01 = prmt(lo, hi, 0x5140);
+  r23 = prmt(lo, hi, 0x7362);
+}
+
+// Bit i of the low 16 bits -> bit 2i.
+__device__ __forceinline__ uint32_t spread16(uint32_t x) {
+  x = prmt(x, 0, 0x4140);  // byte 0 -> bits 0-7, byte 1 -> bits 16-23
+  x = (x | (x << 4)) & 0x0f0f0f0fu;
+  x = (x | (x << 2)) & 0x33333333u;
+  return (x | (x << 1)) & 0x55555555u;
+}
+
+// ---- f16: chunks of 8 dims, arranged so the lanes of a phase hit distinct banks --------
+// (rows are staged with a stride of 4 words mod 32; see attention_spec.cuh).
+struct F16 {
+  static constexpr int kFmt = kFmt_f16;
+  static constexpr bool kPadRows = true;
+  static constexpr int row_bytes(int dp) { return 2 * dp; }
+  template <int DP, int NP>
+  __device__ static int chunk(int p, int j) {
+    if constexpr (NP == 4) return 2 * p + (j & 1) + 8 * (j >> 1);
+    return p + 8 * j;
+  }
+  template <int DP, int NP>
+  __device__ static int dim(int p, int i) {
+    return 8 * chunk<DP, NP>(p, i / 8) + i % 8;
+  }
+  template <int DP, int NP>
+  __device__ static void decode(const uint8_t* row, int p, const Planes&, uint32_t (&h)[DP / NP / 2]) {
+#pragma unroll
+    for (int j = 0; j < DP / NP / 8; ++j) {
+      const uint4 w = *reinterpret_cast<const uint4*>(row + 16 * chunk<DP, NP>(p, j));
+      h[4 * j] = w.x;
+      h[4 * j + 1] = w.y;
+      h[4 * j + 2] = w.z;
+      h[4 * j + 3] = w.w;
+    }
+  }
+};
+
+// ---- q8_0: blocks of 2 + 32 bytes; portion p = values [n p, n p + n), natural order -----
+struct Q8 {
+  static constexpr int kFmt = kFmt_q8_0;
+  static constexpr bool kPadRows = false;
+  static constexpr int row_bytes(int dp) { return dp / 32 * 34; }
+  template <int DP, int NP>
+  __device__ static int dim(int p, int i) {
+    return DP / NP * p + i;
+  }
+  template <int DP, int NP>
+  __device__ static void decode(const uint8_t* row, int p, const Planes&, uint32_t (&h)[DP / NP / 2]) {
+    constexpr int n = DP / NP;
+    const __half2 off = __float2half2_rn(1152.0f);  // 1024 + 128 (the byte's sign bit is flipped)
+#pragma unroll
+    for (int v = 0; v < n; v += 4) {  // one word: 4 values, never across a block
+      const int j = n * p + v;
+      const uint8_t* blk = row + (j / 32) * 34;
+      const __half2 d = scale2(blk);
+      const uint32_t w = ld32(blk + 2 + j % 32) ^ 0x80808080u;
+      h[v / 2] = hmul(h2u(__hsub2(u2h(prmt(w, 0x64646464u, 0x4140)), off)), d);
+      h[v / 2 + 1] = hmul(h2u(__hsub2(u2h(prmt(w, 0x64646464u, 0x4342)), off)), d);
+    }
+  }
+};
+
+// ---- q4_0: blocks of 2 + 16 bytes, byte i = value i (low nibble) | value i+16 (high) ----
+// Portion p = bytes [n/2 p, n/2 (p+1)) of the rows' concatenated nibble bytes. Per word of
+// bytes i..i+3: (i, i+2), (i+16, i+18), (i+1, i+3), (i+17, i+19).
+struct Q4 {
+  static constexpr int kFmt = kFmt_q4_0;
+  static constexpr bool kPadRows = false;
+  static constexpr int row_bytes(int dp) { return dp / 32 * 18; }
+  template <int DP, int NP>
+  __device__ static int dim(int p, int i) {
+    const int byte = DP / NP / 2 * p + 4 * (i / 8);  // first byte of the word
+    const int blk = byte / 16, b = byte % 16, r = (i % 8) / 2, half = i % 2;
+    constexpr int add[4] = {0, 16, 1, 17};
+    return 32 * blk + b + add[r] + 2 * half;
+  }
+  template <int DP, int NP>
+  __device__ static void decode(const uint8_t* row, int p, const Planes&, uint32_t (&h)[DP / NP / 2]) {
+    constexpr int n = DP / NP;
+    const __half2 off = __float2half2_rn(1032.0f);  // 1024 + 8
+#pragma unroll
+    for (int k = 0; k < n / 8; ++k) {
+      const int byte = n / 2 * p + 4 * k;
+      const uint8_t* blk = row + (byte / 16) * 18;
+      const __half2 d = scale2(blk);
+      const uint32_t w = ld32(blk + 2 + byte % 16);
+      const uint32_t x[4] = {w, w >> 4, w >> 8, w >> 12};
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const uint32_t f = (x[r] & 0x000f000fu) | 0x64006400u;
+        h[4 * k + r] = hmul(h2u(__hsub2(u2h(f), off)), d);
+      }
+    }
+  }
+};
+
+// ---- turbo: groups of g = 128 (64 when DP = 64) values: fp16 scale, then the indices ----
+template <int DP, int BITS, int FMT>
+struct TurboRow {
+  static constexpr int kFmt = FMT;
+  static constexpr bool kPadRows = false;
+  static constexpr int G = DP % 128 == 0 ? 128 : 64;
+  static constexpr int kGroupBytes = 2 + G * BITS / 8;
+  static constexpr int row_bytes(int dp) { return dp / G * kGroupBytes; }
+  // The group holding value j0 (a portion never straddles two), and its scale twice.
+  __device__ static const uint8_t* group(const uint8_t* row, int j0, __half2& s) {
+    const uint8_t* grp = row + (j0 / G) * kGroupBytes;
+    s = scale2(grp);
+    return grp;
+  }
+};
+
+// turbo3: 2 low bits per value (4 a byte), then 1 high bit per value (8 a byte). Per 16
+// values (one word of low bits, 16 high bits): even values 0,2,..14 in nibble order, then the
+// odd ones: (0,2) (4,6) (8,10) (12,14) (1,3) (5,7) (9,11) (13,15); 8-value units keep the
+// first two of each.
+template <int DP>
+struct Turbo3 : TurboRow<DP, 3, kFmt_turbo3> {
+  using TurboRow<DP, 3, kFmt_turbo3>::G;
+  using TurboRow<DP, 3, kFmt_turbo3>::group;
+  template <int DP_, int NP>
+  __device__ static int dim(int p, int i) {
+    constexpr int n = DP / NP, u = n < 16 ? n : 16;  // values per unit
+    const int k = i % u, base = n * p + u * (i / u);
+    constexpr int per = u / 4;  // registers per parity
+    const int r = k / 2, odd = r >= per, within = (r % per) * 2 + k % 2;
+    return base + 2 * within + odd;
+  }
+  template <int DP_, int NP>
+  __device__ static void decode(const uint8_t* row, int p, const Planes& t, uint32_t (&h)[DP / NP / 2]) {
+    constexpr int n = DP / NP;
+    const int j0 = n * p;
+    __half2 s;
+    const uint8_t* grp = group(row, j0, s);
+    const uint8_t* lo = grp + 2;
+    const uint8_t* hi = lo + G / 4;
+    const int w0 = j0 % G;
+    if constexpr (n >= 16) {
+#pragma unroll
+      for (int u = 0; u < n / 16; ++u) {
+        const int w = w0 + 16 * u;
+        const uint32_t L = ld32(lo + w / 4), sp = spread16(ld16(hi + w / 8));
+        const uint32_t se = (L & 0x33333333u) | ((sp << 2) & 0x44444444u);
+        const uint32_t so = ((L >> 2) & 0x33333333u) | (sp & 0x44444444u);
+        uint32_t* o = h + 8 * u;
+        lookup4(t, se, o[0], o[1]);
+        lookup4(t, se >> 16, o[2], o[3]);
+        lookup4(t, so, o[4], o[5]);
+        lookup4(t, so >> 16, o[6], o[7]);
+#pragma unroll
+        for (int r = 0; r < 8; ++r) o[r] = hmul(o[r], s);
+      }
+    } else {  // 8 values: 16 low bits, 8 high bits
+      const uint32_t L = ld16(lo + w0 / 4), sp = spread16(lo[G / 4 + w0 / 8]);
+      const uint32_t se = (L & 0x3333u) | ((sp << 2) & 0x4444u);
+      const uint32_t so = ((L >> 2) & 0x3333u) | (sp & 0x4444u);
+      lookup4(t, se, h[0], h[1]);
+      lookup4(t, so, h[2], h[3]);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) h[r] = hmul(h[r], s);
+    }
+  }
+};
+
+// turbo2: 2 bits per value, 4 entries: one prmt per 2 values, with the low bytes of the
+// entries in the first table word and the high bytes in the second (selector j, j + 4).
+// Per word of 16 values: (0,4) (8,12) (1,5) (9,13) (2,6) (10,14) (3,7) (11,15).
+template <int DP>
+struct Turbo2 : TurboRow<DP, 2, kFmt_turbo2> {
+  using TurboRow<DP, 2, kFmt_turbo2>::G;
+  using TurboRow<DP, 2, kFmt_turbo2>::group;
+  template <int DP_, int NP>
+  __device__ static int dim(int p, int i) {
+    constexpr int n = DP / NP, u = n < 16 ? n : 16;
+    const int k = i % u, base = n * p + u * (i / u);
+    if constexpr (u == 16) return base + (k / 4) + 8 * ((k / 2) % 2) + 4 * (k % 2);
+    return base + k / 2 + 4 * (k % 2);
+  }
+  template <int DP_, int NP>
+  __device__ static void decode(const uint8_t* row, int p, const Planes& t, uint32_t (&h)[DP / NP / 2]) {
+    constexpr int n = DP / NP;
+    const int j0 = n * p;
+    __half2 s;
+    const uint8_t* grp = group(row, j0, s);
+    const uint32_t tl = t.lo0, th = t.hi0;  // entries 0..3
+#pragma unroll
+    for (int u = 0; u < (n + 15) / 16; ++u) {
+      const int w = j0 % G + 16 * u;
+      const uint32_t L = n >= 16 ? ld32(grp + 2 + w / 4) : ld16(grp + 2 + w / 4);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t x = (L >> (2 * q)) & 0x03030303u;
+        const uint32_t sel = x | (x << 4) | 0x40404040u;
+        if constexpr (n >= 16) {
+          h[8 * u + 2 * q] = hmul(prmt(tl, th, sel), s);
+          h[8 * u + 2 * q + 1] = hmul(prmt(tl, th, sel >> 16), s);
+        } else {
+          h[q] = hmul(prmt(tl, th, sel), s);
+        }
+      }
+    }
+  }
+};
+
+// turbo4: 4 bits per value (2 a byte, low nibble first): natural order. Entry i >= 8 is
+// -entry (15 - i): look up (i & 7) ^ (7 if bit 3) among the first 8, flip the sign by bit 3.
+template <int DP>
+struct Turbo4 : TurboRow<DP, 4, kFmt_turbo4> {
+  using TurboRow<DP, 4, kFmt_turbo4>::G;
+  using TurboRow<DP, 4, kFmt_turbo4>::group;
+  template <int DP_, int NP>
+  __device__ static int dim(int p, int i) {
+    return DP / NP * p + i;
+  }
+  template <int DP_, int NP>
+  __device__ static void decode(const uint8_t* row, int p, const Planes& t, uint32_t (&h)[DP / NP / 2]) {
+    constexpr int n = DP / NP;
+    const int j0 = n * p;
+    __half2 s;
+    const uint8_t* grp = group(row, j0, s);
+#pragma unroll
+    for (int v = 0; v < n; v += 8) {
+      const uint32_t W = ld32(grp + 2 + (j0 % G + v) / 2);
+      const uint32_t b3 = (W >> 3) & 0x11111111u;
+      const uint32_t sel = (W ^ (b3 * 7u)) & 0x77777777u;
+      // Byte k of the flips: 0x80 when value k (of the 4 looked up) has bit 3 set. Bit 3
+      // of nibble 2k is bit 7 of byte k of (W << 4); of nibble 2k + 1, of byte k of W.
+      const uint32_t e = W << 4;
+      const uint32_t f0 = prmt(e, W, 0x5140) & 0x80808080u;  // values 0..3: bytes 0, 1 of e and W
+      const uint32_t f1 = prmt(e, W, 0x7362) & 0x80808080u;  // values 4..7: bytes 2, 3
+      lookup4(t, sel, h[v / 2], h[v / 2 + 1], f0);
+      lookup4(t, sel >> 16, h[v / 2 + 2], h[v / 2 + 3], f1);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) h[v / 2 + r] = hmul(h[v / 2 + r], s);
+    }
+  }
+};
+
+}  // namespace turbokv::cuda::packed
