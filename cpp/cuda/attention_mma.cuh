@@ -312,7 +312,7 @@ __global__ void __launch_bounds__(kThreads)
   float2* pk = reinterpret_cast<float2*>(cbv + 16);  // (c[a], c[b]) at a | b << bits, K side
   float2* pv = pk + 256;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gr = lane >> 2, tg = lane & 3;
-  const int split = blockIdx.x, G = P.G;
+  const int split = blockIdx.x;
   const int64_t bh = blockIdx.y, b = bh / P.Hkv, h = bh % P.Hkv;
   if (tid < 16) {
     cbk[tid] = ks.cb[tid];

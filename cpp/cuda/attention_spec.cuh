@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
   extern __shared__ __align__(16) uint8_t smem[];
   float* qs = reinterpret_cast<float*>(smem + C::kQOffset);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gr = lane >> 2, tg = lane & 3;
-  const int split = blockIdx.x, G = P.G;
+  const int split = blockIdx.x;
   const int64_t bh = blockIdx.y, b = bh / P.Hkv, h = bh % P.Hkv;
   const packed::Planes tk = packed::make_planes(ks.cb, 8), tv = packed::make_planes(vs.cb, 8);
   const int64_t len = min(max(P.lengths[b], int64_t(0)), P.T);
