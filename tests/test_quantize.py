@@ -39,6 +39,28 @@ def test_packed_bytes_match_reference(device, fmt, d, mode, gen):
 
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("fmt", ALL)
+@pytest.mark.parametrize("d", [32, 512, 1024])
+def test_row_lengths_of_each_encoder(device, fmt, d, gen):
+    """CUDA encodes rows of 32..512 stored values one per warp, longer ones one per block: both exact."""
+    x = torch.randn(2, 3, 11, d, generator=gen) * (1 + 4 * torch.rand(2, 3, 11, 1, generator=gen))
+    rot = rot_for(fmt, d, "seeded")
+    got = turbokv.quantize(x.to(device), fmt, rot)
+    assert_packed_match(fmt, got, reference.quantize(x, fmt, rot.group, rot.seed), d, exact=device == "cpu")
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("fmt", ["f16", "q8_0", "q5_1", "q4_0", "turbo3"])
+def test_many_rows_match_the_cpu_op(device, fmt, gen):
+    """More rows than one wave of warps (the CUDA encoder loops over rows), against the exact CPU op."""
+    x = torch.randn(3, 8, 1000, 128, generator=gen, dtype=torch.float16)
+    rot = auto_rotation(fmt, 128, "k")
+    assert_packed_match(
+        fmt, turbokv.quantize(x.to(device), fmt, rot), turbokv.quantize(x, fmt, rot), 128, exact=device == "cpu"
+    )
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("fmt", ALL)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_input_dtypes(device, fmt, dtype, gen):
     x = torch.randn(64, 128, generator=gen).to(dtype)
@@ -79,14 +101,15 @@ def test_turbo_zero_group_decodes_to_zero(fmt):
     assert y[1].norm().item() == pytest.approx(x[1].norm().item(), rel=1e-3)  # norm correction keeps the norm
 
 
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("fmt", ALL)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_nonfinite_group_never_decodes_to_finite(fmt, bad, gen):
+def test_nonfinite_group_never_decodes_to_finite(device, fmt, bad, gen):
     """The op (no host sync) marks a poisoned group so it decodes to NaN/Inf, not to finite garbage."""
     x = torch.randn(3, 256, generator=gen)
     x[1, 17] = bad
     rot = auto_rotation(fmt, 256, "k")
-    packed = turbokv.quantize(x, fmt, rot, check_finite=False)
+    packed = turbokv.quantize(x.to(device), fmt, rot, check_finite=False).cpu()
     expected = reference.quantize(x, fmt, rot.group, rot.seed)
     y = turbokv.dequantize(packed, fmt, 256, rot, unrotate=False)
     if formats.get(fmt).quantized:

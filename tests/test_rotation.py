@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cuda_ready, device_params
 
 import turbokv
 from turbokv import reference
@@ -55,12 +56,33 @@ def test_native_hadamard_equals_dense_matrix(n, seed, inverse, gen):
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("n", GROUPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_native_hadamard_matches_reference_bitwise(n, dtype, gen):
+def test_native_hadamard_matches_reference_bitwise(device, n, dtype, gen):
     x = torch.randn(7, 2 * n, generator=gen).to(dtype)
     for inverse in (False, True):
-        assert torch.equal(turbokv.hadamard(x, n, K_SEED, inverse), reference.hadamard(x, n, K_SEED, inverse))
+        for seed in (None, K_SEED):
+            got = turbokv.hadamard(x.to(device), n, seed, inverse).cpu()
+            assert torch.equal(got, reference.hadamard(x, n, seed, inverse)), (inverse, seed)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [16, 128, 512])
+def test_cuda_hadamard_many_chunks_and_views(n, gen):
+    """More chunks than one wave of warps, a tail chunk, a misaligned view: equal to the CPU op."""
+    ok, why = cuda_ready()
+    if not ok:
+        pytest.skip(why)
+    x = torch.randn(40001 * 16 // n + 1, n, generator=gen, dtype=torch.float16)
+    xc = x.cuda()
+    for src in (xc, xc[1:]):  # a view starting 2n bytes in
+        assert torch.equal(turbokv.hadamard(src, n, K_SEED).cpu(), turbokv.hadamard(src.cpu(), n, K_SEED))
+    odd = torch.randn(3 * n + 1, generator=gen, dtype=torch.float16).cuda()[1:]  # 2 bytes off: copied first
+    assert torch.equal(turbokv.hadamard(odd, n, K_SEED).cpu(), turbokv.hadamard(odd.cpu(), n, K_SEED))
+    assert torch.equal(
+        turbokv.hadamard(x.double().cuda(), n, V_SEED, True).cpu(), turbokv.hadamard(x.double(), n, V_SEED, True)
+    )
 
 
 @pytest.mark.parametrize("n", GROUPS)

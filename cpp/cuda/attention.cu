@@ -162,6 +162,20 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One block per query row: combine the splits, inverse-rotate, store.
+// The merged row (32 * E values in shared memory), inverse-rotated by one warp in registers
+// and written out (its first d values).
+template <int E, typename scalar_t>
+__device__ void unrotate_out(const float* buf, const DevSide& vs, int d, scalar_t* out) {
+  const int lane = static_cast<int>(threadIdx.x & 31u);
+  float v[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) v[e] = buf[lane * E + e];
+  warp_rotate<E>(v, lane_rotation<E>(vs, true));
+#pragma unroll
+  for (int e = 0; e < E; ++e)
+    if (lane * E + e < d) out[lane * E + e] = from_float<scalar_t>(v[e]);
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMergeThreads)
     merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml, DevSide vs, int nsplit,
@@ -173,8 +187,15 @@ __global__ void __launch_bounds__(kMergeThreads)
   else
     merge_row<1>(part_o, part_ml, row, rows_total, nsplit, vs.dp, buf, buf + vs.dp);
   __syncthreads();
-  if (vs.rot_group) rotate_side<float>(buf, vs.dp, vs, true);
-  for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = from_float<scalar_t>(buf[j]);
+  if (vs.rot_group == 0) {
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = from_float<scalar_t>(buf[j]);
+  } else if (vs.dp == 128 || vs.dp == 256) {  // one warp inverse-rotates the row in registers
+    if (threadIdx.x < 32)
+      vs.dp == 128 ? unrotate_out<4>(buf, vs, d, out + row * d) : unrotate_out<8>(buf, vs, d, out + row * d);
+  } else {
+    rotate_side<float>(buf, vs.dp, vs, true);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = from_float<scalar_t>(buf[j]);
+  }
 }
 
 // Values per lane (16 or 8) of the decode fast path, or 0 when this call must take the general kernel.
@@ -359,8 +380,7 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
   P.window = window;
   P.lengths = len.const_data_ptr<int64_t>();
   P.starts = starts.has_value() ? st.const_data_ptr<int64_t>() : nullptr;
-  int sms = 132;
-  TKV_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()));
+  const int sms = sm_count(q.device().index());
   const Path path = choose_path(a, ks, vs, q, k_cache, v_cache);
   const int64_t blocks = a.B * a.Hkv * P.nqchunks;
   MmaKernel mma = nullptr;

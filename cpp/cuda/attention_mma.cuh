@@ -19,6 +19,7 @@
 #pragma once
 
 #include "attention_params.cuh"
+#include "warp_rotate.cuh"
 
 namespace turbokv::cuda {
 
@@ -162,13 +163,30 @@ __device__ __forceinline__ void stage_rows(uint8_t* dst, const uint8_t* src, int
 template <int DP>
 __device__ void load_queries(float* qs, const void* q, int q_bf16, const AttnParams& P, int64_t b, int64_t h,
                              const DevSide& ks) {
-  for (int idx = threadIdx.x; idx < 8 * DP; idx += blockDim.x) {
-    const int g = idx / DP, j = idx % DP;
+  const auto load = [&](int g, int j) {
     const int64_t at = (b * P.Hq + h * P.G + g) * P.d + j;
-    float x = 0.0f;
-    if (g < P.G && j < P.d)
-      x = q_bf16 ? to_float(static_cast<const __nv_bfloat16*>(q)[at]) : to_float(static_cast<const __half*>(q)[at]);
-    qs[idx] = x;
+    if (g >= P.G || j >= P.d) return 0.0f;
+    return q_bf16 ? to_float(static_cast<const __nv_bfloat16*>(q)[at]) : to_float(static_cast<const __half*>(q)[at]);
+  };
+  constexpr int E = DP / 32;
+  if constexpr (DP % 32 == 0 && (E & (E - 1)) == 0) {
+    // One warp per query row, rotated in registers (warp_rotate.cuh): no block barrier per
+    // butterfly stage in the prologue of every split.
+    const LaneRotation<float> rotation = lane_rotation<E>(ks, false);
+    const int lane = static_cast<int>(threadIdx.x & 31u);
+    for (int g = static_cast<int>(threadIdx.x / 32); g < 8; g += static_cast<int>(blockDim.x / 32)) {
+      float v[E];
+#pragma unroll
+      for (int e = 0; e < E; ++e) v[e] = load(g, lane * E + e);
+      warp_rotate<E>(v, rotation);
+#pragma unroll
+      for (int e = 0; e < E; ++e) qs[g * DP + lane * E + e] = v[e];
+    }
+    __syncthreads();
+    return;
+  }
+  for (int idx = threadIdx.x; idx < 8 * DP; idx += blockDim.x) {
+    qs[idx] = load(idx / DP, idx % DP);
   }
   __syncthreads();
   if (ks.rot_group) rotate_side<float>(qs, 8 * DP, ks, false);

@@ -10,7 +10,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <iterator>
 
 #include "../op_checks.h"
 #include "turbokv/codec.h"
@@ -38,8 +40,27 @@ inline void set_sign_bits(DevSide& v, int n, bool seeded, uint64_t seed) {
   for (uint32_t& w : v.sign_bits) w = 0u;
   if (!seeded || n <= 0) return;
   TORCH_CHECK(n <= 512, "rotation group ", n, " > 512");
+  // Every attention / cache_append call asks for the same few rotations (K and V of each
+  // model): hashing 2n signs costs about a microsecond per side, a lookup here nothing.
+  struct Entry {
+    int n = 0;
+    uint64_t seed = 0;
+    uint32_t bits[32] = {};
+  };
+  static thread_local Entry cache[4];
+  static thread_local int next = 0;
+  for (const Entry& c : cache)
+    if (c.n == n && c.seed == seed) {
+      std::copy(std::begin(c.bits), std::end(c.bits), std::begin(v.sign_bits));
+      return;
+    }
   for (int i = 0; i < 2 * n; ++i)
     if (sign_at(seed, static_cast<uint64_t>(i)) < 0.0f) v.sign_bits[i >> 5] |= 1u << (i & 31);
+  Entry& c = cache[next];
+  next = (next + 1) % 4;
+  c.n = n;
+  c.seed = seed;
+  std::copy(std::begin(v.sign_bits), std::end(v.sign_bits), std::begin(c.bits));
 }
 
 inline DevSide dev_side(const SideSpec& s) {
@@ -78,6 +99,13 @@ inline void clear_stale_error() { (void)cudaGetLastError(); }
     const cudaError_t err_ = (expr);                                                    \
     TORCH_CHECK(err_ == cudaSuccess, "turbokv CUDA error: ", cudaGetErrorString(err_)); \
   } while (0)
+
+// Streaming multiprocessors of a device (sizes grids of resident blocks).
+inline int sm_count(int device) {
+  int sms = 0;
+  TKV_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

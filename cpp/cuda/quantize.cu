@@ -1,27 +1,49 @@
-// CUDA quantize / dequantize / cache_append. One block per row: load (any float
-// dtype) -> zero-pad -> rotate in shared memory -> encode into a shared staging
-// row -> one coalesced copy out. The encoders are codec.h's, shared with the CPU.
+// CUDA quantize / dequantize / cache_append. Rows of 32, 64, 128, 256 or 512 stored values
+// are encoded one row per warp, in registers (warp_encode.cuh): wide loads, shuffle
+// butterflies, shuffle reductions, a staged row stored with wide words. Other row lengths
+// take one block per row: load (any float dtype) -> zero-pad -> rotate in shared memory ->
+// encode into a shared staging row -> one coalesced copy out, with codec.h's encoders.
 #include <torch/library.h>
 
 #include "common.cuh"
+#include "warp_encode.cuh"
 
 namespace turbokv::cuda {
 namespace {
 
 constexpr int kThreads = 128;
 
-// Where encoded row r goes: row r of `out`, or cache slot (b*H + h)*T + positions[b*S + s].
+// n / d for n < 2^32 by a multiply-high, an add and a shift, d fixed per launch (integer
+// division is a long instruction sequence on the GPU, and this runs for every row):
+// s = ceil(log2 d), m = floor(2^32 (2^s - d) / d) + 1, n / d = (umulhi(n, m) + n) >> s.
+struct FastDiv {
+  uint32_t d = 1, m = 1;
+  int s = 0;
+  FastDiv() = default;
+  explicit FastDiv(int64_t div) : d(static_cast<uint32_t>(div)) {
+    TORCH_CHECK(div >= 1 && div <= INT32_MAX, "FastDiv: divisor ", div, " out of range");
+    while ((uint64_t{1} << s) < d) ++s;
+    m = static_cast<uint32_t>((uint64_t{1} << 32) * ((uint64_t{1} << s) - d) / d + 1);
+  }
+  __device__ __forceinline__ uint32_t operator()(uint32_t n) const {
+    return static_cast<uint32_t>((static_cast<uint64_t>(__umulhi(n, m)) + n) >> s);
+  }
+};
+
+// Where encoded row r goes: row r of `out`, or cache slot (b*H + h)*T + positions[b*S + s]
+// (rows = B * H * S < 2^31, checked on the host).
 struct RowTarget {
   const int64_t* positions;  // null: dense output
-  int64_t H, S, T;
+  FastDiv H, S;
+  int64_t T;
 };
 
 __device__ __forceinline__ int64_t target_row(const RowTarget& t, int64_t r) {
   if (t.positions == nullptr) return r;
-  const int64_t b = r / (t.H * t.S), h = (r / t.S) % t.H, s = r % t.S;
-  const int64_t p = t.positions[b * t.S + s];
+  const uint32_t bh = t.S(static_cast<uint32_t>(r)), s = static_cast<uint32_t>(r) - bh * t.S.d, b = t.H(bh);
+  const int64_t p = t.positions[static_cast<int64_t>(b) * t.S.d + s];
   if (p < 0 || p >= t.T) return -1;  // validated on the host unless capturing a graph: never write out of bounds
-  return (b * t.H + h) * t.T + p;
+  return static_cast<int64_t>(bh) * t.T + p;
 }
 
 // Deterministic block sum of a double (warp shuffles, then the warps in order).
@@ -116,6 +138,65 @@ __global__ void encode_kernel(const scalar_t* __restrict__ x0, const scalar_t* _
   encode_one_row((second ? x1 : x0) + r * d, s, (second ? out1 : out0) + dst * s.row_bytes, buf, obuf, cb, mids);
 }
 
+constexpr int kWarpThreads = 256, kWarps = kWarpThreads / 32;
+
+// Rows of dp stored values, R = 32 * E / dp of them per warp (lanes l*L .. l*L + L-1 hold row
+// l, L = dp / E), grid-stride over the rows; blockIdx.y = side as in encode_kernel. Each lane
+// works out its own row's target, so the per-row costs (the target, the reductions, the copy
+// out) are paid once per R rows. The next rows' loads are issued before these are encoded.
+// vec: rows are d = dp values aligned for LaneVec loads; otherwise element loads, zero beyond d.
+template <typename T, int E>
+__global__ void __launch_bounds__(kWarpThreads, E >= 16 ? 2 : 4)
+    encode_warp_kernel(const T* __restrict__ x0, const T* __restrict__ x1, int64_t d, bool vec, DevSide s0, DevSide s1,
+                       uint8_t* out0, uint8_t* out1, RowTarget target, int64_t rows) {
+  using Vec = LaneVec<T, E>;
+  __shared__ __align__(16) uint8_t stage_all[kWarps][64 * E];  // the widest rows: 2 bytes per value
+  __shared__ float mids[16], cb2[16];
+  const bool second = blockIdx.y == 1;
+  const DevSide& s = second ? s1 : s0;
+  if (threadIdx.x < 16) {
+    mids[threadIdx.x] = s.mids[threadIdx.x];
+    cb2[threadIdx.x] = s.cb[threadIdx.x] * s.cb[threadIdx.x];
+  }
+  __syncthreads();
+  const T* x = second ? x1 : x0;
+  uint8_t* out = second ? out1 : out0;
+  uint8_t* stage = stage_all[threadIdx.x / 32];
+  const LaneRotation<float> rotation = lane_rotation<E>(s, false);
+  const int lane = static_cast<int>(threadIdx.x & 31u), per_row = s.dp / E, nrows = 32 / per_row;
+  const int row_in_warp = lane / per_row, col = (lane % per_row) * E;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps * nrows;
+  const CopyPlan plan = copy_plan(out, s.row_bytes, nrows);
+  const auto load = [&](int64_t r) {
+    Vec in;
+    if (r >= rows) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) in.v[e] = from_float<T>(0.0f);
+    } else if (vec) {
+      in = *reinterpret_cast<const Vec*>(x + r * d + col);
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e) in.v[e] = col + e < d ? x[r * d + col + e] : from_float<T>(0.0f);
+    }
+    return in;
+  };
+  int64_t r = (static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32) * nrows + row_in_warp;
+  Vec cur = load(r);
+  for (; r - row_in_warp < rows; r += stride) {  // warp-uniform: the shuffles need every lane
+    const Vec next = load(r + stride);
+    const int64_t dst = r < rows ? target_row(target, r) : -1;
+    float v[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] = to_float(cur.v[e]);
+    warp_rotate<E>(v, rotation);
+    encode_lane<E>(v, s, mids, cb2, stage);
+    __syncwarp();
+    copy_rows_out(stage, out, dst, per_row, s.row_bytes, plan);
+    __syncwarp();
+    cur = next;
+  }
+}
+
 template <typename scalar_t>
 __global__ void decode_kernel(const uint8_t* __restrict__ packed, DevSide s, bool unrotate, scalar_t* __restrict__ y,
                               int width) {
@@ -151,6 +232,48 @@ size_t encode_smem(const DevSide& a, const DevSide& b) {
   return std::max(sizeof(float) * a.dp + a.row_bytes, sizeof(float) * b.dp + b.row_bytes) + 16;
 }
 
+// Values per lane of the warp encoder for a side (8: up to 8 rows of 32..256 values per warp,
+// 16: one row of 512), or 0 where rows take the block-per-row kernel.
+int warp_values(const DevSide& s) {
+  const int dp = s.dp;
+  if (dp < 32 || dp > 512 || (dp & (dp - 1)) != 0) return 0;
+  return dp == 512 ? 16 : 8;
+}
+
+// Encodes `rows` rows of x0 (and x1 into the second side, when s1 is given) with the warp
+// encoder where every side has the same warp_values, else one kernel per side.
+template <typename T>
+void launch_encode(const T* x0, const T* x1, int64_t d, const DevSide& s0, const DevSide* s1, uint8_t* out0,
+                   uint8_t* out1, const RowTarget& target, int64_t rows) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int e = warp_values(s0);
+  if (s1 != nullptr && warp_values(*s1) != e) {  // sides of different shapes: one launch each
+    launch_encode<T>(x0, nullptr, d, s0, nullptr, out0, nullptr, target, rows);
+    launch_encode<T>(x1, nullptr, d, *s1, nullptr, out1, nullptr, target, rows);
+    return;
+  }
+  const DevSide& t1 = s1 != nullptr ? *s1 : s0;
+  const dim3 grid_rows(static_cast<unsigned>(rows), s1 != nullptr ? 2u : 1u);
+  if (e == 0) {
+    encode_kernel<T><<<grid_rows, kThreads, encode_smem(s0, t1), stream>>>(x0, x1, d, s0, t1, out0, out1, target);
+    return;
+  }
+  const auto aligned = [&](const T* p) {
+    return p == nullptr || reinterpret_cast<uintptr_t>(p) % (16 < e * sizeof(T) ? 16 : e * sizeof(T)) == 0;
+  };
+  const bool vec = d == s0.dp && d == t1.dp && aligned(x0) && aligned(x1);
+  const int64_t per_warp = 32 * e / s0.dp, warps = (rows + per_warp - 1) / per_warp;
+  const int64_t blocks = std::min<int64_t>((warps + kWarps - 1) / kWarps, 16LL * sm_count(c10::cuda::current_device()));
+  const dim3 grid(static_cast<unsigned>(blocks), grid_rows.y);
+  const auto go = [&](auto kernel) {
+    kernel<<<grid, kWarpThreads, 0, stream>>>(x0, x1, d, vec, s0, t1, out0, out1, target, rows);
+  };
+  if (e == 8)
+    go(encode_warp_kernel<T, 8>);
+  else
+    go(encode_warp_kernel<T, 16>);
+}
+
 at::Tensor quantize_cuda(const at::Tensor& x, c10::string_view format, int64_t rot_group,
                          std::optional<int64_t> rot_seed) {
   check_cuda(x, "x");
@@ -161,10 +284,9 @@ at::Tensor quantize_cuda(const at::Tensor& x, c10::string_view format, int64_t r
   clear_stale_error();
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* p = reinterpret_cast<const T*>(op.input.const_data_ptr());
-    encode_kernel<T>
-        <<<dim3(static_cast<unsigned>(op.rows), 1), kThreads, encode_smem(s, s), c10::cuda::getCurrentCUDAStream()>>>(
-            p, p, op.side.layout.d, s, s, op.out.mutable_data_ptr<uint8_t>(), nullptr, RowTarget{nullptr, 0, 0, 0});
+    launch_encode<T>(reinterpret_cast<const T*>(op.input.const_data_ptr()), nullptr, op.side.layout.d, s, nullptr,
+                     op.out.mutable_data_ptr<uint8_t>(), nullptr, RowTarget{nullptr, FastDiv(1), FastDiv(1), 0},
+                     op.rows);
   });
   TKV_CUDA_CHECK(cudaGetLastError());
   return op.out;
@@ -200,19 +322,25 @@ void cache_append_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tenso
   const c10::cuda::CUDAGuard guard(k.device());
   const at::Tensor pos = positions.to(at::kLong).contiguous();
   // Validating values needs a device->host copy; during graph capture the kernel skips bad slots instead.
-  if (!capturing()) check_positions(pos.cpu(), a.T);
+  if (!capturing() && pos.numel() > 0) {
+    // Two values cross to the host (a 64k-token prefill would copy 512 KB); all of them only
+    // when one is out of range, for check_positions' message naming the first bad index.
+    const auto [lo, hi] = at::aminmax(pos);
+    const at::Tensor ends = at::stack({lo, hi}).cpu();
+    if (ends[0].item<int64_t>() < 0 || ends[1].item<int64_t>() >= a.T) check_positions(pos.cpu(), a.T);
+  }
   const int64_t rows = a.B * a.H * a.S;
   if (rows == 0) return;
+  TORCH_CHECK_VALUE(rows <= INT32_MAX, "k: got ", rows, " rows (batch x heads x tokens), expected at most ", INT32_MAX,
+                    " per call");
   const at::Tensor kc = k.contiguous(), vc = v.contiguous();
   const DevSide ks = dev_side(a.ks), vs = dev_side(a.vs);
   clear_stale_error();
   dispatch_float(k.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    encode_kernel<T>
-        <<<dim3(static_cast<unsigned>(rows), 2), kThreads, encode_smem(ks, vs), c10::cuda::getCurrentCUDAStream()>>>(
-            reinterpret_cast<const T*>(kc.const_data_ptr()), reinterpret_cast<const T*>(vc.const_data_ptr()), a.d, ks,
-            vs, k_cache.mutable_data_ptr<uint8_t>(), v_cache.mutable_data_ptr<uint8_t>(),
-            RowTarget{pos.const_data_ptr<int64_t>(), a.H, a.S, a.T});
+    launch_encode<T>(reinterpret_cast<const T*>(kc.const_data_ptr()), reinterpret_cast<const T*>(vc.const_data_ptr()),
+                     a.d, ks, &vs, k_cache.mutable_data_ptr<uint8_t>(), v_cache.mutable_data_ptr<uint8_t>(),
+                     RowTarget{pos.const_data_ptr<int64_t>(), FastDiv(a.H), FastDiv(a.S), a.T}, rows);
   });
   TKV_CUDA_CHECK(cudaGetLastError());
 }

@@ -1,0 +1,109 @@
+// Rotation of 32 * E values held in the registers of one warp: lane l holds the E contiguous
+// values l*E .. l*E + E-1. Butterflies with h < E stay in a lane; the others exchange with
+// lane l ^ (h / E) through shuffles. Same butterfly order and roundings as fwht.h, so the
+// results are bit-identical to the CPU kernel and to rotate_side (shared memory). Used where a
+// row or a chunk fits one warp (cache_append / quantize rows, the hadamard op): no shared
+// memory, no block barriers, loads and stores as wide as the lane's E values.
+#pragma once
+
+#include "common.cuh"
+
+namespace turbokv::cuda {
+
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
+
+// What a lane needs to rotate its values: the group n (0: no rotation), 1 / sqrt(n), and the
+// sign flips (bit e: the lane's value e is multiplied by -1 before / after the transform).
+// Loop invariant: made once per warp, not per row.
+template <typename A>
+struct LaneRotation {
+  int n = 0;
+  uint32_t pre = 0u, post = 0u;
+  A inv = A(1);
+};
+
+// The lane's rotation for chunks of 32 * E values (a whole number of groups of rot_group).
+template <int E, typename A = float>
+__device__ __forceinline__ LaneRotation<A> lane_rotation(const DevSide& s, bool inverse) {
+  static_assert(E <= 32, "a lane holds at most 32 values");
+  LaneRotation<A> r;
+  r.n = s.rot_group;
+  if (r.n == 0) return r;
+  r.inv = static_cast<A>(1.0 / sqrt(static_cast<double>(r.n)));
+  if (!s.seeded) return r;
+  const int n = s.rot_group, lane = static_cast<int>(threadIdx.x & 31u);
+  const int pre_off = inverse ? n : 0, post_off = inverse ? 0 : n;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int i = (lane * E + e) & (n - 1), a = pre_off + i, b = post_off + i;
+    r.pre |= ((s.sign_bits[a >> 5] >> (a & 31)) & 1u) << e;
+    r.post |= ((s.sign_bits[b >> 5] >> (b & 31)) & 1u) << e;
+  }
+  return r;
+}
+
+// In place, v <- s_post * H_N(s_pre * v) / sqrt(N) per group of N (a power of two dividing
+// 32 * E), N fixed at compile time so the butterflies are straight-line code.
+template <int E, int N, typename A>
+__device__ __forceinline__ void warp_rotate_n(A (&v)[E], const LaneRotation<A>& r) {
+  const unsigned lane = threadIdx.x & 31u;
+#pragma unroll
+  for (int e = 0; e < E; ++e)
+    if ((r.pre >> e) & 1u) v[e] = -v[e];
+#pragma unroll
+  for (int h = 1; h < E && h < N; h <<= 1) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      if (e & h) continue;
+      const A a = v[e], b = v[e + h];
+      v[e] = a + b;
+      v[e + h] = a - b;
+    }
+  }
+#pragma unroll
+  for (int m = 1; m < 32 && m * E < N; m <<= 1) {
+    // The lower lane of a pair computes a + b, the upper one a - b, as fma(+-1, own, partner):
+    // +-own is exact, so this rounds exactly like the two-operand add / subtract.
+    const A sg = (lane & static_cast<unsigned>(m)) ? A(-1) : A(1);
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] = fma_rn(sg, v[e], __shfl_xor_sync(0xffffffffu, v[e], m));
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const A y = v[e] * r.inv;
+    v[e] = ((r.post >> e) & 1u) ? -y : y;
+  }
+}
+
+// warp_rotate_n for the lane rotation's group (16..512; nothing when it is 0). All 32 lanes
+// must call it (shuffles).
+template <int E, typename A>
+__device__ __forceinline__ void warp_rotate(A (&v)[E], const LaneRotation<A>& r) {
+  switch (r.n) {
+    case 16:
+      return warp_rotate_n<E, 16>(v, r);
+    case 32:
+      return warp_rotate_n<E, 32>(v, r);
+    case 64:
+      return warp_rotate_n<E, 64>(v, r);
+    case 128:
+      return warp_rotate_n<E, 128>(v, r);
+    case 256:
+      if constexpr (32 * E >= 256) return warp_rotate_n<E, 256>(v, r);
+      return;
+    case 512:
+      if constexpr (32 * E >= 512) return warp_rotate_n<E, 512>(v, r);
+      return;
+    default:
+      return;
+  }
+}
+
+// E values of T at p (aligned to their total size, or to 16 bytes beyond that).
+template <typename T, int E>
+struct alignas(E * sizeof(T) < 16 ? E * sizeof(T) : 16) LaneVec {
+  T v[E];
+};
+
+}  // namespace turbokv::cuda
