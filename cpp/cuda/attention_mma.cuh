@@ -183,13 +183,11 @@ __device__ void load_queries(float* qs, const void* q, int q_bf16, const AttnPar
       for (int e = 0; e < E; ++e) qs[g * DP + lane * E + e] = v[e];
     }
     __syncthreads();
-    return;
+  } else {  // rows of 96: the block rotates them in shared memory
+    for (int idx = threadIdx.x; idx < 8 * DP; idx += blockDim.x) qs[idx] = load(idx / DP, idx % DP);
+    __syncthreads();
+    if (ks.rot_group) rotate_side<float>(qs, 8 * DP, ks, false);
   }
-  for (int idx = threadIdx.x; idx < 8 * DP; idx += blockDim.x) {
-    qs[idx] = load(idx / DP, idx % DP);
-  }
-  __syncthreads();
-  if (ks.rot_group) rotate_side<float>(qs, 8 * DP, ks, false);
 }
 
 // Q^T (scaled) as B fragments: k-step s takes this lane's values 4s..4s+3 (slots 2tg, 2tg+1,
