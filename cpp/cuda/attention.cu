@@ -161,7 +161,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block per query row: combine the splits, inverse-rotate, store.
 // The merged row (32 * E values in shared memory), inverse-rotated by one warp in registers
 // and written out (its first d values).
 template <int E, typename scalar_t>
@@ -176,6 +175,7 @@ __device__ void unrotate_out(const float* buf, const DevSide& vs, int d, scalar_
     if (lane * E + e < d) out[lane * E + e] = from_float<scalar_t>(v[e]);
 }
 
+// One block per query row: combine the splits, inverse-rotate, store.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMergeThreads)
     merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml, DevSide vs, int nsplit,
@@ -187,15 +187,18 @@ __global__ void __launch_bounds__(kMergeThreads)
   else
     merge_row<1>(part_o, part_ml, row, rows_total, nsplit, vs.dp, buf, buf + vs.dp);
   __syncthreads();
-  if (vs.rot_group == 0) {
-    for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = from_float<scalar_t>(buf[j]);
-  } else if (vs.dp == 128 || vs.dp == 256) {  // one warp inverse-rotates the row in registers
-    if (threadIdx.x < 32)
-      vs.dp == 128 ? unrotate_out<4>(buf, vs, d, out + row * d) : unrotate_out<8>(buf, vs, d, out + row * d);
-  } else {
-    rotate_side<float>(buf, vs.dp, vs, true);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = from_float<scalar_t>(buf[j]);
+  if (vs.rot_group && (vs.dp == 64 || vs.dp == 128 || vs.dp == 256)) {  // rows a warp holds: rotate in registers
+    if (threadIdx.x >= 32) return;
+    if (vs.dp == 64)
+      unrotate_out<2>(buf, vs, d, out + row * d);
+    else if (vs.dp == 128)
+      unrotate_out<4>(buf, vs, d, out + row * d);
+    else
+      unrotate_out<8>(buf, vs, d, out + row * d);
+    return;
   }
+  if (vs.rot_group) rotate_side<float>(buf, vs.dp, vs, true);
+  for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = from_float<scalar_t>(buf[j]);
 }
 
 // Values per lane (16 or 8) of the decode fast path, or 0 when this call must take the general kernel.
