@@ -283,6 +283,29 @@ def test_spec_decode_kernel_cuda(device, fmt, d, hq, hkv, gen, monkeypatch):
         torch.testing.assert_close(outs["spec"], outs["tiled"], rtol=0, atol=4 * ref_err + 1e-6)
 
 
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("fmt", SPEC_FORMATS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_bytes_outside_the_lengths_never_matter(device, fmt, d, gen):
+    """NaN bytes in the cache rows before each sequence's start and past its length (the stale
+    rows of a last chunk, which the kernels' 16-byte copies do read) leave the output exactly
+    as it was: lengths that end inside a chunk, and a length of 1."""
+    kr, vr = sides(fmt, fmt, d)
+    lengths, starts = [200, 37, 1, 90], [0, 5, 0, 3]
+    kc, vc = make_cache(gen, 4, 2, 200, d, fmt, fmt, kr, vr, scale=2.0)
+    q = torch.randn(4, 8, 1, d, generator=gen).half()
+    args = attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor(starts), fmt, fmt, kr, vr)
+    dev = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    clean = torch.ops.turbokv.attention(*dev)
+    for cache in (dev[1], dev[2]):
+        for b, (n, s) in enumerate(zip(lengths, starts, strict=True)):
+            cache[b, :, n:] = 0xFF
+            cache[b, :, :s] = 0xFF
+    dirty = torch.ops.turbokv.attention(*dev)
+    assert dirty.isfinite().all()
+    assert torch.equal(clean, dirty)
+
+
 @pytest.mark.parametrize("device", CUDA_ONLY)
 def test_spec_kernel_refuses_what_it_is_not_built_for_cuda(device, gen, monkeypatch):
     """Pinning the specialised kernel on a call it has no variant for is a clear error."""

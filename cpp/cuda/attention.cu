@@ -10,6 +10,7 @@
 //     inverse-rotates (V side) and drops the padding (epilogue).
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <map>
@@ -181,6 +182,7 @@ __global__ void __launch_bounds__(kMergeThreads)
     merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml, DevSide vs, int nsplit,
                  int64_t rows_total, int d, scalar_t* __restrict__ out) {
   extern __shared__ __align__(16) float buf[];  // dpv outputs, then merge_row's scratch
+  wait_for_producer_grid();                     // launched early (see attention_cuda)
   const int64_t row = blockIdx.x;
   if (vs.dp % 4 == 0)
     merge_row<4>(part_o, part_ml, row, rows_total, nsplit, vs.dp, buf, buf + vs.dp);
@@ -299,7 +301,8 @@ SpecKernel spec_for_dp(int fmt, int dp) {
 const char* spec_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
                        const at::Tensor& kc, const at::Tensor& vc) {
   if (const char* why = mma_unfit(a, ks, vs, q, kc, vc)) return why;
-  if (ks.fmt != vs.fmt) return "it is built for K and V in the same format";
+  if (ks.fmt != vs.fmt || !std::equal(std::begin(ks.cb), std::end(ks.cb), std::begin(vs.cb)))
+    return "it is built for K and V in the same format (one codebook)";
   if (!spec_for_dp(ks.fmt, ks.dp).fn)
     return "it is built for f16, q8_0, q4_0, turbo2, turbo3 and turbo4 rows of 64, 128 or 256 values";
   if (ks.fmt == kFmt_turbo4)  // the decoder relies on c[15 - i] == -c[i]
@@ -446,10 +449,24 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
       pk<<<grid, kThreads, smem, stream>>>(qp, kp, vp, ks, vs, P, po, pm);
     }
     TKV_CUDA_CHECK(cudaGetLastError());
-    merge_kernel<T><<<static_cast<unsigned>(rows_total), kMergeThreads, merge_smem(vs.dp, P.nsplit), stream>>>(
-        part_o.const_data_ptr<float>(), part_ml.const_data_ptr<float>(), vs, P.nsplit, rows_total, P.d,
-        reinterpret_cast<T*>(out.mutable_data_ptr()));
-    TKV_CUDA_CHECK(cudaGetLastError());
+    // The merge may launch while the partial kernel still runs (programmatic dependent
+    // launch, sm_90+; it waits for the partials before reading them): no launch gap
+    // between the two, which is several us of a decode step.
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(static_cast<unsigned>(rows_total));
+    cfg.blockDim = dim3(kMergeThreads);
+    cfg.dynamicSmemBytes = merge_smem(vs.dp, P.nsplit);
+    cfg.stream = stream;
+    cudaLaunchAttribute early{};
+    early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    early.val.programmaticStreamSerializationAllowed = 1;
+    if (compute_major(q.device().index()) >= 9) {
+      cfg.attrs = &early;
+      cfg.numAttrs = 1;
+    }
+    TKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, merge_kernel<T>, part_o.const_data_ptr<float>(),
+                                      part_ml.const_data_ptr<float>(), vs, P.nsplit, rows_total, P.d,
+                                      reinterpret_cast<T*>(out.mutable_data_ptr())));
   };
   switch (q.scalar_type()) {
     case at::kFloat:

@@ -5,7 +5,8 @@
 // This step is pure latency (a few hundred KB, but every load depends on nothing else): a
 // block loop over the splits cost 20-30 us per decode call at 128k on the H100. So the split
 // weights are computed once, in parallel, and the sums run in kMergeThreads / (dpv / VW)
-// groups of splits with VW-wide loads, so that all loads of a row are in flight at once.
+// groups of splits with VW-wide loads, issued before the weights are known, so that all
+// loads of a row are in flight at once.
 #pragma once
 
 #include <type_traits>
@@ -40,66 +41,78 @@ inline size_t merge_smem(int dpv, int nsplit) {
 // dpv), by all threads of the block; scratch: 8 + nsplit (rounded up to 4) + 4 * blockDim.x
 // floats, 16-byte aligned. Every split wrote its partial (zeros where it saw no key), so no
 // load needs a guard.
+//
+// Thread (c, k) sums column c (VW values) of splits k, k + groups, ... Its first kBatch
+// partial rows are loaded before anything else, so they are in flight while the block
+// finds the splits' weights (one load of each split's (max, sum), two block reductions):
+// the whole merge is about one round trip to L2 instead of one per phase (8 us -> see
+// benchmarks/RESULTS.md, 128k tokens, 66 splits).
 template <int VW>
 __device__ void merge_row(const float* part_o, const float* part_ml, int64_t row, int64_t rows_total, int nsplit,
                           int dpv, float* out_row, float* scratch) {
   using V = std::conditional_t<VW == 4, float4, float>;
+  constexpr int kBatch = 16;
   float* w = scratch + 8;
   V* sums = reinterpret_cast<V*>(w + (nsplit + 3) / 4 * 4);
   const int tid = threadIdx.x, nt = blockDim.x;
+  const int cols = dpv / VW, groups = max(1, nt / cols);
+  const bool summer = tid < cols * groups;
+  const int c = tid % cols, k = tid / cols;
+  const V* base = reinterpret_cast<const V*>(part_o + row * dpv);
+  const int64_t stride = rows_total * cols;  // one split, in V units
+  V x[kBatch];
+#pragma unroll
+  for (int u = 0; u < kBatch; ++u) {
+    const int sp = k + u * groups;
+    x[u] = summer && sp < nsplit ? __ldg(base + sp * stride + c) : V{};
+  }
+  // The splits' (max, sum) pairs, once each; more splits than threads loop.
   float m = -INFINITY;
-  for (int s = tid; s < nsplit; s += nt) m = fmaxf(m, part_ml[(s * rows_total + row) * 2]);
+  for (int sp = tid; sp < nsplit; sp += nt) m = fmaxf(m, part_ml[(sp * rows_total + row) * 2]);
   m = block_reduce<true>(m, scratch);
   float l = 0.0f;
-  for (int s = tid; s < nsplit; s += nt) {
-    const float ms = part_ml[(s * rows_total + row) * 2];
+  for (int sp = tid; sp < nsplit; sp += nt) {
+    const float ms = part_ml[(sp * rows_total + row) * 2];
     const float ws = ms == -INFINITY ? 0.0f : __expf(ms - m);
-    w[s] = ws;
-    l += ws * part_ml[(s * rows_total + row) * 2 + 1];
+    w[sp] = ws;
+    l += ws * part_ml[(sp * rows_total + row) * 2 + 1];
   }
   l = block_reduce<false>(l, scratch);  // its barriers also publish w[]
   const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-  const int cols = dpv / VW, groups = max(1, nt / cols);
-  const V* base = reinterpret_cast<const V*>(part_o + row * dpv);
-  const int64_t stride = rows_total * cols;  // one split, in V units
-  const auto fma = [](V& acc, float a, const V& x) {
+  const auto fma = [](V& acc, float a, const V& v) {
     if constexpr (VW == 4) {
-      acc.x += a * x.x;
-      acc.y += a * x.y;
-      acc.z += a * x.z;
-      acc.w += a * x.w;
+      acc.x += a * v.x;
+      acc.y += a * v.y;
+      acc.z += a * v.z;
+      acc.w += a * v.w;
     } else {
-      acc += a * x;
+      acc += a * v;
     }
   };
-  for (int t = tid; t < cols * groups; t += nt) {
-    const int c = t % cols, k = t / cols;
-    V acc[4] = {};
-    int s = k;
-    for (; s + 3 * groups < nsplit; s += 4 * groups) {
+  V acc{};
+  if (summer) {
 #pragma unroll
-      for (int u = 0; u < 4; ++u) fma(acc[u], w[s + u * groups], __ldg(base + (s + u * groups) * stride + c));
+    for (int u = 0; u < kBatch; ++u) {
+      const int sp = k + u * groups;
+      if (sp < nsplit) fma(acc, w[sp], x[u]);
     }
-    for (; s < nsplit; s += groups) fma(acc[0], w[s], __ldg(base + s * stride + c));
-    fma(acc[0], 1.0f, acc[1]);
-    fma(acc[2], 1.0f, acc[3]);
-    fma(acc[0], 1.0f, acc[2]);
+    for (int sp = k + kBatch * groups; sp < nsplit; sp += groups) fma(acc, w[sp], __ldg(base + sp * stride + c));
     if (groups == 1) {
       V r{};
-      fma(r, inv, acc[0]);
+      fma(r, inv, acc);
       reinterpret_cast<V*>(out_row)[c] = r;
     } else {
-      sums[t] = acc[0];
+      sums[tid] = acc;
     }
   }
   __syncthreads();
   if (groups > 1)
-    for (int c = tid; c < cols; c += nt) {
-      V acc{};
-      for (int k = 0; k < groups; ++k) fma(acc, 1.0f, sums[k * cols + c]);
+    for (int cc = tid; cc < cols; cc += nt) {
+      V a{};
+      for (int kk = 0; kk < groups; ++kk) fma(a, 1.0f, sums[kk * cols + cc]);
       V r{};
-      fma(r, inv, acc);
-      reinterpret_cast<V*>(out_row)[c] = r;
+      fma(r, inv, a);
+      reinterpret_cast<V*>(out_row)[cc] = r;
     }
 }
 

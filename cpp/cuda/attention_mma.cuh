@@ -239,6 +239,9 @@ __device__ __forceinline__ void chunk_softmax(float (&sc)[NT][4], float (&m)[2],
     l[c] = l[c] * alpha[c] + sum;
     m[c] = mn;
   }
+  // Once the running maxima settle, most chunks leave them unchanged (alpha = exp(0) = 1
+  // exactly): the warp skips the rescale of its KS x 4 accumulators then.
+  if (__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) return;
 #pragma unroll
   for (int mt = 0; mt < KS; ++mt) {
     o[mt][0] *= alpha[0];
@@ -317,6 +320,7 @@ __global__ void __launch_bounds__(kThreads)
     decode_mma_kernel(const void* __restrict__ q, int q_bf16, const uint8_t* __restrict__ kc,
                       const uint8_t* __restrict__ vc, DevSide ks, DevSide vs, AttnParams P, float* __restrict__ part_o,
                       float* __restrict__ part_ml) {
+  launch_dependents();         // the merge kernel may take SMs as this grid frees them
   constexpr int KS = DP / 16;  // k-steps of the QK product = m-tiles of the PV product
   constexpr int E = DP / 4;    // K dims per lane and key
   constexpr int F = DP / 8;    // V dims per lane and key

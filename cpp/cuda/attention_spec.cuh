@@ -35,7 +35,8 @@ struct SpecConfig {
   static constexpr int kBufK = buf(TK, kStrideK, KF::kPadRows), kBufV = buf(TK, kStrideV, VF::kPadRows);
   static constexpr int kStage = kBufK + kBufV;
   // Stages per warp: 4 blocks of 4 warps per SM when they fit in shared memory (56 KiB a
-  // block on the H100/H200), else 3 blocks, else fewer stages.
+  // block on the H100/H200), else 3 blocks, else fewer stages. (5 blocks, 96 registers, 2-3
+  // stages: no faster, H100 2026-11-24: the decoders are bound by the ALU pipe, not latency.)
   static constexpr int stages() {
     for (int blocks : {4, 3, 2})
       for (int st : {4, 3})
@@ -51,19 +52,37 @@ struct SpecConfig {
   static_assert(4 * kStage >= 4 * 8 * DP, "the query rows must fit in one stage of the 4 warps");
 };
 
+// Rows [t0, t0 + nrows) of `src` (kRow bytes each, nrows <= kRows) into `dst`, as
+// stage_rows does, with the copies per lane unrolled to their compile-time bound: a
+// predicate and one wide multiply-add per 16 bytes, no loop.
+template <int kRow, int kRows>
+__device__ __forceinline__ void stage_chunk(uint8_t* dst, const uint8_t* src, int64_t t0, int nrows, int lane) {
+  const int off = stage_offset(src, kRow, t0);
+  const uint8_t* a16 = src + t0 * kRow - off;
+  const unsigned n16 = static_cast<unsigned>(off + nrows * kRow + 15) / 16u;
+  constexpr int kIters = ((15 + kRows * kRow + 15) / 16 + 31) / 32;
+#pragma unroll
+  for (int r = 0; r < kIters; ++r) {
+    const unsigned i = static_cast<unsigned>(lane) + 32u * r;
+    if (i < n16) cp_async16(dst + 16u * i, a16 + 16u * i);
+  }
+}
+
 template <class KF, class VF, int DP>
 __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
     decode_spec_kernel(const void* __restrict__ q, int q_bf16, const uint8_t* __restrict__ kc,
                        const uint8_t* __restrict__ vc, DevSide ks, DevSide vs, AttnParams P, float* __restrict__ part_o,
                        float* __restrict__ part_ml) {
   using C = SpecConfig<KF, VF, DP>;
+  launch_dependents();  // the merge kernel may take SMs as this grid frees them
   constexpr int KS = DP / 16, E = DP / 4, F = DP / 8, NT = C::NT, TK = C::TK, S = C::kStages;
   extern __shared__ __align__(16) uint8_t smem[];
   float* qs = reinterpret_cast<float*>(smem + C::kQOffset);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gr = lane >> 2, tg = lane & 3;
   const int split = blockIdx.x;
   const int64_t bh = blockIdx.y, b = bh / P.Hkv, h = bh % P.Hkv;
-  const packed::Planes tk = packed::make_planes(ks.cb, 8), tv = packed::make_planes(vs.cb, 8);
+  // K and V share the format and so the codebook (spec_unfit checks): one set of registers.
+  const packed::Planes tk = packed::make_planes(ks.cb, 8), &tv = tk;
   const int64_t len = min(max(P.lengths[b], int64_t(0)), P.T);
   const int64_t start = P.starts ? min(max(P.starts[b], int64_t(0)), len) : 0;
   int64_t lo = start;
@@ -88,11 +107,11 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
       if constexpr (KF::kPadRows)
         stage_padded(st, krows, C::kRowK, C::kStrideK, t0, t1);
       else
-        stage_rows(st, krows, C::kRowK, t0, t1, lane);
+        stage_chunk<C::kRowK, TK>(st, krows, t0, static_cast<int>(t1 - t0), lane);
       if constexpr (VF::kPadRows)
         stage_padded(st + C::kBufK, vrows, C::kRowV, C::kStrideV, t0, t1);
       else
-        stage_rows(st + C::kBufK, vrows, C::kRowV, t0, t1, lane);
+        stage_chunk<C::kRowV, TK>(st + C::kBufK, vrows, t0, static_cast<int>(t1 - t0), lane);
     }
     cp_async_commit();  // an empty group when nothing was issued keeps the wait counts uniform
   };
@@ -109,15 +128,33 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
 #pragma unroll
   for (int i = 0; i < KS; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
 
+  // Where the first row of a chunk lands in its stage buffer: the same for every chunk of
+  // the split (a chunk's bytes are a multiple of 16), and so is each row's address mod 4 --
+  // K rows 16j + gr (+ 8) of this lane, V rows 2tg + (0, 1) (+ 8, + 16j).
+  const int k_at = KF::kPadRows ? 0 : stage_offset(krows, C::kRowK, s_lo);
+  const int v_at = C::kBufK + (VF::kPadRows ? 0 : stage_offset(vrows, C::kRowV, s_lo));
+  const uint32_t kmis = static_cast<uint32_t>(k_at + gr * C::kStrideK) & 3u;
+  const uint32_t vmis[2] = {static_cast<uint32_t>(v_at + 2 * tg * C::kStrideV) & 3u,
+                            static_cast<uint32_t>(v_at + (2 * tg + 1) * C::kStrideV) & 3u};
+
   for (int i = 0; i < mine; ++i) {
     issue(i + S - 1);
     cp_async_wait<S - 1>();
     __syncwarp();
     const int64_t t0 = s_lo + static_cast<int64_t>(warp + 4 * i) * TK;
-    const uint8_t* st = smem + static_cast<size_t>(4 * (i % S) + warp) * C::kStage;
-    const uint8_t* kt = st + (KF::kPadRows ? 0 : stage_offset(krows, C::kRowK, t0));
-    const uint8_t* vt = st + C::kBufK + (VF::kPadRows ? 0 : stage_offset(vrows, C::kRowV, t0));
+    uint8_t* st = smem + static_cast<size_t>(4 * (i % S) + warp) * C::kStage;
+    const uint8_t* kt = st + k_at;
+    const uint8_t* vt = st + v_at;
     const int nvalid = static_cast<int>(min(static_cast<int64_t>(TK), s_hi - t0));
+    if (nvalid < TK) {
+      // The split's last chunk: the V rows past the end are zeroed, so that they decode as
+      // zeros in every format (p is 0 there, but 0 times stale bytes might be NaN). K rows
+      // past the end are read as they are: their scores are masked to -inf.
+      uint8_t* z = st + v_at + nvalid * C::kStrideV;
+#pragma unroll 1
+      for (int x = lane; x < (TK - nvalid) * C::kStrideV; x += 32) z[x] = 0;
+      __syncwarp();
+    }
 
     // Scores: S^T rows gr and gr + 8 of each 16-key tile, heads 2tg and 2tg + 1.
     float sc[NT][4];
@@ -125,12 +162,21 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
     for (int j = 0; j < NT; ++j) {
       sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
       const int r0 = 16 * j + gr, r1 = r0 + 8;
-      uint32_t ha[E / 2], hb[E / 2];  // rows past the end: any valid row, masked below
-      KF::template decode<DP, 4>(kt + min(r0, nvalid - 1) * C::kStrideK, tg, tk, ha);
-      KF::template decode<DP, 4>(kt + min(r1, nvalid - 1) * C::kStrideK, tg, tk, hb);
+      const packed::Row ka{kt + r0 * C::kStrideK, kmis}, kb{kt + r1 * C::kStrideK, kmis};
+      uint32_t ha[E / 2], hb[E / 2];
+      KF::template decode<DP, 4>(ka, tg, tk, ha);
+      KF::template decode<DP, 4>(kb, tg, tk, hb);
 #pragma unroll
       for (int s = 0; s < KS; ++s)
         mma_16816(sc[j], ha[2 * s], hb[2 * s], ha[2 * s + 1], hb[2 * s + 1], qf[s][0], qf[s][1]);
+      if constexpr (KF::kScaleOut) {  // q . (scale c) = scale (q . c)
+        const float sa = __half2float(__ushort_as_half(ka.half(0)));
+        const float sb = __half2float(__ushort_as_half(kb.half(0)));
+        sc[j][0] *= sa;
+        sc[j][1] *= sa;
+        sc[j][2] *= sb;
+        sc[j][3] *= sb;
+      }
       mask_scores<NT>(sc, j, r0, nvalid, P.softcap);
     }
     chunk_softmax<NT, KS>(sc, m, l, o);
@@ -138,18 +184,18 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
     for (int j = 0; j < NT; ++j) {
       uint32_t p0, p1;
       p_fragments(sc[j], gr, tg, p0, p1);
-      // This lane's portion gr of the 4 keys' V rows; rows past the end read as zeros (p is
-      // 0 there, but 0 * NaN garbage would not be).
+      // This lane's portion gr of the 4 keys' V rows (keys 2tg, 2tg + 1, 2tg + 8, 2tg + 9,
+      // those of p0 and p1).
       uint32_t hv[4][F / 2];
+      packed::Row vk[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const int rk = 16 * j + 2 * tg + (k & 1) + 8 * (k >> 1);
-        if (rk < nvalid) {
-          VF::template decode<DP, 8>(vt + rk * C::kStrideV, gr, tv, hv[k]);
-        } else {
-#pragma unroll
-          for (int r = 0; r < F / 2; ++r) hv[k][r] = 0u;
-        }
+        vk[k] = {vt + (16 * j + 2 * tg + (k & 1) + 8 * (k >> 1)) * C::kStrideV, vmis[k & 1]};
+        VF::template decode<DP, 8>(vk[k], gr, tv, hv[k]);
+      }
+      if constexpr (VF::kScaleOut) {  // (p scale) c: p <= 1, so the f16 product stays finite
+        p0 = packed::hmul(p0, packed::u2h(vk[0].half(0) | (vk[1].half(0) << 16)));
+        p1 = packed::hmul(p1, packed::u2h(vk[2].half(0) | (vk[3].half(0) << 16)));
       }
       // m-tile mt: row gr <- value 2mt, row gr + 8 <- value 2mt + 1 of each key's portion.
 #pragma unroll

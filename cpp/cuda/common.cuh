@@ -94,6 +94,21 @@ inline void check_cuda(const at::Tensor& t, const char* arg) {
 // (a faulted context) are returned by every later call anyway.
 inline void clear_stale_error() { (void)cudaGetLastError(); }
 
+// Programmatic dependent launch (sm_90 and newer): a kernel that leaves partial results lets
+// the kernel that consumes them launch while it still runs (the consumer's blocks take SMs
+// as they free up, instead of after a launch gap), and the consumer waits for the whole
+// producer grid and its memory before its first read. No-ops on older GPUs.
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_producer_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 #define TKV_CUDA_CHECK(expr)                                                            \
   do {                                                                                  \
     const cudaError_t err_ = (expr);                                                    \
@@ -105,6 +120,13 @@ inline int sm_count(int device) {
   int sms = 0;
   TKV_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   return sms;
+}
+
+// Compute capability major version of a device (9 on the H100 / H200).
+inline int compute_major(int device) {
+  int major = 0;
+  TKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major;
 }
 
 __device__ __forceinline__ float to_float(float x) { return x; }

@@ -15,8 +15,12 @@
 // says where value i of portion p comes from, and the kernel builds the query fragments and
 // writes the outputs through that same map (a dot product does not care about order).
 //
+// Turbo rows of one group (DP = 64 or 128) leave their scale out (kScaleOut): the kernel
+// multiplies the K row's score by it (fp32) and the V row's probability by it (fp16, p <= 1
+// so p * scale stays finite), which saves one f16x2 multiply per 2 decoded values.
+//
 // Rows sit in shared memory with 2-byte alignment (turbo rows are 2 + k bytes long), so
-// 32-bit words are read as two aligned words and a funnel shift.
+// 32-bit words are read as two aligned words and a funnel shift (Row below).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -25,16 +29,40 @@
 
 namespace turbokv::cuda::packed {
 
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) { return __byte_perm(a, b, sel); }
-
-// 32-bit word at a 2-byte aligned shared-memory address.
-__device__ __forceinline__ uint32_t ld32(const uint8_t* p) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  const uint32_t* w = reinterpret_cast<const uint32_t*>(a & ~uintptr_t{3});
-  return __funnelshift_r(w[0], w[1], static_cast<uint32_t>(a & 3u) * 8u);
+// PTX prmt: __byte_perm ignores bit 3 of each selector nibble (the hardware's sign-replicate
+// mode), which costs a mask (LOP3 & 0x7777) before every table lookup. Every selector here
+// has bit 3 clear already, so the instruction is used as it is.
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
 }
+
 __device__ __forceinline__ uint32_t ld16(const uint8_t* p) { return *reinterpret_cast<const uint16_t*>(p); }
 
+// A packed row in shared memory (2-byte aligned) and its address mod 4. Rows keep their
+// alignment from chunk to chunk, so the kernel computes `mis` once and a word's alignment
+// costs nothing per load: two aligned loads and a funnel shift by a loop-invariant amount.
+// (The aligned address comes from pointer arithmetic on p, not through an integer, so the
+// compiler keeps knowing it is shared memory: LDS, not generic loads.)
+struct Row {
+  const uint8_t* p;
+  uint32_t mis;
+  __device__ __forceinline__ uint32_t word(int at) const {
+    const uint32_t m = (mis + static_cast<uint32_t>(at)) & 3u;
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(p + at - m);
+    return __funnelshift_r(w[0], w[1], 8u * m);
+  }
+  __device__ __forceinline__ uint32_t half(int at) const { return ld16(p + at); }
+};
+
+// (a & b) | c in one LOP3 (the compiler splits it in two when both b and c are constants).
+template <uint32_t B, uint32_t C>
+__device__ __forceinline__ uint32_t and_or(uint32_t a) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "n"(B), "n"(C));
+  return r;
+}
 __device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<const uint32_t*>(&h); }
 __device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<const __half2*>(&u); }
 // The row's fp16 scale, twice.
@@ -78,6 +106,7 @@ __device__ __forceinline__ uint32_t spread16(uint32_t x) {
 // ---- f16: chunks of 8 dims, arranged so the lanes of a phase hit distinct banks --------
 // (rows are staged with a stride of 4 words mod 32; see attention_spec.cuh).
 struct F16 {
+  static constexpr bool kScaleOut = false;
   static constexpr int kFmt = kFmt_f16;
   static constexpr bool kPadRows = true;
   static constexpr int row_bytes(int dp) { return 2 * dp; }
@@ -91,10 +120,10 @@ struct F16 {
     return 8 * chunk<DP, NP>(p, i / 8) + i % 8;
   }
   template <int DP, int NP>
-  __device__ static void decode(const uint8_t* row, int p, const Planes&, uint32_t (&h)[DP / NP / 2]) {
+  __device__ static void decode(const Row& row, int p, const Planes&, uint32_t (&h)[DP / NP / 2]) {
 #pragma unroll
     for (int j = 0; j < DP / NP / 8; ++j) {
-      const uint4 w = *reinterpret_cast<const uint4*>(row + 16 * chunk<DP, NP>(p, j));
+      const uint4 w = *reinterpret_cast<const uint4*>(row.p + 16 * chunk<DP, NP>(p, j));
       h[4 * j] = w.x;
       h[4 * j + 1] = w.y;
       h[4 * j + 2] = w.z;
@@ -105,6 +134,7 @@ struct F16 {
 
 // ---- q8_0: blocks of 2 + 32 bytes; portion p = values [n p, n p + n), natural order -----
 struct Q8 {
+  static constexpr bool kScaleOut = false;
   static constexpr int kFmt = kFmt_q8_0;
   static constexpr bool kPadRows = false;
   static constexpr int row_bytes(int dp) { return dp / 32 * 34; }
@@ -113,15 +143,15 @@ struct Q8 {
     return DP / NP * p + i;
   }
   template <int DP, int NP>
-  __device__ static void decode(const uint8_t* row, int p, const Planes&, uint32_t (&h)[DP / NP / 2]) {
+  __device__ static void decode(const Row& row, int p, const Planes&, uint32_t (&h)[DP / NP / 2]) {
     constexpr int n = DP / NP;
     const __half2 off = __float2half2_rn(1152.0f);  // 1024 + 128 (the byte's sign bit is flipped)
 #pragma unroll
     for (int v = 0; v < n; v += 4) {  // one word: 4 values, never across a block
       const int j = n * p + v;
-      const uint8_t* blk = row + (j / 32) * 34;
-      const __half2 d = scale2(blk);
-      const uint32_t w = ld32(blk + 2 + j % 32) ^ 0x80808080u;
+      const int blk = (j / 32) * 34;
+      const __half2 d = scale2(row.p + blk);
+      const uint32_t w = row.word(blk + 2 + j % 32) ^ 0x80808080u;
       h[v / 2] = hmul(h2u(__hsub2(u2h(prmt(w, 0x64646464u, 0x4140)), off)), d);
       h[v / 2 + 1] = hmul(h2u(__hsub2(u2h(prmt(w, 0x64646464u, 0x4342)), off)), d);
     }
@@ -130,10 +160,14 @@ struct Q8 {
 
 // ---- q4_0: blocks of 2 + 16 bytes, byte i = value i (low nibble) | value i+16 (high) ----
 // Portion p = bytes [n/2 p, n/2 (p+1)) of the rows' concatenated nibble bytes. Per word of
-// bytes i..i+3: (i, i+2), (i+16, i+18), (i+1, i+3), (i+17, i+19).
+// bytes i..i+3: (i, i+2), (i+16, i+18), (i+1, i+3), (i+17, i+19). A low nibble under the
+// exponent bits of 1024 is the f16 1024 + q; a high nibble (bits 4-7) is 1024 + 16 q, which
+// one fma (x / 16 - 72) turns into q - 8 (every step exact): the word and the word >> 8 give
+// all four registers with four LOP3 and one shift.
 struct Q4 {
   static constexpr int kFmt = kFmt_q4_0;
   static constexpr bool kPadRows = false;
+  static constexpr bool kScaleOut = false;
   static constexpr int row_bytes(int dp) { return dp / 32 * 18; }
   template <int DP, int NP>
   __device__ static int dim(int p, int i) {
@@ -143,21 +177,22 @@ struct Q4 {
     return 32 * blk + b + add[r] + 2 * half;
   }
   template <int DP, int NP>
-  __device__ static void decode(const uint8_t* row, int p, const Planes&, uint32_t (&h)[DP / NP / 2]) {
+  __device__ static void decode(const Row& row, int p, const Planes&, uint32_t (&h)[DP / NP / 2]) {
     constexpr int n = DP / NP;
-    const __half2 off = __float2half2_rn(1032.0f);  // 1024 + 8
+    const __half2 off = __float2half2_rn(1032.0f), sixteenth = __float2half2_rn(0.0625f),
+                  off16 = __float2half2_rn(-72.0f);  // 1024 / 16 + 8
 #pragma unroll
     for (int k = 0; k < n / 8; ++k) {
       const int byte = n / 2 * p + 4 * k;
-      const uint8_t* blk = row + (byte / 16) * 18;
-      const __half2 d = scale2(blk);
-      const uint32_t w = ld32(blk + 2 + byte % 16);
-      const uint32_t x[4] = {w, w >> 4, w >> 8, w >> 12};
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const uint32_t f = (x[r] & 0x000f000fu) | 0x64006400u;
-        h[4 * k + r] = hmul(h2u(__hsub2(u2h(f), off)), d);
-      }
+      const int blk = (byte / 16) * 18;
+      const __half2 d = scale2(row.p + blk);
+      const uint32_t w = row.word(blk + 2 + byte % 16), w8 = w >> 8;
+      const uint32_t lo0 = and_or<0x000f000fu, 0x64006400u>(w), hi0 = and_or<0x00f000f0u, 0x64006400u>(w);
+      const uint32_t lo1 = and_or<0x000f000fu, 0x64006400u>(w8), hi1 = and_or<0x00f000f0u, 0x64006400u>(w8);
+      h[4 * k] = hmul(h2u(__hsub2(u2h(lo0), off)), d);
+      h[4 * k + 1] = hmul(h2u(__hfma2(u2h(hi0), sixteenth, off16)), d);
+      h[4 * k + 2] = hmul(h2u(__hsub2(u2h(lo1), off)), d);
+      h[4 * k + 3] = hmul(h2u(__hfma2(u2h(hi1), sixteenth, off16)), d);
     }
   }
 };
@@ -170,11 +205,21 @@ struct TurboRow {
   static constexpr int G = DP % 128 == 0 ? 128 : 64;
   static constexpr int kGroupBytes = 2 + G * BITS / 8;
   static constexpr int row_bytes(int dp) { return dp / G * kGroupBytes; }
-  // The group holding value j0 (a portion never straddles two), and its scale twice.
-  __device__ static const uint8_t* group(const uint8_t* row, int j0, __half2& s) {
-    const uint8_t* grp = row + (j0 / G) * kGroupBytes;
-    s = scale2(grp);
+  static constexpr bool kScaleOut = G == DP;  // one group per row: its scale is applied by the kernel
+  // The offset of the group holding value j0 (a portion never straddles two), and its
+  // scale twice.
+  __device__ static int group(const Row& row, int j0, __half2& s) {
+    const int grp = (j0 / G) * kGroupBytes;
+    s = kScaleOut ? __half2{} : scale2(row.p + grp);
     return grp;
+  }
+  // Decoded codebook values times the group's scale, unless the kernel applies it.
+  template <int N>
+  __device__ static void scale(uint32_t* h, __half2 s) {
+    if constexpr (!kScaleOut) {
+#pragma unroll
+      for (int r = 0; r < N; ++r) h[r] = hmul(h[r], s);
+    }
   }
 };
 
@@ -195,19 +240,17 @@ struct Turbo3 : TurboRow<DP, 3, kFmt_turbo3> {
     return base + 2 * within + odd;
   }
   template <int DP_, int NP>
-  __device__ static void decode(const uint8_t* row, int p, const Planes& t, uint32_t (&h)[DP / NP / 2]) {
+  __device__ static void decode(const Row& row, int p, const Planes& t, uint32_t (&h)[DP / NP / 2]) {
     constexpr int n = DP / NP;
     const int j0 = n * p;
     __half2 s;
-    const uint8_t* grp = group(row, j0, s);
-    const uint8_t* lo = grp + 2;
-    const uint8_t* hi = lo + G / 4;
+    const int lo = group(row, j0, s) + 2, hi = lo + G / 4;
     const int w0 = j0 % G;
     if constexpr (n >= 16) {
 #pragma unroll
       for (int u = 0; u < n / 16; ++u) {
         const int w = w0 + 16 * u;
-        const uint32_t L = ld32(lo + w / 4), sp = spread16(ld16(hi + w / 8));
+        const uint32_t L = row.word(lo + w / 4), sp = spread16(row.half(hi + w / 8));
         const uint32_t se = (L & 0x33333333u) | ((sp << 2) & 0x44444444u);
         const uint32_t so = ((L >> 2) & 0x33333333u) | (sp & 0x44444444u);
         uint32_t* o = h + 8 * u;
@@ -215,17 +258,15 @@ struct Turbo3 : TurboRow<DP, 3, kFmt_turbo3> {
         lookup4(t, se >> 16, o[2], o[3]);
         lookup4(t, so, o[4], o[5]);
         lookup4(t, so >> 16, o[6], o[7]);
-#pragma unroll
-        for (int r = 0; r < 8; ++r) o[r] = hmul(o[r], s);
+        Turbo3::template scale<8>(o, s);
       }
     } else {  // 8 values: 16 low bits, 8 high bits
-      const uint32_t L = ld16(lo + w0 / 4), sp = spread16(lo[G / 4 + w0 / 8]);
+      const uint32_t L = row.half(lo + w0 / 4), sp = spread16(row.p[hi + w0 / 8]);
       const uint32_t se = (L & 0x3333u) | ((sp << 2) & 0x4444u);
       const uint32_t so = ((L >> 2) & 0x3333u) | (sp & 0x4444u);
       lookup4(t, se, h[0], h[1]);
       lookup4(t, so, h[2], h[3]);
-#pragma unroll
-      for (int r = 0; r < 4; ++r) h[r] = hmul(h[r], s);
+      Turbo3::template scale<4>(h, s);
     }
   }
 };
@@ -245,27 +286,28 @@ struct Turbo2 : TurboRow<DP, 2, kFmt_turbo2> {
     return base + k / 2 + 4 * (k % 2);
   }
   template <int DP_, int NP>
-  __device__ static void decode(const uint8_t* row, int p, const Planes& t, uint32_t (&h)[DP / NP / 2]) {
+  __device__ static void decode(const Row& row, int p, const Planes& t, uint32_t (&h)[DP / NP / 2]) {
     constexpr int n = DP / NP;
     const int j0 = n * p;
     __half2 s;
-    const uint8_t* grp = group(row, j0, s);
+    const int grp = group(row, j0, s);
     const uint32_t tl = t.lo0, th = t.hi0;  // entries 0..3
 #pragma unroll
     for (int u = 0; u < (n + 15) / 16; ++u) {
       const int w = j0 % G + 16 * u;
-      const uint32_t L = n >= 16 ? ld32(grp + 2 + w / 4) : ld16(grp + 2 + w / 4);
+      const uint32_t L = n >= 16 ? row.word(grp + 2 + w / 4) : row.half(grp + 2 + w / 4);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const uint32_t x = (L >> (2 * q)) & 0x03030303u;
         const uint32_t sel = x | (x << 4) | 0x40404040u;
         if constexpr (n >= 16) {
-          h[8 * u + 2 * q] = hmul(prmt(tl, th, sel), s);
-          h[8 * u + 2 * q + 1] = hmul(prmt(tl, th, sel >> 16), s);
+          h[8 * u + 2 * q] = prmt(tl, th, sel);
+          h[8 * u + 2 * q + 1] = prmt(tl, th, sel >> 16);
         } else {
-          h[q] = hmul(prmt(tl, th, sel), s);
+          h[q] = prmt(tl, th, sel);
         }
       }
+      Turbo2::template scale<(n >= 16 ? 8 : 4)>(h + 8 * u, s);
     }
   }
 };
@@ -281,14 +323,14 @@ struct Turbo4 : TurboRow<DP, 4, kFmt_turbo4> {
     return DP / NP * p + i;
   }
   template <int DP_, int NP>
-  __device__ static void decode(const uint8_t* row, int p, const Planes& t, uint32_t (&h)[DP / NP / 2]) {
+  __device__ static void decode(const Row& row, int p, const Planes& t, uint32_t (&h)[DP / NP / 2]) {
     constexpr int n = DP / NP;
     const int j0 = n * p;
     __half2 s;
-    const uint8_t* grp = group(row, j0, s);
+    const int grp = group(row, j0, s);
 #pragma unroll
     for (int v = 0; v < n; v += 8) {
-      const uint32_t W = ld32(grp + 2 + (j0 % G + v) / 2);
+      const uint32_t W = row.word(grp + 2 + (j0 % G + v) / 2);
       const uint32_t b3 = (W >> 3) & 0x11111111u;
       const uint32_t sel = (W ^ (b3 * 7u)) & 0x77777777u;
       // Byte k of the flips: 0x80 when value k (of the 4 looked up) has bit 3 set. Bit 3
@@ -298,8 +340,7 @@ struct Turbo4 : TurboRow<DP, 4, kFmt_turbo4> {
       const uint32_t f1 = prmt(e, W, 0x7362) & 0x80808080u;  // values 4..7: bytes 2, 3
       lookup4(t, sel, h[v / 2], h[v / 2 + 1], f0);
       lookup4(t, sel >> 16, h[v / 2 + 2], h[v / 2 + 3], f1);
-#pragma unroll
-      for (int r = 0; r < 4; ++r) h[v / 2 + r] = hmul(h[v / 2 + r], s);
+      Turbo4::template scale<4>(h + v / 2, s);
     }
   }
 };
