@@ -186,30 +186,43 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
       p_fragments(sc[j], gr, tg, p0, p1);
       // This lane's portion gr of the 4 keys' V rows (keys 2tg, 2tg + 1, 2tg + 8, 2tg + 9,
       // those of p0 and p1).
-      uint32_t hv[4][F / 2];
       packed::Row vk[4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        vk[k] = {vt + (16 * j + 2 * tg + (k & 1) + 8 * (k >> 1)) * C::kStrideV, vmis[k & 1]};
-        VF::template decode<DP, 8>(vk[k], gr, tv, hv[k]);
-      }
+      for (int k = 0; k < 4; ++k) vk[k] = {vt + (16 * j + 2 * tg + (k & 1) + 8 * (k >> 1)) * C::kStrideV, vmis[k & 1]};
       if constexpr (VF::kScaleOut) {  // (p scale) c: p <= 1, so the f16 product stays finite
         p0 = packed::hmul(p0, packed::u2h(vk[0].half(0) | (vk[1].half(0) << 16)));
         p1 = packed::hmul(p1, packed::u2h(vk[2].half(0) | (vk[3].half(0) << 16)));
       }
-      // m-tile mt: row gr <- value 2mt, row gr + 8 <- value 2mt + 1 of each key's portion.
+      // m-tile mt: row gr <- value 2mt, row gr + 8 <- value 2mt + 1 of each key's portion,
+      // as f16x2 of two keys' values: decoded so by the format (kPairs), or paired here.
+      if constexpr (VF::kPairs) {
+        uint32_t ab[F], cd[F];
+        VF::decode_pair(vk[0], vk[1], gr, tv, ab);
+        VF::decode_pair(vk[2], vk[3], gr, tv, cd);
 #pragma unroll
-      for (int mt = 0; mt < KS; ++mt)
-        mma_16816(o[mt], __byte_perm(hv[0][mt], hv[1][mt], 0x5410), __byte_perm(hv[0][mt], hv[1][mt], 0x7632),
-                  __byte_perm(hv[2][mt], hv[3][mt], 0x5410), __byte_perm(hv[2][mt], hv[3][mt], 0x7632), p0, p1);
+        for (int mt = 0; mt < KS; ++mt)
+          mma_16816(o[mt], ab[2 * mt], ab[2 * mt + 1], cd[2 * mt], cd[2 * mt + 1], p0, p1);
+      } else {
+        uint32_t hv[4][F / 2];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) VF::template decode<DP, 8>(vk[k], gr, tv, hv[k]);
+#pragma unroll
+        for (int mt = 0; mt < KS; ++mt)
+          mma_16816(o[mt], __byte_perm(hv[0][mt], hv[1][mt], 0x5410), __byte_perm(hv[0][mt], hv[1][mt], 0x7632),
+                    __byte_perm(hv[2][mt], hv[3][mt], 0x5410), __byte_perm(hv[2][mt], hv[3][mt], 0x7632), p0, p1);
+      }
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
   cp_async_wait<0>();
 
   write_partials<DP, KS>(
-      o, m, l, [&](int mt, int half) { return VF::template dim<DP, 8>(gr, 2 * mt + half); }, smem, P, b, h, split,
-      part_o, part_ml);
+      o, m, l,
+      [&](int mt, int half) {
+        if constexpr (VF::kPairs) return VF::pair_dim(gr, 2 * mt + half);
+        return VF::template dim<DP, 8>(gr, 2 * mt + half);
+      },
+      smem, P, b, h, split, part_o, part_ml);
 }
 
 // One specialised kernel: its entry point, dynamic shared memory and keys per chunk.

@@ -38,6 +38,13 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return r;
 }
 
+// (a & M) | (b & ~M) in one LOP3 (the compiler's two-constant form takes two).
+template <uint32_t M>
+__device__ __forceinline__ uint32_t bit_select(uint32_t a, uint32_t b) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xe2;" : "=r"(r) : "r"(a), "n"(M), "r"(b));
+  return r;
+}
 __device__ __forceinline__ uint32_t ld16(const uint8_t* p) { return *reinterpret_cast<const uint16_t*>(p); }
 
 // A packed row in shared memory (2-byte aligned) and its address mod 4. Rows keep their
@@ -106,6 +113,7 @@ __device__ __forceinline__ uint32_t spread16(uint32_t x) {
 // ---- f16: chunks of 8 dims, arranged so the lanes of a phase hit distinct banks --------
 // (rows are staged with a stride of 4 words mod 32; see attention_spec.cuh).
 struct F16 {
+  static constexpr bool kPairs = false;
   static constexpr bool kScaleOut = false;
   static constexpr int kFmt = kFmt_f16;
   static constexpr bool kPadRows = true;
@@ -134,6 +142,7 @@ struct F16 {
 
 // ---- q8_0: blocks of 2 + 32 bytes; portion p = values [n p, n p + n), natural order -----
 struct Q8 {
+  static constexpr bool kPairs = false;
   static constexpr bool kScaleOut = false;
   static constexpr int kFmt = kFmt_q8_0;
   static constexpr bool kPadRows = false;
@@ -165,6 +174,7 @@ struct Q8 {
 // one fma (x / 16 - 72) turns into q - 8 (every step exact): the word and the word >> 8 give
 // all four registers with four LOP3 and one shift.
 struct Q4 {
+  static constexpr bool kPairs = false;
   static constexpr int kFmt = kFmt_q4_0;
   static constexpr bool kPadRows = false;
   static constexpr bool kScaleOut = false;
@@ -206,6 +216,7 @@ struct TurboRow {
   static constexpr int kGroupBytes = 2 + G * BITS / 8;
   static constexpr int row_bytes(int dp) { return dp / G * kGroupBytes; }
   static constexpr bool kScaleOut = G == DP;  // one group per row: its scale is applied by the kernel
+  static constexpr bool kPairs = false;       // Turbo3 overrides
   // The offset of the group holding value j0 (a portion never straddles two), and its
   // scale twice.
   __device__ static int group(const Row& row, int j0, __half2& s) {
@@ -231,6 +242,8 @@ template <int DP>
 struct Turbo3 : TurboRow<DP, 3, kFmt_turbo3> {
   using TurboRow<DP, 3, kFmt_turbo3>::G;
   using TurboRow<DP, 3, kFmt_turbo3>::group;
+  using TurboRow<DP, 3, kFmt_turbo3>::kScaleOut;
+  static constexpr bool kPairs = true;  // decode_pair below
   template <int DP_, int NP>
   __device__ static int dim(int p, int i) {
     constexpr int n = DP / NP, u = n < 16 ? n : 16;  // values per unit
@@ -239,20 +252,32 @@ struct Turbo3 : TurboRow<DP, 3, kFmt_turbo3> {
     const int r = k / 2, odd = r >= per, within = (r % per) * 2 + k % 2;
     return base + 2 * within + odd;
   }
+  // Selector words of the 16 values at w of a group whose low / high bits start at byte
+  // lo / hi of the row: se holds the even values' 3-bit indices in nibbles 0..7, so the odd
+  // ones'. (8 values: nibbles 0..3 of each.)
+  template <int U>
+  __device__ static void selectors(const Row& row, int lo, int hi, int w, uint32_t& se, uint32_t& so) {
+    if constexpr (U == 16) {
+      const uint32_t L = row.word(lo + w / 4), sp = spread16(row.half(hi + w / 8));
+      se = (L & 0x33333333u) | ((sp << 2) & 0x44444444u);
+      so = ((L >> 2) & 0x33333333u) | (sp & 0x44444444u);
+    } else {
+      const uint32_t L = row.half(lo + w / 4), sp = spread16(row.p[hi + w / 8]);
+      se = (L & 0x3333u) | ((sp << 2) & 0x4444u);
+      so = ((L >> 2) & 0x3333u) | (sp & 0x4444u);
+    }
+  }
   template <int DP_, int NP>
   __device__ static void decode(const Row& row, int p, const Planes& t, uint32_t (&h)[DP / NP / 2]) {
     constexpr int n = DP / NP;
     const int j0 = n * p;
     __half2 s;
     const int lo = group(row, j0, s) + 2, hi = lo + G / 4;
-    const int w0 = j0 % G;
     if constexpr (n >= 16) {
 #pragma unroll
       for (int u = 0; u < n / 16; ++u) {
-        const int w = w0 + 16 * u;
-        const uint32_t L = row.word(lo + w / 4), sp = spread16(row.half(hi + w / 8));
-        const uint32_t se = (L & 0x33333333u) | ((sp << 2) & 0x44444444u);
-        const uint32_t so = ((L >> 2) & 0x33333333u) | (sp & 0x44444444u);
+        uint32_t se, so;
+        selectors<16>(row, lo, hi, j0 % G + 16 * u, se, so);
         uint32_t* o = h + 8 * u;
         lookup4(t, se, o[0], o[1]);
         lookup4(t, se >> 16, o[2], o[3]);
@@ -260,13 +285,55 @@ struct Turbo3 : TurboRow<DP, 3, kFmt_turbo3> {
         lookup4(t, so >> 16, o[6], o[7]);
         Turbo3::template scale<8>(o, s);
       }
-    } else {  // 8 values: 16 low bits, 8 high bits
-      const uint32_t L = row.half(lo + w0 / 4), sp = spread16(row.p[hi + w0 / 8]);
-      const uint32_t se = (L & 0x3333u) | ((sp << 2) & 0x4444u);
-      const uint32_t so = ((L >> 2) & 0x3333u) | (sp & 0x4444u);
+    } else {
+      uint32_t se, so;
+      selectors<8>(row, lo, hi, j0 % G, se, so);
       lookup4(t, se, h[0], h[1]);
       lookup4(t, so, h[2], h[3]);
       Turbo3::template scale<4>(h, s);
+    }
+  }
+  // The V side's pairs: the n = DP / 8 values of portion p of two rows a and b (keys k and
+  // k + 1 of the mma), straight as n f16x2 {a value, b value}. The two rows' selector
+  // nibbles are interleaved (one LOP3 per 8) before the lookups, so each lookup gives two
+  // finished registers: no prmt per register to pair the rows afterwards. Register i holds
+  // value 4 (i % per) + {0, 2, 1, 3}[i / per] of its unit of u = min(n, 16), per = u / 4.
+  __device__ static int pair_dim(int p, int i) {
+    constexpr int n = DP / 8, u = n < 16 ? n : 16, per = u / 4;
+    constexpr int perm[4] = {0, 2, 1, 3};
+    const int k = i % u;
+    return n * p + u * (i / u) + 4 * (k % per) + perm[k / per];
+  }
+  __device__ static void decode_pair(const Row& a, const Row& b, int p, const Planes& t, uint32_t (&h)[DP / 8]) {
+    constexpr int n = DP / 8, u = n < 16 ? n : 16;
+    constexpr uint32_t even = u == 16 ? 0x0f0f0f0fu : 0x0f0fu;  // nibbles 0, 2, 4, 6
+    const int j0 = n * p;
+    __half2 sa, sb;
+    const int lo = group(a, j0, sa) + 2, hi = lo + G / 4;
+    group(b, j0, sb);
+#pragma unroll
+    for (int v = 0; v < n / u; ++v) {
+      uint32_t ea, oa, eb, ob;
+      selectors<u>(a, lo, hi, j0 % G + u * v, ea, oa);
+      selectors<u>(b, lo, hi, j0 % G + u * v, eb, ob);
+      // Nibbles a0 b0 a4 b4 ... (values 0, 4, 8, 12 of both rows), then 2, 6, .., 1, 5, .., 3, 7, ..
+      const uint32_t sel[4] = {bit_select<even>(ea, eb << 4), bit_select<even>(ea >> 4, eb),
+                               bit_select<even>(oa, ob << 4), bit_select<even>(oa >> 4, ob)};
+      uint32_t* o = h + u * v;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if constexpr (u == 16) {
+          lookup4(t, sel[q], o[4 * q], o[4 * q + 1]);
+          lookup4(t, sel[q] >> 16, o[4 * q + 2], o[4 * q + 3]);
+        } else {
+          lookup4(t, sel[q], o[2 * q], o[2 * q + 1]);
+        }
+      }
+      if constexpr (!kScaleOut) {
+        const __half2 s2 = __halves2half2(__low2half(sa), __low2half(sb));
+#pragma unroll
+        for (int r = 0; r < u; ++r) o[r] = hmul(o[r], s2);
+      }
     }
   }
 };
