@@ -197,8 +197,8 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
       // as f16x2 of two keys' values: decoded so by the format (kPairs), or paired here.
       if constexpr (VF::kPairs) {
         uint32_t ab[F], cd[F];
-        VF::decode_pair(vk[0], vk[1], gr, tv, ab);
-        VF::decode_pair(vk[2], vk[3], gr, tv, cd);
+        VF::template decode_pair<DP>(vk[0], vk[1], gr, tv, ab);
+        VF::template decode_pair<DP>(vk[2], vk[3], gr, tv, cd);
 #pragma unroll
         for (int mt = 0; mt < KS; ++mt)
           mma_16816(o[mt], ab[2 * mt], ab[2 * mt + 1], cd[2 * mt], cd[2 * mt + 1], p0, p1);
@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
   write_partials<DP, KS>(
       o, m, l,
       [&](int mt, int half) {
-        if constexpr (VF::kPairs) return VF::pair_dim(gr, 2 * mt + half);
+        if constexpr (VF::kPairs) return VF::template pair_dim<DP>(gr, 2 * mt + half);
         return VF::template dim<DP, 8>(gr, 2 * mt + half);
       },
       smem, P, b, h, split, part_o, part_ml);

@@ -174,7 +174,7 @@ struct Q8 {
 // one fma (x / 16 - 72) turns into q - 8 (every step exact): the word and the word >> 8 give
 // all four registers with four LOP3 and one shift.
 struct Q4 {
-  static constexpr bool kPairs = false;
+  static constexpr bool kPairs = true;  // decode_pair below
   static constexpr int kFmt = kFmt_q4_0;
   static constexpr bool kPadRows = false;
   static constexpr bool kScaleOut = false;
@@ -203,6 +203,37 @@ struct Q4 {
       h[4 * k + 1] = hmul(h2u(__hfma2(u2h(hi0), sixteenth, off16)), d);
       h[4 * k + 2] = hmul(h2u(__hsub2(u2h(lo1), off)), d);
       h[4 * k + 3] = hmul(h2u(__hfma2(u2h(hi1), sixteenth, off16)), d);
+    }
+  }
+  // The V side's pairs (see Turbo3::decode_pair): bytes i, i + 1 of rows a and b side by
+  // side (one prmt) give {a, b} of values i, i + 16, i + 1, i + 17 with the same LOP3 / fma
+  // steps as decode, and the two rows' block scales as one pair {d_a, d_b}. Register j of
+  // a word (4 bytes from byte `first`) holds value first + j / 2 + 16 (j % 2).
+  template <int DP>
+  __device__ static int pair_dim(int p, int i) {
+    const int first = DP / 16 * p + 4 * (i / 8), j = i % 8;
+    return 32 * (first / 16) + first % 16 + j / 2 + 16 * (j % 2);
+  }
+  template <int DP>
+  __device__ static void decode_pair(const Row& a, const Row& b, int p, const Planes&, uint32_t (&h)[DP / 8]) {
+    constexpr int n = DP / 8;
+    const __half2 off = __float2half2_rn(1032.0f), sixteenth = __float2half2_rn(0.0625f),
+                  off16 = __float2half2_rn(-72.0f);
+#pragma unroll
+    for (int k = 0; k < n / 8; ++k) {
+      const int byte = n / 2 * p + 4 * k;
+      const int blk = (byte / 16) * 18;
+      const __half2 d = u2h(a.half(blk) | (b.half(blk) << 16));
+      const uint32_t wa = a.word(blk + 2 + byte % 16), wb = b.word(blk + 2 + byte % 16);
+#pragma unroll
+      for (int hw = 0; hw < 2; ++hw) {  // bytes 0, 1 then 2, 3 of the word
+        const uint32_t x = prmt(wa, wb, hw ? 0x7632u : 0x5410u), x8 = x >> 8;
+        uint32_t* o = h + 8 * k + 4 * hw;
+        o[0] = hmul(h2u(__hsub2(u2h(and_or<0x000f000fu, 0x64006400u>(x)), off)), d);
+        o[1] = hmul(h2u(__hfma2(u2h(and_or<0x00f000f0u, 0x64006400u>(x)), sixteenth, off16)), d);
+        o[2] = hmul(h2u(__hsub2(u2h(and_or<0x000f000fu, 0x64006400u>(x8)), off)), d);
+        o[3] = hmul(h2u(__hfma2(u2h(and_or<0x00f000f0u, 0x64006400u>(x8)), sixteenth, off16)), d);
+      }
     }
   }
 };
@@ -298,12 +329,14 @@ struct Turbo3 : TurboRow<DP, 3, kFmt_turbo3> {
   // nibbles are interleaved (one LOP3 per 8) before the lookups, so each lookup gives two
   // finished registers: no prmt per register to pair the rows afterwards. Register i holds
   // value 4 (i % per) + {0, 2, 1, 3}[i / per] of its unit of u = min(n, 16), per = u / 4.
+  template <int DP_>
   __device__ static int pair_dim(int p, int i) {
     constexpr int n = DP / 8, u = n < 16 ? n : 16, per = u / 4;
     constexpr int perm[4] = {0, 2, 1, 3};
     const int k = i % u;
     return n * p + u * (i / u) + 4 * (k % per) + perm[k / per];
   }
+  template <int DP_>
   __device__ static void decode_pair(const Row& a, const Row& b, int p, const Planes& t, uint32_t (&h)[DP / 8]) {
     constexpr int n = DP / 8, u = n < 16 ? n : 16;
     constexpr uint32_t even = u == 16 ? 0x0f0f0f0fu : 0x0f0fu;  // nibbles 0, 2, 4, 6
