@@ -6,7 +6,8 @@
 //  * decoding: the format is a template parameter and each lane decodes its whole portion of
 //    a row straight into f16x2 registers with word-wide bit tricks (packed_decode.cuh), in
 //    whatever dim order is cheapest; the query fragments and the output use the same order;
-//  * the V fragments pair two keys per register: two prmt per pair of decoded registers;
+//  * the V fragments pair two keys per register: decoded so directly where the format can
+//    (turbo3, q4_0: decode_pair), else two prmt per pair of decoded registers;
 //  * deeper pipelining: up to 4 stages of 16 or 32 keys per warp in flight (cp.async), rows
 //    padded in shared memory where that removes bank conflicts (f16).
 // The partial results (unnormalised output, max, sum per split) go to the same workspace as

@@ -15,6 +15,10 @@
 // says where value i of portion p comes from, and the kernel builds the query fragments and
 // writes the outputs through that same map (a dot product does not care about order).
 //
+// The V side needs registers that pair two keys' values; formats with kPairs (turbo3,
+// q4_0) decode two rows at once straight into such pairs (decode_pair, pair_dim), the
+// others are paired by the kernel with two prmt per pair of registers.
+//
 // Turbo rows of one group (DP = 64 or 128) leave their scale out (kScaleOut): the kernel
 // multiplies the K row's score by it (fp32) and the V row's probability by it (fp16, p <= 1
 // so p * scale stays finite), which saves one f16x2 multiply per 2 decoded values.
