@@ -179,6 +179,17 @@ struct Q8 {
 // all four registers with four LOP3 and one shift.
 struct Q4 {
   static constexpr bool kPairs = true;  // decode_pair below
+  // Four f16x2 registers from the nibbles of x: its low nibbles (bits 0-3, 16-19), its high
+  // nibbles (4-7, 20-23), then the same of x >> 8; times the scale pair d.
+  __device__ static void nibbles(uint32_t x, __half2 d, uint32_t* o) {
+    const __half2 off = __float2half2_rn(1032.0f), sixteenth = __float2half2_rn(0.0625f),
+                  off16 = __float2half2_rn(-72.0f);  // 1024 / 16 + 8
+    const uint32_t x8 = x >> 8;
+    o[0] = hmul(h2u(__hsub2(u2h(and_or<0x000f000fu, 0x64006400u>(x)), off)), d);
+    o[1] = hmul(h2u(__hfma2(u2h(and_or<0x00f000f0u, 0x64006400u>(x)), sixteenth, off16)), d);
+    o[2] = hmul(h2u(__hsub2(u2h(and_or<0x000f000fu, 0x64006400u>(x8)), off)), d);
+    o[3] = hmul(h2u(__hfma2(u2h(and_or<0x00f000f0u, 0x64006400u>(x8)), sixteenth, off16)), d);
+  }
   static constexpr int kFmt = kFmt_q4_0;
   static constexpr bool kPadRows = false;
   static constexpr bool kScaleOut = false;
@@ -193,20 +204,11 @@ struct Q4 {
   template <int DP, int NP>
   __device__ static void decode(const Row& row, int p, const Planes&, uint32_t (&h)[DP / NP / 2]) {
     constexpr int n = DP / NP;
-    const __half2 off = __float2half2_rn(1032.0f), sixteenth = __float2half2_rn(0.0625f),
-                  off16 = __float2half2_rn(-72.0f);  // 1024 / 16 + 8
 #pragma unroll
     for (int k = 0; k < n / 8; ++k) {
       const int byte = n / 2 * p + 4 * k;
       const int blk = (byte / 16) * 18;
-      const __half2 d = scale2(row.p + blk);
-      const uint32_t w = row.word(blk + 2 + byte % 16), w8 = w >> 8;
-      const uint32_t lo0 = and_or<0x000f000fu, 0x64006400u>(w), hi0 = and_or<0x00f000f0u, 0x64006400u>(w);
-      const uint32_t lo1 = and_or<0x000f000fu, 0x64006400u>(w8), hi1 = and_or<0x00f000f0u, 0x64006400u>(w8);
-      h[4 * k] = hmul(h2u(__hsub2(u2h(lo0), off)), d);
-      h[4 * k + 1] = hmul(h2u(__hfma2(u2h(hi0), sixteenth, off16)), d);
-      h[4 * k + 2] = hmul(h2u(__hsub2(u2h(lo1), off)), d);
-      h[4 * k + 3] = hmul(h2u(__hfma2(u2h(hi1), sixteenth, off16)), d);
+      nibbles(row.word(blk + 2 + byte % 16), scale2(row.p + blk), h + 4 * k);
     }
   }
   // The V side's pairs (see Turbo3::decode_pair): bytes i, i + 1 of rows a and b side by
@@ -221,23 +223,14 @@ struct Q4 {
   template <int DP>
   __device__ static void decode_pair(const Row& a, const Row& b, int p, const Planes&, uint32_t (&h)[DP / 8]) {
     constexpr int n = DP / 8;
-    const __half2 off = __float2half2_rn(1032.0f), sixteenth = __float2half2_rn(0.0625f),
-                  off16 = __float2half2_rn(-72.0f);
 #pragma unroll
     for (int k = 0; k < n / 8; ++k) {
       const int byte = n / 2 * p + 4 * k;
       const int blk = (byte / 16) * 18;
       const __half2 d = u2h(a.half(blk) | (b.half(blk) << 16));
       const uint32_t wa = a.word(blk + 2 + byte % 16), wb = b.word(blk + 2 + byte % 16);
-#pragma unroll
-      for (int hw = 0; hw < 2; ++hw) {  // bytes 0, 1 then 2, 3 of the word
-        const uint32_t x = prmt(wa, wb, hw ? 0x7632u : 0x5410u), x8 = x >> 8;
-        uint32_t* o = h + 8 * k + 4 * hw;
-        o[0] = hmul(h2u(__hsub2(u2h(and_or<0x000f000fu, 0x64006400u>(x)), off)), d);
-        o[1] = hmul(h2u(__hfma2(u2h(and_or<0x00f000f0u, 0x64006400u>(x)), sixteenth, off16)), d);
-        o[2] = hmul(h2u(__hsub2(u2h(and_or<0x000f000fu, 0x64006400u>(x8)), off)), d);
-        o[3] = hmul(h2u(__hfma2(u2h(and_or<0x00f000f0u, 0x64006400u>(x8)), sixteenth, off16)), d);
-      }
+      nibbles(prmt(wa, wb, 0x5410u), d, h + 8 * k);      // bytes 0, 1 of both words
+      nibbles(prmt(wa, wb, 0x7632u), d, h + 8 * k + 4);  // bytes 2, 3
     }
   }
 };
@@ -277,7 +270,6 @@ template <int DP>
 struct Turbo3 : TurboRow<DP, 3, kFmt_turbo3> {
   using TurboRow<DP, 3, kFmt_turbo3>::G;
   using TurboRow<DP, 3, kFmt_turbo3>::group;
-  using TurboRow<DP, 3, kFmt_turbo3>::kScaleOut;
   static constexpr bool kPairs = true;  // decode_pair below
   template <int DP_, int NP>
   __device__ static int dim(int p, int i) {
@@ -366,11 +358,7 @@ struct Turbo3 : TurboRow<DP, 3, kFmt_turbo3> {
           lookup4(t, sel[q], o[2 * q], o[2 * q + 1]);
         }
       }
-      if constexpr (!kScaleOut) {
-        const __half2 s2 = __halves2half2(__low2half(sa), __low2half(sb));
-#pragma unroll
-        for (int r = 0; r < u; ++r) o[r] = hmul(o[r], s2);
-      }
+      Turbo3::template scale<u>(o, __halves2half2(__low2half(sa), __low2half(sb)));
     }
   }
 };
