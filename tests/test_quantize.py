@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import device_params
@@ -99,6 +101,29 @@ def test_turbo_zero_group_decodes_to_zero(fmt):
     y = turbokv.dequantize(turbokv.quantize(x, fmt, Rotation(128, K_SEED)), fmt, 128, Rotation(128, K_SEED))
     assert torch.equal(y[0], torch.zeros(128)) and torch.equal(y[2:], torch.zeros(2, 128))
     assert y[1].norm().item() == pytest.approx(x[1].norm().item(), rel=1e-3)  # norm correction keeps the norm
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("fmt", ["turbo2", "turbo3", "turbo4"])
+@pytest.mark.parametrize("g", [64, 128])
+def test_turbo_values_on_a_midpoint(device, fmt, g):
+    """A normalised value equal to a midpoint: index #{mids < u} on either side of zero, exactly.
+
+    Rows of norm 1 (so u = x) holding +-midpoint and the value that completes the norm; the
+    CUDA encoder counts magnitudes against the positive midpoints, strictly for u > 0 and
+    not for u < 0, which only such ties tell apart (they occur from fp16 inputs).
+    """
+    mids = torch.tensor(formats.MIDPOINTS[(g, formats.get(fmt).bits)], dtype=torch.float32)
+    rows = []
+    for m in mids[mids != 0]:
+        row = torch.zeros(g)
+        row[0], row[1] = m, math.sqrt(1.0 - m.item() ** 2)
+        rows.append(row)
+    x = torch.stack(rows)
+    assert torch.equal(x.double().norm(dim=1).float(), torch.ones(len(rows)))  # so u = x exactly
+    got = turbokv.quantize(x.to(device), fmt, Rotation()).cpu()
+    expected = reference.quantize(x, fmt, 0, None)
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("device", device_params())

@@ -129,6 +129,23 @@ inline int compute_major(int device) {
   return major;
 }
 
+// PTX prmt: __byte_perm ignores bit 3 of each selector nibble (the hardware's sign-replicate
+// mode), which costs a mask (LOP3 & 0x7777) before every table lookup. Every selector here
+// has bit 3 clear already, so the instruction is used as it is.
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+
+// Bit i of the low 16 bits -> bit 2i.
+__device__ __forceinline__ uint32_t spread16(uint32_t x) {
+  x = prmt(x, 0, 0x4140);  // byte 0 -> bits 0-7, byte 1 -> bits 16-23
+  x = (x | (x << 4)) & 0x0f0f0f0fu;
+  x = (x | (x << 2)) & 0x33333333u;
+  return (x | (x << 1)) & 0x55555555u;
+}
+
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -1,6 +1,7 @@
 // CUDA quantize / dequantize / cache_append. Rows of 32, 64, 128, 256 or 512 stored values
-// are encoded one row per warp, in registers (warp_encode.cuh): wide loads, shuffle
-// butterflies, shuffle reductions, a staged row stored with wide words. Other row lengths
+// are encoded by warps, 32 values per lane, in registers (warp_encode.cuh): wide loads,
+// in-lane butterflies (shuffles for the last stages of a group), a lane's block or quarter
+// group quantised on its own, staged rows stored with 16-byte words. Other row lengths
 // take one block per row: load (any float dtype) -> zero-pad -> rotate in shared memory ->
 // encode into a shared staging row -> one coalesced copy out, with codec.h's encoders.
 #include <torch/library.h>
@@ -144,19 +145,21 @@ constexpr int kWarpThreads = 256, kWarps = kWarpThreads / 32;
 // l, L = dp / E), grid-stride over the rows; blockIdx.y = side as in encode_kernel. Each lane
 // works out its own row's target, so the per-row costs (the target, the reductions, the copy
 // out) are paid once per R rows. The next rows' loads are issued before these are encoded.
-// vec: rows are d = dp values aligned for LaneVec loads; otherwise element loads, zero beyond d.
+// vec: rows are d = dp values aligned for 16-byte loads; otherwise element loads, zero beyond d.
+// The format's encoder is chosen once, outside the row loop (with_lane_encoder).
 template <typename T, int E>
-__global__ void __launch_bounds__(kWarpThreads, E >= 16 ? 2 : 4)
+__global__ void __launch_bounds__(kWarpThreads, 2)
     encode_warp_kernel(const T* __restrict__ x0, const T* __restrict__ x1, int64_t d, bool vec, DevSide s0, DevSide s1,
                        uint8_t* out0, uint8_t* out1, RowTarget target, int64_t rows) {
-  using Vec = LaneVec<T, E>;
-  __shared__ __align__(16) uint8_t stage_all[kWarps][64 * E];  // the widest rows: 2 bytes per value
-  __shared__ float mids[16], cb2[16];
+  using Vec = LaneWords<T, E>;
+  // The widest rows (2 bytes a value), and up to 15 bytes of lead (see below).
+  __shared__ __align__(16) uint8_t stage_all[kWarps][64 * E + 16];
+  __shared__ float mids[16], cb[16];
   const bool second = blockIdx.y == 1;
   const DevSide& s = second ? s1 : s0;
   if (threadIdx.x < 16) {
     mids[threadIdx.x] = s.mids[threadIdx.x];
-    cb2[threadIdx.x] = s.cb[threadIdx.x] * s.cb[threadIdx.x];
+    cb[threadIdx.x] = s.cb[threadIdx.x];
   }
   __syncthreads();
   const T* x = second ? x1 : x0;
@@ -171,30 +174,58 @@ __global__ void __launch_bounds__(kWarpThreads, E >= 16 ? 2 : 4)
     Vec in;
     if (r >= rows) {
 #pragma unroll
-      for (int e = 0; e < E; ++e) in.v[e] = from_float<T>(0.0f);
+      for (int i = 0; i < Vec::kWords; ++i) in.w[i] = 0u;
     } else if (vec) {
       in = *reinterpret_cast<const Vec*>(x + r * d + col);
     } else {
+      // (Bounds as e < d - col against immediates: `col + e` for every e would be loop
+      // invariant, hoisted into a register each.)
+      LaneVec<T, E> e1;
+      const T* p = x + r * d + col;
+      const int64_t lim = d - col;
 #pragma unroll
-      for (int e = 0; e < E; ++e) in.v[e] = col + e < d ? x[r * d + col + e] : from_float<T>(0.0f);
+      for (int e = 0; e < E; ++e) e1.v[e] = e < lim ? p[e] : from_float<T>(0.0f);
+      in = *reinterpret_cast<const Vec*>(&e1);
     }
     return in;
   };
-  int64_t r = (static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32) * nrows + row_in_warp;
-  Vec cur = load(r);
-  for (; r - row_in_warp < rows; r += stride) {  // warp-uniform: the shuffles need every lane
-    const Vec next = load(r + stride);
-    const int64_t dst = r < rows ? target_row(target, r) : -1;
-    float v[E];
-#pragma unroll
-    for (int e = 0; e < E; ++e) v[e] = to_float(cur.v[e]);
-    warp_rotate<E>(v, rotation);
-    encode_lane<E>(v, s, mids, cb2, stage);
-    __syncwarp();
-    copy_rows_out(stage, out, dst, per_row, s.row_bytes, plan);
-    __syncwarp();
-    cur = next;
-  }
+  const int row_bytes = s.row_bytes;
+  const bool float_rows = static_cast<Family>(s.family) == Family::kFloat;
+  with_lane_encoder<E>(s, mids, cb, [&](auto encode) {
+    int64_t r = (static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32) * nrows + row_in_warp;
+    Vec cur = load(r);
+#pragma unroll 1
+    for (; r - row_in_warp < rows; r += stride) {  // warp-uniform: the shuffles need every lane
+      const Vec next = load(r + stride);
+      const int64_t dst = r < rows ? target_row(target, r) : -1;
+      // Rows bound for consecutive cache rows (a prefill's tokens, quantize's dense output) are
+      // staged at their destination's offset mod 16 and copied out as one span of 16-byte
+      // words; others row by row. (Stores into the staging rows are 2-byte, or 16-byte for
+      // float rows: the offset must keep that alignment.)
+      const int64_t dst0 = __shfl_sync(0xffffffffu, dst, 0);
+      uint8_t* span = out + dst0 * row_bytes;
+      const unsigned lead = static_cast<unsigned>(reinterpret_cast<uintptr_t>(span) & 15u);
+      const bool fits = (lead & 1u) == 0u && (lead == 0u || !float_rows);
+      const bool contiguous = __all_sync(0xffffffffu, dst0 >= 0 && dst == dst0 + row_in_warp) && fits;
+      uint8_t* st = stage + (contiguous ? lead : 0u);
+      float v[E];
+      to_floats(cur, v);
+      // The sign bits pass through an opaque copy per row: the per-value sign tests are loop
+      // invariant here, and hoisted they would take a register (or a spill slot) each.
+      LaneRotation<float> row_rotation = rotation;
+      row_rotation.pre = opaque(rotation.pre);
+      row_rotation.post = opaque(rotation.post);
+      warp_rotate<E>(v, row_rotation);
+      encode(v, st);
+      __syncwarp();
+      if (contiguous)
+        copy_span_out(st, span, nrows * row_bytes);
+      else
+        copy_rows_out(stage, out, dst, per_row, row_bytes, plan);
+      __syncwarp();
+      cur = next;
+    }
+  });
 }
 
 template <typename scalar_t>
@@ -232,12 +263,14 @@ size_t encode_smem(const DevSide& a, const DevSide& b) {
   return std::max(sizeof(float) * a.dp + a.row_bytes, sizeof(float) * b.dp + b.row_bytes) + 16;
 }
 
-// Values per lane of the warp encoder for a side (8: up to 8 rows of 32..256 values per warp,
-// 16: one row of 512), or 0 where rows take the block-per-row kernel.
+// Values per lane of the warp encoder for a side (32: a ggml block or a quarter of a turbo
+// group of 128 per lane, 32 rows of 32 .. 2 rows of 512 values per warp), or 0 where rows
+// take the block-per-row kernel. (8 values per lane, 16 lanes per row of 128, spent most of
+// its instructions on shuffles: butterflies, reductions and packing across lanes.)
 int warp_values(const DevSide& s) {
   const int dp = s.dp;
   if (dp < 32 || dp > 512 || (dp & (dp - 1)) != 0) return 0;
-  return dp == 512 ? 16 : 8;
+  return 32;
 }
 
 // Encodes `rows` rows of x0 (and x1 into the second side, when s1 is given) with the warp
@@ -268,10 +301,7 @@ void launch_encode(const T* x0, const T* x1, int64_t d, const DevSide& s0, const
   const auto go = [&](auto kernel) {
     kernel<<<grid, kWarpThreads, 0, stream>>>(x0, x1, d, vec, s0, t1, out0, out1, target, rows);
   };
-  if (e == 8)
-    go(encode_warp_kernel<T, 8>);
-  else
-    go(encode_warp_kernel<T, 16>);
+  go(encode_warp_kernel<T, 32>);
 }
 
 at::Tensor quantize_cuda(const at::Tensor& x, c10::string_view format, int64_t rot_group,

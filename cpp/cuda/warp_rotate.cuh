@@ -43,6 +43,12 @@ __device__ __forceinline__ LaneRotation<A> lane_rotation(const DevSide& s, bool 
   return r;
 }
 
+// x, as a value the compiler cannot treat as loop invariant (an asm it must run in place).
+__device__ __forceinline__ uint32_t opaque(uint32_t x) {
+  asm volatile("mov.b32 %0, %0;" : "+r"(x));
+  return x;
+}
+
 // In place, v <- s_post * H_N(s_pre * v) / sqrt(N) per group of N (a power of two dividing
 // 32 * E), N fixed at compile time so the butterflies are straight-line code.
 template <int E, int N, typename A>
@@ -105,5 +111,35 @@ template <typename T, int E>
 struct alignas(E * sizeof(T) < 16 ? E * sizeof(T) : 16) LaneVec {
   T v[E];
 };
+
+// The same E values as raw 32-bit words: moved and converted a word (two 16-bit values) at a
+// time, where an array of 16-bit values costs a PRMT per value to split and re-pack.
+template <typename T, int E>
+struct alignas(16) LaneWords {
+  static constexpr int kWords = E * static_cast<int>(sizeof(T)) / 4;
+  static_assert(kWords % 4 == 0, "whole 16-byte words");
+  uint32_t w[kWords];
+};
+
+__device__ __forceinline__ float2 word_to_float2(uint32_t w, __half) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&w));
+}
+__device__ __forceinline__ float2 word_to_float2(uint32_t w, __nv_bfloat16) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+}
+
+template <typename T, int E>
+__device__ __forceinline__ void to_floats(const LaneWords<T, E>& in, float (&v)[E]) {
+#pragma unroll
+  for (int i = 0; i < LaneWords<T, E>::kWords; ++i) {
+    if constexpr (sizeof(T) == 4) {
+      v[i] = __uint_as_float(in.w[i]);
+    } else {
+      const float2 f = word_to_float2(in.w[i], T{});
+      v[2 * i] = f.x;
+      v[2 * i + 1] = f.y;
+    }
+  }
+}
 
 }  // namespace turbokv::cuda
