@@ -38,10 +38,13 @@ struct SpecConfig {
   // Stages per warp: 4 blocks of 4 warps per SM when they fit in shared memory (56 KiB a
   // block on the H100/H200), else 3 blocks, else fewer stages. (5 blocks, 96 registers, 2-3
   // stages: no faster, H100 2026-11-24: the decoders are bound by the ALU pipe, not latency.)
+  // f16 rows of 128 (8.7 KB a stage) get 3 blocks of 2 stages rather than 2 of 3: more warps
+  // to hide the loop's latencies, with as many bytes in flight. (Rows of 256 stay at 2 blocks:
+  // their registers allow no more.)
   static constexpr int stages() {
     for (int blocks : {4, 3, 2})
-      for (int st : {4, 3})
-        if (4 * st * kStage <= 233472 / blocks - 1024) return st;
+      for (int st : {4, 3, 2})
+        if ((st > 2 || (blocks == 3 && DP < 256)) && 4 * st * kStage <= 233472 / blocks - 1024) return st;
     return 2;
   }
   static constexpr int kStages = stages();
