@@ -284,14 +284,14 @@ const char* mma_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& 
   return nullptr;
 }
 
-SpecKernel spec_for_dp(int fmt, int dp) {
+SpecKernel spec_for_dp(int fmt, int dp, bool long_keys = false) {
   switch (dp) {
     case 64:
-      return spec_kernel<64>(fmt);
+      return spec_kernel<64>(fmt, long_keys);
     case 128:
-      return spec_kernel<128>(fmt);
+      return spec_kernel<128>(fmt, long_keys);
     case 256:
-      return spec_kernel<256>(fmt);
+      return spec_kernel<256>(fmt, long_keys);
     default:
       return {};
   }
@@ -396,7 +396,7 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
     // One wave of resident blocks, each warp with at least one chunk of keys.
     int tk = 0;
     if (path == Path::kSpec) {
-      sk = spec_for_dp(ks.fmt, ks.dp);
+      sk = spec_for_dp(ks.fmt, ks.dp, /*long_keys=*/a.T >= 8192);
       mma = sk.fn;
       mma_smem = static_cast<size_t>(sk.smem);
       tk = sk.tk;

@@ -19,8 +19,10 @@
 
 namespace turbokv::cuda {
 
-// Compile-time shape of one kernel: tiles per chunk, stages, shared-memory layout.
-template <class KF, class VF, int DP>
+// Compile-time shape of one kernel: tiles per chunk, stages, shared-memory layout. kWide:
+// where a stage is large (f16 rows of 128: 8.7 KB), 3 blocks of 2 stages per SM instead of 2
+// of 3 -- more warps to hide the loop's latencies, for long key streams (see spec_table).
+template <class KF, class VF, int DP, bool kWide = false>
 struct SpecConfig {
   static constexpr int kRowK = KF::row_bytes(DP), kRowV = VF::row_bytes(DP);
   // Padded rows (16-byte multiples only): a stride of 4 words mod 32 banks.
@@ -38,13 +40,10 @@ struct SpecConfig {
   // Stages per warp: 4 blocks of 4 warps per SM when they fit in shared memory (56 KiB a
   // block on the H100/H200), else 3 blocks, else fewer stages. (5 blocks, 96 registers, 2-3
   // stages: no faster, H100 2026-11-24: the decoders are bound by the ALU pipe, not latency.)
-  // f16 rows of 128 (8.7 KB a stage) get 3 blocks of 2 stages rather than 2 of 3: more warps
-  // to hide the loop's latencies, with as many bytes in flight. (Rows of 256 stay at 2 blocks:
-  // their registers allow no more.)
   static constexpr int stages() {
     for (int blocks : {4, 3, 2})
       for (int st : {4, 3, 2})
-        if ((st > 2 || (blocks == 3 && DP < 256)) && 4 * st * kStage <= 233472 / blocks - 1024) return st;
+        if ((st > 2 || (kWide && blocks == 3)) && 4 * st * kStage <= 233472 / blocks - 1024) return st;
     return 2;
   }
   static constexpr int kStages = stages();
@@ -72,12 +71,12 @@ __device__ __forceinline__ void stage_chunk(uint8_t* dst, const uint8_t* src, in
   }
 }
 
-template <class KF, class VF, int DP>
+template <class KF, class VF, int DP, bool kWide>
 __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
     decode_spec_kernel(const void* __restrict__ q, int q_bf16, const uint8_t* __restrict__ kc,
                        const uint8_t* __restrict__ vc, DevSide ks, DevSide vs, AttnParams P, float* __restrict__ part_o,
                        float* __restrict__ part_ml) {
-  using C = SpecConfig<KF, VF, DP>;
+  using C = SpecConfig<KF, VF, DP, kWide>;
   launch_dependents();  // the merge kernel may take SMs as this grid frees them
   constexpr int KS = DP / 16, E = DP / 4, F = DP / 8, NT = C::NT, TK = C::TK, S = C::kStages;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -235,18 +234,23 @@ struct SpecKernel {
   int smem = 0, tk = 0;
 };
 
-template <class F, int DP>
+template <class F, int DP, bool kWide = false>
 SpecKernel spec_entry() {
-  using C = SpecConfig<F, F, DP>;
-  return {decode_spec_kernel<F, F, DP>, C::kSmem, C::TK};
+  using C = SpecConfig<F, F, DP, kWide>;
+  return {decode_spec_kernel<F, F, DP, kWide>, C::kSmem, C::TK};
 }
 
-// The kernel for K and V rows of format fmt and DP values, or {} when none is built.
+// The kernel for K and V rows of format fmt and DP values, or {} when none is built. long_keys:
+// the call streams many keys per sequence (f16 rows of 128 then take the kWide shape: H100,
+// 2026-11-24, B = 16 x 16k 0.402 -> 0.391 ms, 64k 0.114 -> 0.110, but B = 16 x 4k 0.111 ->
+// 0.113: short splits keep the deeper pipeline).
 template <int DP>
-SpecKernel spec_table(int fmt) {
+SpecKernel spec_table(int fmt, bool long_keys) {
   using namespace packed;
   switch (fmt) {
     case kFmt_f16:
+      if constexpr (DP == 128)
+        if (long_keys) return spec_entry<F16, DP, true>();
       return spec_entry<F16, DP>();
     case kFmt_q8_0:
       return spec_entry<Q8, DP>();
@@ -265,12 +269,12 @@ SpecKernel spec_table(int fmt) {
 
 // Built in attention_spec<DP>.cu, one file per DP so they compile in parallel.
 template <int DP>
-SpecKernel spec_kernel(int fmt);
+SpecKernel spec_kernel(int fmt, bool long_keys);
 template <>
-SpecKernel spec_kernel<64>(int fmt);
+SpecKernel spec_kernel<64>(int fmt, bool long_keys);
 template <>
-SpecKernel spec_kernel<128>(int fmt);
+SpecKernel spec_kernel<128>(int fmt, bool long_keys);
 template <>
-SpecKernel spec_kernel<256>(int fmt);
+SpecKernel spec_kernel<256>(int fmt, bool long_keys);
 
 }  // namespace turbokv::cuda

@@ -4,8 +4,8 @@
 namespace turbokv::cuda {
 
 template <>
-SpecKernel spec_kernel<256>(int fmt) {
-  return spec_table<256>(fmt);
+SpecKernel spec_kernel<256>(int fmt, bool long_keys) {
+  return spec_table<256>(fmt, long_keys);
 }
 
 }  // namespace turbokv::cuda

@@ -39,12 +39,20 @@ struct RowTarget {
   int64_t T;
 };
 
-__device__ __forceinline__ int64_t target_row(const RowTarget& t, int64_t r) {
+// In two steps, so that a loop can issue the positions load of a later row early: the row's
+// position (a load, or r for a dense output), then the slot.
+__device__ __forceinline__ int64_t target_position(const RowTarget& t, int64_t r) {
   if (t.positions == nullptr) return r;
   const uint32_t bh = t.S(static_cast<uint32_t>(r)), s = static_cast<uint32_t>(r) - bh * t.S.d, b = t.H(bh);
-  const int64_t p = t.positions[static_cast<int64_t>(b) * t.S.d + s];
+  return t.positions[static_cast<int64_t>(b) * t.S.d + s];
+}
+__device__ __forceinline__ int64_t target_slot(const RowTarget& t, int64_t r, int64_t p) {
+  if (t.positions == nullptr) return r;
   if (p < 0 || p >= t.T) return -1;  // validated on the host unless capturing a graph: never write out of bounds
-  return static_cast<int64_t>(bh) * t.T + p;
+  return static_cast<int64_t>(t.S(static_cast<uint32_t>(r))) * t.T + p;
+}
+__device__ __forceinline__ int64_t target_row(const RowTarget& t, int64_t r) {
+  return target_slot(t, r, target_position(t, r));
 }
 
 // Deterministic block sum of a double (warp shuffles, then the warps in order).
@@ -193,11 +201,16 @@ __global__ void __launch_bounds__(kWarpThreads, 2)
   const bool float_rows = static_cast<Family>(s.family) == Family::kFloat;
   with_lane_encoder<E>(s, mids, cb, [&](auto encode) {
     int64_t r = (static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32) * nrows + row_in_warp;
+    // The next rows' values and positions are loaded an iteration ahead (a cache slot comes
+    // from a positions load, which would otherwise stall every iteration for its latency).
+    const auto position = [&](int64_t rr) { return rr < rows ? target_position(target, rr) : int64_t{-1}; };
     Vec cur = load(r);
+    int64_t pos = position(r);
 #pragma unroll 1
     for (; r - row_in_warp < rows; r += stride) {  // warp-uniform: the shuffles need every lane
       const Vec next = load(r + stride);
-      const int64_t dst = r < rows ? target_row(target, r) : -1;
+      const int64_t next_pos = position(r + stride);
+      const int64_t dst = r < rows ? target_slot(target, r, pos) : -1;
       // Rows bound for consecutive cache rows (a prefill's tokens, quantize's dense output) are
       // staged at their destination's offset mod 16 and copied out as one span of 16-byte
       // words; others row by row. (Stores into the staging rows are 2-byte, or 16-byte for
@@ -224,6 +237,7 @@ __global__ void __launch_bounds__(kWarpThreads, 2)
         copy_rows_out(stage, out, dst, per_row, row_bytes, plan);
       __syncwarp();
       cur = next;
+      pos = next_pos;
     }
   });
 }
@@ -296,7 +310,9 @@ void launch_encode(const T* x0, const T* x1, int64_t d, const DevSide& s0, const
   };
   const bool vec = d == s0.dp && d == t1.dp && aligned(x0) && aligned(x1);
   const int64_t per_warp = 32 * e / s0.dp, warps = (rows + per_warp - 1) / per_warp;
-  const int64_t blocks = std::min<int64_t>((warps + kWarps - 1) / kWarps, 16LL * sm_count(c10::cuda::current_device()));
+  // Two resident blocks per SM (per side): a warp's prologue (its rotation's sign bits, the
+  // tables) is paid once for many rows, not once for a few.
+  const int64_t blocks = std::min<int64_t>((warps + kWarps - 1) / kWarps, 2LL * sm_count(c10::cuda::current_device()));
   const dim3 grid(static_cast<unsigned>(blocks), grid_rows.y);
   const auto go = [&](auto kernel) {
     kernel<<<grid, kWarpThreads, 0, stream>>>(x0, x1, d, vec, s0, t1, out0, out1, target, rows);
