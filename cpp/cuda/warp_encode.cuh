@@ -141,9 +141,10 @@ __device__ __forceinline__ void encode_block_lane(const float (&v)[E], int block
 // codec.h's index #{mids < u} is P + 1 + c for u > 0, with c = #{positive mids < u}, and
 // P - c for u <= 0, with c = #{positive mids <= |u|} (ties at a midpoint do occur: once in a
 // few million values from fp16 inputs), P = 2^(B-1) - 1. Per value: one multiply, P + 1
-// compares and the bits they set in bit planes (gt[j]: |u| > mid j, a thermometer code of c; pos: u > 0); per lane, the
-// planes become the binary index fields (XORs), the packed layout (bit spreads) and the
-// counts of each magnitude (popcounts), from which every lane of the group gets the same
+// compares and the bits they set in bit planes (gt[j]: |u| > mid j, a thermometer code of
+// c; pos: u > 0); per lane, the planes become the binary index fields (XORs), the packed
+// layout (bit spreads) and the counts of each magnitude (popcounts), from which every lane
+// of the group gets the same
 // sum of squared codebook entries (integer reductions, then a fixed fp64 order). Sums, square
 // roots and the divide are codec.h's, in fp64; only the order of the sums differs (the norm,
 // and so every u and index, matches the CPU's but where an fp64 rounding moves an fp32 one).
@@ -169,7 +170,8 @@ __device__ __forceinline__ void encode_turbo_lane(const float (&v)[E], const Dev
   const bool finite = norm <= kFltMax;
   const float inv = (norm == 0.0f || !finite) ? 0.0f : 1.0f / norm;
   // A compare is the sign bit of a difference (mid - |u| < 0: |u| > mid; 0 - u < 0: u > 0,
-  // and +-0 gives +0), shifted in from the top value down: one add and one LEA.HI a bit.
+  // and +-0 gives +0), shifted in from the top value down: one add and one funnel shift
+  // (SHF.L.U32.HI) a bit.
   uint32_t gt[P] = {}, pos = 0u;
 #pragma unroll
   for (int e = E - 1; e >= 0; --e) {
