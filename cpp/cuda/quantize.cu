@@ -163,37 +163,18 @@ __global__ void __launch_bounds__(kWarpThreads, 2)
   // The widest rows (2 bytes a value), and up to 15 bytes of lead (see below).
   __shared__ __align__(16) uint8_t stage_all[kWarps][64 * E + 16];
   __shared__ float mids[16], cb[16];
-  // The rotation's signs as tables, the same for every warp (a lane's values depend on its
-  // lane only), entry i of lane l at [i / 4][l] so a lane reads 4 with one conflict-free
-  // 16-byte load: pre[w] the sign bits to XOR into input word w (before the butterflies),
-  // post[e] = +-1 / sqrt(n) to multiply value e by (after them). An XOR per word and a
-  // multiply per value instead of a bit test and a select per value on each side.
-  __shared__ uint4 pre_tab[Vec::kWords / 4][32];
-  __shared__ float4 post_tab[E / 4][32];
   const bool second = blockIdx.y == 1;
   const DevSide& s = second ? s1 : s0;
-  const LaneRotation<float> rotation = lane_rotation<E>(s, false);
-  const int lane = static_cast<int>(threadIdx.x & 31u), per_row = s.dp / E, nrows = 32 / per_row;
   if (threadIdx.x < 16) {
     mids[threadIdx.x] = s.mids[threadIdx.x];
     cb[threadIdx.x] = s.cb[threadIdx.x];
-  }
-  if (threadIdx.x < 32) {
-    constexpr int kPer = 4 / static_cast<int>(sizeof(T));  // values a word
-    uint32_t* pre = reinterpret_cast<uint32_t*>(pre_tab);
-    float* post = reinterpret_cast<float*>(post_tab);
-    for (int w = 0; w < Vec::kWords; ++w) {
-      uint32_t m = 0u;
-      for (int k = 0; k < kPer; ++k) m |= ((rotation.pre >> (w * kPer + k)) & 1u) << (8 * sizeof(T) * (k + 1) - 1);
-      pre[(w / 4) * 128 + lane * 4 + w % 4] = m;
-    }
-    for (int e = 0; e < E; ++e)
-      post[(e / 4) * 128 + lane * 4 + e % 4] = ((rotation.post >> e) & 1u) ? -rotation.inv : rotation.inv;
   }
   __syncthreads();
   const T* x = second ? x1 : x0;
   uint8_t* out = second ? out1 : out0;
   uint8_t* stage = stage_all[threadIdx.x / 32];
+  const LaneRotation<float> rotation = lane_rotation<E>(s, false);
+  const int lane = static_cast<int>(threadIdx.x & 31u), per_row = s.dp / E, nrows = 32 / per_row;
   const int row_in_warp = lane / per_row, col = (lane % per_row) * E;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps * nrows;
   const CopyPlan plan = copy_plan(out, s.row_bytes, nrows);
@@ -240,32 +221,14 @@ __global__ void __launch_bounds__(kWarpThreads, 2)
       const bool fits = (lead & 1u) == 0u && (lead == 0u || !float_rows);
       const bool contiguous = __all_sync(0xffffffffu, dst0 >= 0 && dst == dst0 + row_in_warp) && fits;
       uint8_t* st = stage + (contiguous ? lead : 0u);
-      // The tables are read per row (an opaque index: hoisted out of the loop, they would
-      // take a register each).
-      const int t0 = static_cast<int>(opaque(0u));
-      if (rotation.n != 0) {
-#pragma unroll
-        for (int q = 0; q < Vec::kWords / 4; ++q) {
-          const uint4 m = pre_tab[t0 + q][lane];
-          cur.w[4 * q] ^= m.x;
-          cur.w[4 * q + 1] ^= m.y;
-          cur.w[4 * q + 2] ^= m.z;
-          cur.w[4 * q + 3] ^= m.w;
-        }
-      }
       float v[E];
       to_floats(cur, v);
-      with_group<E>(rotation.n, [&](auto N) {
-        warp_butterflies<E, decltype(N)::value>(v);
-#pragma unroll
-        for (int q = 0; q < E / 4; ++q) {
-          const float4 f = post_tab[t0 + q][lane];
-          v[4 * q] *= f.x;
-          v[4 * q + 1] *= f.y;
-          v[4 * q + 2] *= f.z;
-          v[4 * q + 3] *= f.w;
-        }
-      });
+      // The sign bits pass through an opaque copy per row: the per-value sign tests are loop
+      // invariant here, and hoisted they would take a register (or a spill slot) each.
+      LaneRotation<float> row_rotation = rotation;
+      row_rotation.pre = opaque(rotation.pre);
+      row_rotation.post = opaque(rotation.post);
+      warp_rotate<E>(v, row_rotation);
       encode(v, st);
       __syncwarp();
       if (contiguous)

@@ -6,8 +6,6 @@
 // memory, no block barriers, loads and stores as wide as the lane's E values.
 #pragma once
 
-#include <type_traits>
-
 #include "common.cuh"
 
 namespace turbokv::cuda {
@@ -51,11 +49,14 @@ __device__ __forceinline__ uint32_t opaque(uint32_t x) {
   return x;
 }
 
-// The butterflies of H_N per group of N (a power of two dividing 32 * E), no signs and no
-// 1 / sqrt(N), N fixed at compile time so they are straight-line code.
+// In place, v <- s_post * H_N(s_pre * v) / sqrt(N) per group of N (a power of two dividing
+// 32 * E), N fixed at compile time so the butterflies are straight-line code.
 template <int E, int N, typename A>
-__device__ __forceinline__ void warp_butterflies(A (&v)[E]) {
+__device__ __forceinline__ void warp_rotate_n(A (&v)[E], const LaneRotation<A>& r) {
   const unsigned lane = threadIdx.x & 31u;
+#pragma unroll
+  for (int e = 0; e < E; ++e)
+    if ((r.pre >> e) & 1u) v[e] = -v[e];
 #pragma unroll
   for (int h = 1; h < E && h < N; h <<= 1) {
 #pragma unroll
@@ -74,47 +75,35 @@ __device__ __forceinline__ void warp_butterflies(A (&v)[E]) {
 #pragma unroll
     for (int e = 0; e < E; ++e) v[e] = fma_rn(sg, v[e], __shfl_xor_sync(0xffffffffu, v[e], m));
   }
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const A y = v[e] * r.inv;
+    v[e] = ((r.post >> e) & 1u) ? -y : y;
+  }
 }
 
-// Calls f(std::integral_constant<int, N>) for a group size n of 16..512 that a warp of E
-// values a lane can hold (nothing for 0 or others).
-template <int E, typename F>
-__device__ __forceinline__ void with_group(int n, F&& f) {
-  switch (n) {
+// warp_rotate_n for the lane rotation's group (16..512; nothing when it is 0). All 32 lanes
+// must call it (shuffles).
+template <int E, typename A>
+__device__ __forceinline__ void warp_rotate(A (&v)[E], const LaneRotation<A>& r) {
+  switch (r.n) {
     case 16:
-      return f(std::integral_constant<int, 16>{});
+      return warp_rotate_n<E, 16>(v, r);
     case 32:
-      return f(std::integral_constant<int, 32>{});
+      return warp_rotate_n<E, 32>(v, r);
     case 64:
-      return f(std::integral_constant<int, 64>{});
+      return warp_rotate_n<E, 64>(v, r);
     case 128:
-      return f(std::integral_constant<int, 128>{});
+      return warp_rotate_n<E, 128>(v, r);
     case 256:
-      if constexpr (32 * E >= 256) return f(std::integral_constant<int, 256>{});
+      if constexpr (32 * E >= 256) return warp_rotate_n<E, 256>(v, r);
       return;
     case 512:
-      if constexpr (32 * E >= 512) return f(std::integral_constant<int, 512>{});
+      if constexpr (32 * E >= 512) return warp_rotate_n<E, 512>(v, r);
       return;
     default:
       return;
   }
-}
-
-// In place, v <- s_post * H_N(s_pre * v) / sqrt(N) per group of N of the lane rotation
-// (16..512; nothing when it is 0). All 32 lanes must call it (shuffles).
-template <int E, typename A>
-__device__ __forceinline__ void warp_rotate(A (&v)[E], const LaneRotation<A>& r) {
-  with_group<E>(r.n, [&](auto N) {
-#pragma unroll
-    for (int e = 0; e < E; ++e)
-      if ((r.pre >> e) & 1u) v[e] = -v[e];
-    warp_butterflies<E, decltype(N)::value>(v);
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const A y = v[e] * r.inv;
-      v[e] = ((r.post >> e) & 1u) ? -y : y;
-    }
-  });
 }
 
 // E values of T at p (aligned to their total size, or to 16 bytes beyond that).
