@@ -34,6 +34,16 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// d = A B + c: an mma that starts from other accumulators than it writes (no moves into d).
+__device__ __forceinline__ void mma_16816_from(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1, const float (&c)[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
@@ -159,47 +169,75 @@ __device__ __forceinline__ void stage_rows(uint8_t* dst, const uint8_t* src, int
 // ---- pieces shared by the tensor-core decode kernels (this one and attention_spec.cuh) ----
 
 // The GQA group's queries as 8 rows of DP floats in shared memory (zero-padded heads and
-// dims), rotated with the K side's rotation. Ends synchronised.
+// dims), rotated with the K side's rotation, in two steps: fetch() issues the global loads,
+// into registers where a warp holds whole rows (and those of the rotation's signs), finish()
+// rotates the rows into qs and synchronises the block. A kernel fetches before it issues its
+// first key chunks and finishes after: loads issued behind a whole grid's prefetch wait for
+// it (H100, q4_0 decode of 8448 keys: the query prologue took 5.8 us of a 14 us kernel).
 template <int DP>
-__device__ void load_queries(float* qs, const void* q, int q_bf16, const AttnParams& P, int64_t b, int64_t h,
-                             const DevSide& ks) {
-  const auto load = [&](int g, int j) {
+struct QueryRows {
+  static constexpr int E = DP / 32;
+  // One warp per query row, rotated in registers (warp_rotate.cuh): no block barrier per
+  // butterfly stage in the prologue of every split. Rows of 96: the block rotates them in
+  // shared memory.
+  static constexpr bool kInWarp = DP % 32 == 0 && (E & (E - 1)) == 0;
+  static constexpr int kRows = 8 / (kThreads / 32);  // rows per warp
+  float v[kRows][kInWarp ? E : 1];
+  LaneRotation<float> rotation;
+
+  __device__ static float load(const void* q, int q_bf16, const AttnParams& P, int64_t b, int64_t h, int g, int j) {
     const int64_t at = (b * P.Hq + h * P.G + g) * P.d + j;
     if (g >= P.G || j >= P.d) return 0.0f;
     return q_bf16 ? to_float(static_cast<const __nv_bfloat16*>(q)[at]) : to_float(static_cast<const __half*>(q)[at]);
-  };
-  constexpr int E = DP / 32;
-  if constexpr (DP % 32 == 0 && (E & (E - 1)) == 0) {
-    // One warp per query row, rotated in registers (warp_rotate.cuh): no block barrier per
-    // butterfly stage in the prologue of every split.
-    const LaneRotation<float> rotation = lane_rotation<E>(ks, false);
-    const int lane = static_cast<int>(threadIdx.x & 31u);
-    for (int g = static_cast<int>(threadIdx.x / 32); g < 8; g += static_cast<int>(blockDim.x / 32)) {
-      float v[E];
-#pragma unroll
-      for (int e = 0; e < E; ++e) v[e] = load(g, lane * E + e);
-      warp_rotate<E>(v, rotation);
-#pragma unroll
-      for (int e = 0; e < E; ++e) qs[g * DP + lane * E + e] = v[e];
-    }
-    __syncthreads();
-  } else {  // rows of 96: the block rotates them in shared memory
-    for (int idx = threadIdx.x; idx < 8 * DP; idx += blockDim.x) qs[idx] = load(idx / DP, idx % DP);
-    __syncthreads();
-    if (ks.rot_group) rotate_side<float>(qs, 8 * DP, ks, false);
   }
-}
+  __device__ void fetch(const void* q, int q_bf16, const AttnParams& P, int64_t b, int64_t h, const DevSide& ks) {
+    if constexpr (kInWarp) {
+      rotation = lane_rotation<E>(ks, false);
+      const int lane = static_cast<int>(threadIdx.x & 31u), warp = static_cast<int>(threadIdx.x / 32);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int e = 0; e < E; ++e) v[r][e] = load(q, q_bf16, P, b, h, warp + r * (kThreads / 32), lane * E + e);
+    }
+  }
+  __device__ void finish(float* qs, const void* q, int q_bf16, const AttnParams& P, int64_t b, int64_t h,
+                         const DevSide& ks) {
+    if constexpr (kInWarp) {
+      const int lane = static_cast<int>(threadIdx.x & 31u), warp = static_cast<int>(threadIdx.x / 32);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        warp_rotate<E>(v[r], rotation);
+        const int g = warp + r * (kThreads / 32);
+#pragma unroll
+        for (int e = 0; e < E; ++e) qs[g * DP + lane * E + e] = v[r][e];
+      }
+      __syncthreads();
+    } else {
+      for (int idx = threadIdx.x; idx < 8 * DP; idx += blockDim.x)
+        qs[idx] = load(q, q_bf16, P, b, h, idx / DP, idx % DP);
+      __syncthreads();
+      if (ks.rot_group) rotate_side<float>(qs, 8 * DP, ks, false);
+    }
+  }
+};
 
 // Q^T (scaled) as B fragments: k-step s takes this lane's values 4s..4s+3 (slots 2tg, 2tg+1,
 // 2tg+8, 2tg+9) of head gr; dim(i) = the dim of the lane's value i in the K fragments.
-template <int DP, int KS, class Dim>
-__device__ __forceinline__ void query_fragments(uint32_t (&qf)[KS][2], const float* qs, int gr, float scale, Dim dim) {
+// weight(i): a factor of value i's slot (a power of two; 1 but for q4_0's block scores).
+template <int DP, int KS, class Dim, class Weight>
+__device__ __forceinline__ void query_fragments(uint32_t (&qf)[KS][2], const float* qs, int gr, float scale, Dim dim,
+                                                Weight weight) {
   const float* qr = qs + gr * DP;
+  const auto at = [&](int i) { return qr[dim(i)] * scale * weight(i); };
 #pragma unroll
   for (int s = 0; s < KS; ++s) {
-    qf[s][0] = pack_half2(qr[dim(4 * s)] * scale, qr[dim(4 * s + 1)] * scale);
-    qf[s][1] = pack_half2(qr[dim(4 * s + 2)] * scale, qr[dim(4 * s + 3)] * scale);
+    qf[s][0] = pack_half2(at(4 * s), at(4 * s + 1));
+    qf[s][1] = pack_half2(at(4 * s + 2), at(4 * s + 3));
   }
+}
+template <int DP, int KS, class Dim>
+__device__ __forceinline__ void query_fragments(uint32_t (&qf)[KS][2], const float* qs, int gr, float scale, Dim dim) {
+  query_fragments<DP, KS>(qf, qs, gr, scale, dim, [](int) { return 1.0f; });
 }
 
 // Softcap and the end-of-chunk mask on the scores of tile j (rows r0 = 16j + gr, r0 + 8).
@@ -346,7 +384,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int64_t len = min(max(P.lengths[b], int64_t(0)), P.T);
   const int64_t start = P.starts ? min(max(P.starts[b], int64_t(0)), len) : 0;
-  load_queries<DP>(qs, q, q_bf16, P, b, h, ks);
+  QueryRows<DP> queries;
+  queries.fetch(q, q_bf16, P, b, h, ks);
+  queries.finish(qs, q, q_bf16, P, b, h, ks);
   uint32_t qf[KS][2];  // k-step s, this lane's slots 2tg..+1 / 2tg+8..+9 -> dims E*tg + 4s + 0..3
   query_fragments<DP, KS>(qf, qs, gr, P.scale, [&](int i) { return E * tg + i; });
 

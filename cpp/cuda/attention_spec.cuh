@@ -14,6 +14,8 @@
 // the other kernels', so merge_kernel (attention.cu) finishes the job.
 #pragma once
 
+#include <type_traits>
+
 #include "attention_mma.cuh"
 #include "packed_decode.cuh"
 
@@ -55,21 +57,75 @@ struct SpecConfig {
   static_assert(4 * kStage >= 4 * 8 * DP, "the query rows must fit in one stage of the 4 warps");
 };
 
-// Rows [t0, t0 + nrows) of `src` (kRow bytes each, nrows <= kRows) into `dst`, as
-// stage_rows does, with the copies per lane unrolled to their compile-time bound: a
-// predicate and one wide multiply-add per 16 bytes, no loop.
-template <int kRow, int kRows>
-__device__ __forceinline__ void stage_chunk(uint8_t* dst, const uint8_t* src, int64_t t0, int nrows, int lane) {
-  const int off = stage_offset(src, kRow, t0);
-  const uint8_t* a16 = src + t0 * kRow - off;
-  const unsigned n16 = static_cast<unsigned>(off + nrows * kRow + 15) / 16u;
-  constexpr int kIters = ((15 + kRows * kRow + 15) / 16 + 31) / 32;
-#pragma unroll
-  for (int r = 0; r < kIters; ++r) {
-    const unsigned i = static_cast<unsigned>(lane) + 32u * r;
-    if (i < n16) cp_async16(dst + 16u * i, a16 + 16u * i);
+// cp.async of 16 bytes from global g + G to shared s + S: both offsets immediates of the
+// instruction.
+template <int S, int G>
+__device__ __forceinline__ void cp_async16_at(uint32_t s, const uint8_t* g) {
+  asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;\n" ::"r"(s), "l"(g), "n"(S), "n"(G));
+}
+
+// f(std::integral_constant<int, R>) for R in [R0, N).
+template <int R0, int N, class F>
+__device__ __forceinline__ void static_for(F&& f) {
+  if constexpr (R0 < N) {
+    f(std::integral_constant<int, R0>{});
+    static_for<R0 + 1, N>(f);
   }
 }
+
+// The copies of one side's chunks (up to kRows rows of kRow bytes) into a warp's stage
+// buffers. A warp's chunks start 4 chunks apart and land at the same place in their buffers
+// (a chunk is a multiple of 16 bytes), so a lane keeps the global address of its first copy
+// of the warp's first chunk and which of its copies a full chunk has: a copy is then one
+// predicated cp.async with immediate offsets (an address computed per copy cost ~150
+// instructions per chunk of 32 q4_0 keys, an eighth of the decode loop).
+//  * contiguous rows (kPad false): 16-byte words from the boundary at or before the first
+//    row (up to 15 bytes of lead), word i = lane + 32 r;
+//  * padded rows (kPad: rows of 16-byte multiples to a stride of kStride): a row is kPer
+//    words (kPer divides 32), word c of row i / kPer... copy r of a lane takes row
+//    lane / kPer + r 32 / kPer, word lane % kPer.
+template <int kRow, int kStride, int kRows, bool kPad>
+struct Stager {
+  static constexpr int kPer = kRow / 16, kRowsPerIter = kPad ? 32 / kPer : 0;
+  static_assert(!kPad || (kRow % 16 == 0 && 32 % kPer == 0), "padded rows: whole words, a divisor of 32 a row");
+  static constexpr int kIters = kPad ? kRows / kRowsPerIter : ((15 + kRows * kRow + 15) / 16 + 31) / 32;
+  static constexpr int kStepS = kPad ? kRowsPerIter * kStride : 512, kStepG = kPad ? kRowsPerIter * kRow : 512;
+  const uint8_t* g;  // this lane's copy 0 of the warp's first chunk
+  uint32_t full;     // bit r: the lane's copy r exists in a full chunk
+
+  // Copies r < count(n) where n is the number of words (contiguous) or rows (padded).
+  __device__ static uint32_t first(int n, int lane) {
+    const int at = kPad ? lane / kPer : lane, per = kPad ? kRowsPerIter : 32;
+    const int count = n > at ? (n - at + per - 1) / per : 0;
+    return count >= 32 ? ~0u : (1u << count) - 1u;
+  }
+  __device__ static int words(int lead, int nrows) { return (lead + nrows * kRow + 15) / 16; }
+  // rows: the side's rows; t0: the warp's first chunk; lead: stage_offset(rows, kRow, t0).
+  __device__ Stager(const uint8_t* rows, int64_t t0, int lead, int lane) {
+    if constexpr (kPad) {
+      g = rows + (t0 + lane / kPer) * kRow + 16 * (lane % kPer);
+      full = first(kRows, lane);
+    } else {
+      g = rows + t0 * kRow - lead + 16 * lane;
+      full = first(words(lead, kRows), lane);
+    }
+  }
+  // The lane's shared offset of its copy 0 within a stage buffer.
+  __device__ static uint32_t shared_at(int lane) {
+    return kPad ? static_cast<uint32_t>((lane / kPer) * kStride + 16 * (lane % kPer)) : 16u * lane;
+  }
+  // The warp's next chunk (its chunks go in order, each 4 chunks of kRows rows after the
+  // previous one), nrows <= kRows of its rows, into the buffer at shared address buf (+
+  // shared_at).
+  __device__ void copy_next(uint32_t buf, int nrows, int lead, int lane) {
+    const uint32_t m = nrows == kRows ? full : first(kPad ? nrows : words(lead, nrows), lane);
+    static_for<0, kIters>([&](auto r) {
+      constexpr int R = decltype(r)::value;
+      if ((m >> R) & 1u) cp_async16_at<R * kStepS, R * kStepG>(buf, g);
+    });
+    g += 4 * kRows * kRow;
+  }
+};
 
 template <class KF, class VF, int DP, bool kWide>
 __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
@@ -86,45 +142,84 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
   const int64_t bh = blockIdx.y, b = bh / P.Hkv, h = bh % P.Hkv;
   // K and V share the format and so the codebook (spec_unfit checks): one set of registers.
   const packed::Planes tk = packed::make_planes(ks.cb, 8), &tv = tk;
+  const int64_t base = bh * P.T;
+  const uint8_t* krows = kc + base * C::kRowK;
+  const uint8_t* vrows = vc + base * C::kRowV;
+  using StageK = Stager<C::kRowK, C::kStrideK, TK, KF::kPadRows>;
+  using StageV = Stager<C::kRowV, C::kStrideV, TK, VF::kPadRows>;
+  const uint32_t stages = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + warp * C::kStage;
+  const uint32_t sk_at = stages + StageK::shared_at(lane), sv_at = stages + C::kBufK + StageV::shared_at(lane);
+  // This warp's chunks of keys [s_lo, s_hi): n in all, the first `full` of them whole.
+  struct Chunks {
+    int64_t s_lo, s_hi;
+    int n, full;
+  };
+  const auto chunks = [&](int64_t s_lo, int64_t s_hi) {
+    const int64_t first = s_lo + static_cast<int64_t>(warp) * TK, keys = s_hi - first;
+    const int n = keys > 0 ? static_cast<int>((keys + 4 * TK - 1) / (4 * TK)) : 0;
+    const int full = keys >= TK ? static_cast<int>((keys - TK) / (4 * TK)) + 1 : 0;
+    return Chunks{s_lo, s_hi, n, full};
+  };
+  // Issues chunk i of c into its stage; every i in turn, once (the stagers and the stage
+  // offset move on a chunk at each call).
+  uint32_t next_stage = 0;
+  const auto issue = [&](auto& sk, auto& sv, int i, const Chunks& c) {
+    if (i < c.n) {
+      const int nrows = i < c.full ? TK : static_cast<int>(c.s_hi - c.s_lo - static_cast<int64_t>(warp + 4 * i) * TK);
+      sk.copy_next(sk_at + next_stage, nrows, KF::kPadRows ? 0 : stage_offset(krows, C::kRowK, c.s_lo), lane);
+      sv.copy_next(sv_at + next_stage, nrows, VF::kPadRows ? 0 : stage_offset(vrows, C::kRowV, c.s_lo), lane);
+    }
+    cp_async_commit();  // an empty group when nothing was issued keeps the wait counts uniform
+    next_stage = next_stage == (S - 1) * 4 * C::kStage ? 0u : next_stage + 4 * C::kStage;
+  };
+  const auto stage_k = [&](int64_t s_lo) {
+    return StageK(krows, s_lo + warp * TK, KF::kPadRows ? 0 : stage_offset(krows, C::kRowK, s_lo), lane);
+  };
+  const auto stage_v = [&](int64_t s_lo) {
+    return StageV(vrows, s_lo + warp * TK, VF::kPadRows ? 0 : stage_offset(vrows, C::kRowV, s_lo), lane);
+  };
+  // The query prologue (load, rotate, fragments) runs while the first chunks are in flight;
+  // its loads go first (see QueryRows).
+  QueryRows<DP> queries;
+  queries.fetch(q, q_bf16, P, b, h, ks);
+  // Without starts or a window a split begins at split * span whatever the length, so the
+  // first chunks are requested before the length arrives, as if it were T (rows up to T
+  // exist; those past the length are zeroed or masked like any last chunk's).
+  const bool early = P.starts == nullptr && P.window <= 0;
+  int64_t s_lo = split * P.span;
+  StageK sk = stage_k(s_lo);
+  StageV sv = stage_v(s_lo);
+  if (early) {
+    const Chunks guess = chunks(s_lo, min(P.T, s_lo + P.span));
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) issue(sk, sv, i, guess);
+  }
   const int64_t len = min(max(P.lengths[b], int64_t(0)), P.T);
   const int64_t start = P.starts ? min(max(P.starts[b], int64_t(0)), len) : 0;
   int64_t lo = start;
   if (P.window > 0) lo = max(lo, len - P.window);
-  const int64_t s_lo = lo + split * P.span, s_hi = min(len, s_lo + P.span);
-  const int64_t base = bh * P.T;
-  const uint8_t* krows = kc + base * C::kRowK;
-  const uint8_t* vrows = vc + base * C::kRowV;
-  const int nchunks = s_hi > s_lo ? static_cast<int>((s_hi - s_lo + TK - 1) / TK) : 0;
-  const int mine = nchunks > warp ? (nchunks - warp + 3) / 4 : 0;  // chunks warp, warp + 4, ...
-  const auto stage_padded = [&](uint8_t* dst, const uint8_t* src, int row, int stride, int64_t t0, int64_t t1) {
-    const int per_row = row / 16, n16 = static_cast<int>(t1 - t0) * per_row;
-    for (int i = lane; i < n16; i += 32) {
-      const int r = i / per_row, c = i % per_row;
-      cp_async16(dst + r * stride + 16 * c, src + (t0 + r) * row + 16 * c);
-    }
-  };
-  auto issue = [&](int i) {
-    if (i < mine) {
-      const int64_t t0 = s_lo + static_cast<int64_t>(warp + 4 * i) * TK, t1 = min(s_hi, t0 + TK);
-      uint8_t* st = smem + static_cast<size_t>(4 * (i % S) + warp) * C::kStage;
-      if constexpr (KF::kPadRows)
-        stage_padded(st, krows, C::kRowK, C::kStrideK, t0, t1);
-      else
-        stage_chunk<C::kRowK, TK>(st, krows, t0, static_cast<int>(t1 - t0), lane);
-      if constexpr (VF::kPadRows)
-        stage_padded(st + C::kBufK, vrows, C::kRowV, C::kStrideV, t0, t1);
-      else
-        stage_chunk<C::kRowV, TK>(st + C::kBufK, vrows, t0, static_cast<int>(t1 - t0), lane);
-    }
-    cp_async_commit();  // an empty group when nothing was issued keeps the wait counts uniform
-  };
+  if (!early) {
+    s_lo = lo + split * P.span;
+    sk = stage_k(s_lo);
+    sv = stage_v(s_lo);
+  }
+  const int64_t s_hi = min(len, s_lo + P.span);
+  const Chunks mine_c = chunks(s_lo, s_hi);
+  const int mine = mine_c.n;
+  if (!early) {
 #pragma unroll
-  for (int i = 0; i < S - 1; ++i) issue(i);
-
-  // The query prologue (load, rotate, fragments) runs while the first chunks are in flight.
-  load_queries<DP>(qs, q, q_bf16, P, b, h, ks);
+    for (int i = 0; i < S - 1; ++i) issue(sk, sv, i, mine_c);
+  }
+  queries.finish(qs, q, q_bf16, P, b, h, ks);
   uint32_t qf[KS][2];  // in the K decoder's dim order
-  query_fragments<DP, KS>(qf, qs, gr, P.scale, [&](int i) { return KF::template dim<DP, 4>(tg, i); });
+  query_fragments<DP, KS>(
+      qf, qs, gr, P.scale, [&](int i) { return KF::template dim<DP, 4>(tg, i); },
+      [](int i) {
+        if constexpr (KF::kBlockScores) return KF::query_weight(i);
+        return 1.0f;
+      });
+  float koff[DP / 32][4];  // formats scored a block at a time: each block's offset (see Q4)
+  if constexpr (KF::kBlockScores) KF::template block_offsets<DP>(qf, koff);
   __syncthreads();  // the query rows' buffer becomes the warps' last stage
 
   float o[KS][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
@@ -141,7 +236,7 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
                             static_cast<uint32_t>(v_at + (2 * tg + 1) * C::kStrideV) & 3u};
 
   for (int i = 0; i < mine; ++i) {
-    issue(i + S - 1);
+    issue(sk, sv, i + S - 1, mine_c);
     cp_async_wait<S - 1>();
     __syncwarp();
     const int64_t t0 = s_lo + static_cast<int64_t>(warp + 4 * i) * TK;
@@ -166,12 +261,16 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
       sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
       const int r0 = 16 * j + gr, r1 = r0 + 8;
       const packed::Row ka{kt + r0 * C::kStrideK, kmis}, kb{kt + r1 * C::kStrideK, kmis};
-      uint32_t ha[E / 2], hb[E / 2];
-      KF::template decode<DP, 4>(ka, tg, tk, ha);
-      KF::template decode<DP, 4>(kb, tg, tk, hb);
+      if constexpr (KF::kBlockScores) {
+        KF::template block_scores<DP>(ka, kb, tg, qf, koff, sc[j]);
+      } else {
+        uint32_t ha[E / 2], hb[E / 2];
+        KF::template decode<DP, 4>(ka, tg, tk, ha);
+        KF::template decode<DP, 4>(kb, tg, tk, hb);
 #pragma unroll
-      for (int s = 0; s < KS; ++s)
-        mma_16816(sc[j], ha[2 * s], hb[2 * s], ha[2 * s + 1], hb[2 * s + 1], qf[s][0], qf[s][1]);
+        for (int s = 0; s < KS; ++s)
+          mma_16816(sc[j], ha[2 * s], hb[2 * s], ha[2 * s + 1], hb[2 * s + 1], qf[s][0], qf[s][1]);
+      }
       if constexpr (KF::kScaleOut) {  // q . (scale c) = scale (q . c)
         const float sa = __half2float(__ushort_as_half(ka.half(0)));
         const float sb = __half2float(__ushort_as_half(kb.half(0)));
@@ -222,8 +321,10 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
   write_partials<DP, KS>(
       o, m, l,
       [&](int mt, int half) {
-        if constexpr (VF::kPairs) return VF::template pair_dim<DP>(gr, 2 * mt + half);
-        return VF::template dim<DP, 8>(gr, 2 * mt + half);
+        if constexpr (VF::kPairs)
+          return VF::template pair_dim<DP>(gr, 2 * mt + half);
+        else
+          return VF::template dim<DP, 8>(gr, 2 * mt + half);
       },
       smem, P, b, h, split, part_o, part_ml);
 }

@@ -6,7 +6,8 @@
 //   * f16: the words themselves.
 //   * q8_0 / q4_0: the byte or nibble is put under the exponent bits of 1024.0 (0x6400),
 //     which makes the f16 1024 + q exactly; subtracting the offset is exact, and one f16
-//     multiply applies the block scale.
+//     multiply applies the block scale (q4_0's K rows: the scale and the offset are applied
+//     per block to the scores instead, see Q4).
 //   * turbo2/3/4: codebook lookups with prmt, which picks 4 bytes out of 8 by 3-bit
 //     selectors: one prmt gives the low bytes of 4 codebook entries, one the high bytes,
 //     and two more interleave them into two f16x2. turbo4 (16 entries) uses the symmetry
@@ -30,6 +31,8 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+
+#include "attention_mma.cuh"  // mma_16816 (q4_0 scores a block at a time)
 
 namespace turbokv::cuda::packed {
 
@@ -101,6 +104,7 @@ __device__ __forceinline__ void lookup4(const Planes& t, uint32_t sel, uint32_t&
 // (rows are staged with a stride of 4 words mod 32; see attention_spec.cuh).
 struct F16 {
   static constexpr bool kPairs = false;
+  static constexpr bool kBlockScores = false;
   static constexpr bool kScaleOut = false;
   static constexpr int kFmt = kFmt_f16;
   static constexpr bool kPadRows = true;
@@ -130,6 +134,7 @@ struct F16 {
 // ---- q8_0: blocks of 2 + 32 bytes; portion p = values [n p, n p + n), natural order -----
 struct Q8 {
   static constexpr bool kPairs = false;
+  static constexpr bool kBlockScores = false;
   static constexpr bool kScaleOut = false;
   static constexpr int kFmt = kFmt_q8_0;
   static constexpr bool kPadRows = false;
@@ -155,43 +160,90 @@ struct Q8 {
 };
 
 // ---- q4_0: blocks of 2 + 16 bytes, byte i = value i (low nibble) | value i+16 (high) ----
-// Portion p = bytes [n/2 p, n/2 (p+1)) of the rows' concatenated nibble bytes. Per word of
-// bytes i..i+3: (i, i+2), (i+16, i+18), (i+1, i+3), (i+17, i+19). A low nibble under the
-// exponent bits of 1024 is the f16 1024 + q; a high nibble (bits 4-7) is 1024 + 16 q, which
-// one fma (x / 16 - 72) turns into q - 8 (every step exact): the word and the word >> 8 give
-// all four registers with four LOP3 and one shift.
+// A low nibble under the exponent bits of 1024 (0x6400) is the f16 1024 + q exactly; a high
+// nibble (bits 4-7) is 1024 + 16 q. One LOP3 per register of two values, from the word and
+// the word >> 8: per word of bytes i..i+3, registers (i, i+2), (i+16, i+18), (i+1, i+3),
+// (i+17, i+19).
+//
+// K side, a block at a time (kBlockScores): the scores take the raw registers, centred and
+// scaled per block outside the products. For block B of a key row,
+//   q . k_B = d_B (sum_low q (1024 + q_i) + sum_high (q / 16) (1024 + 16 q_i) - off_B),
+// off_B = 1032 sum_low q + 1152 sum_high (q / 16): the query fragments of high-nibble slots
+// carry the 1 / 16 (query_weight), the mma of a block starts from -off_B (block_offsets, the
+// same fragments through the same tensor cores), and its two scores are then scaled by the
+// rows' d_B in fp32. Lane tg takes bytes 4tg..4tg+3 of every block, so a k-step (16 dims of
+// 4 lanes) never straddles two blocks. Against decoding (q - 8) d_B into f16: no f16
+// subtract and multiply per 2 values, and no f16 rounding of the values (q - 8) d_B (up to
+// 2^-12 of each); the price is the fp32 cancellation of off_B, a few fp32 ulps of 1152
+// sum |q| (about 2^-13 sum |q| per block, times d_B): no larger than the rounding it replaces.
 struct Q4 {
   static constexpr bool kPairs = true;  // decode_pair below
-  // Four f16x2 registers from the nibbles of x: its low nibbles (bits 0-3, 16-19), its high
-  // nibbles (4-7, 20-23), then the same of x >> 8; times the scale pair d.
-  __device__ static void nibbles(uint32_t x, __half2 d, uint32_t* o) {
-    const __half2 off = __float2half2_rn(1032.0f), sixteenth = __float2half2_rn(0.0625f),
-                  off16 = __float2half2_rn(-72.0f);  // 1024 / 16 + 8
-    const uint32_t x8 = x >> 8;
-    o[0] = hmul(h2u(__hsub2(u2h(and_or<0x000f000fu, 0x64006400u>(x)), off)), d);
-    o[1] = hmul(h2u(__hfma2(u2h(and_or<0x00f000f0u, 0x64006400u>(x)), sixteenth, off16)), d);
-    o[2] = hmul(h2u(__hsub2(u2h(and_or<0x000f000fu, 0x64006400u>(x8)), off)), d);
-    o[3] = hmul(h2u(__hfma2(u2h(and_or<0x00f000f0u, 0x64006400u>(x8)), sixteenth, off16)), d);
-  }
+  static constexpr bool kBlockScores = true;
   static constexpr int kFmt = kFmt_q4_0;
   static constexpr bool kPadRows = false;
   static constexpr bool kScaleOut = false;
   static constexpr int row_bytes(int dp) { return dp / 32 * 18; }
-  template <int DP, int NP>
-  __device__ static int dim(int p, int i) {
-    const int byte = DP / NP / 2 * p + 4 * (i / 8);  // first byte of the word
-    const int blk = byte / 16, b = byte % 16, r = (i % 8) / 2, half = i % 2;
-    constexpr int add[4] = {0, 16, 1, 17};
-    return 32 * blk + b + add[r] + 2 * half;
+  // The four raw registers of word x (see above): 1024 + q in 0 and 2, 1024 + 16 q in 1 and 3.
+  __device__ static void raw(uint32_t x, uint32_t* o) {
+    const uint32_t x8 = x >> 8;
+    o[0] = and_or<0x000f000fu, 0x64006400u>(x);
+    o[1] = and_or<0x00f000f0u, 0x64006400u>(x);
+    o[2] = and_or<0x000f000fu, 0x64006400u>(x8);
+    o[3] = and_or<0x00f000f0u, 0x64006400u>(x8);
   }
+  // The same, centred and times the scale pair d: the values (q - 8) d (every step exact but
+  // the multiply: 1024 + q - 1032, and (1024 + 16 q) / 16 - 72 in one fma).
+  __device__ static void nibbles(uint32_t x, __half2 d, uint32_t* o) {
+    const __half2 off = __float2half2_rn(1032.0f), sixteenth = __float2half2_rn(0.0625f),
+                  off16 = __float2half2_rn(-72.0f);  // 1024 / 16 + 8
+    raw(x, o);
+    o[0] = hmul(h2u(__hsub2(u2h(o[0]), off)), d);
+    o[1] = hmul(h2u(__hfma2(u2h(o[1]), sixteenth, off16)), d);
+    o[2] = hmul(h2u(__hsub2(u2h(o[2]), off)), d);
+    o[3] = hmul(h2u(__hfma2(u2h(o[3]), sixteenth, off16)), d);
+  }
+  // K value i of lane tg: block i / 8, register (i % 8) / 2 of its word, half i % 2.
   template <int DP, int NP>
-  __device__ static void decode(const Row& row, int p, const Planes&, uint32_t (&h)[DP / NP / 2]) {
-    constexpr int n = DP / NP;
+  __device__ static int dim(int tg, int i) {
+    static_assert(NP == 4, "the K side's map");
+    constexpr int add[4] = {0, 16, 1, 17};
+    return 32 * (i / 8) + 4 * tg + add[(i % 8) / 2] + 2 * (i % 2);
+  }
+  // Registers 1 and 3 of a word (high nibbles) hold 16 q: their query slots take 1 / 16.
+  __device__ static float query_weight(int i) { return (i % 4) >= 2 ? 0.0625f : 1.0f; }
+  // -off_B for this lane's two heads (2tg, 2tg + 1), per block: the query fragments times
+  // the constant rows -1032 (low slots) / -1152 (high slots).
+  template <int DP>
+  __device__ static void block_offsets(const uint32_t (&qf)[DP / 16][2], float (&neg)[DP / 32][4]) {
+    const uint32_t lo = h2u(__float2half2_rn(-1032.0f)), hi = h2u(__float2half2_rn(-1152.0f));
 #pragma unroll
-    for (int k = 0; k < n / 8; ++k) {
-      const int byte = n / 2 * p + 4 * k;
-      const int blk = (byte / 16) * 18;
-      nibbles(row.word(blk + 2 + byte % 16), scale2(row.p + blk), h + 4 * k);
+    for (int blk = 0; blk < DP / 32; ++blk) {
+      // (Rows gr and gr + 8 alike: the 4 accumulators an mma starts from.)
+      float* c = neg[blk];
+      c[0] = c[1] = c[2] = c[3] = 0.0f;
+      mma_16816(neg[blk], lo, lo, hi, hi, qf[2 * blk][0], qf[2 * blk][1]);
+      mma_16816(neg[blk], lo, lo, hi, hi, qf[2 * blk + 1][0], qf[2 * blk + 1][1]);
+    }
+  }
+  // Adds the scores of K rows a (sc[0], sc[1]) and b (sc[2], sc[3]) against heads 2tg, 2tg + 1.
+  template <int DP>
+  __device__ static void block_scores(const Row& a, const Row& b, int tg, const uint32_t (&qf)[DP / 16][2],
+                                      const float (&neg)[DP / 32][4], float (&sc)[4]) {
+#pragma unroll
+    for (int blk = 0; blk < DP / 32; ++blk) {
+      const int at = 18 * blk;
+      uint32_t ra[4], rb[4];
+      raw(a.word(at + 2 + 4 * tg), ra);
+      raw(b.word(at + 2 + 4 * tg), rb);
+      float c[4];
+      mma_16816_from(c, ra[0], rb[0], ra[1], rb[1], qf[2 * blk][0], qf[2 * blk][1], neg[blk]);
+      mma_16816(c, ra[2], rb[2], ra[3], rb[3], qf[2 * blk + 1][0], qf[2 * blk + 1][1]);
+      const float da = __half2float(__ushort_as_half(static_cast<unsigned short>(a.half(at))));
+      const float db = __half2float(__ushort_as_half(static_cast<unsigned short>(b.half(at))));
+      sc[0] = __fmaf_rn(da, c[0], sc[0]);
+      sc[1] = __fmaf_rn(da, c[1], sc[1]);
+      sc[2] = __fmaf_rn(db, c[2], sc[2]);
+      sc[3] = __fmaf_rn(db, c[3], sc[3]);
     }
   }
   // The V side's pairs (see Turbo3::decode_pair): bytes i, i + 1 of rows a and b side by
@@ -228,6 +280,7 @@ struct TurboRow {
   static constexpr int row_bytes(int dp) { return dp / G * kGroupBytes; }
   static constexpr bool kScaleOut = G == DP;  // one group per row: its scale is applied by the kernel
   static constexpr bool kPairs = false;       // Turbo3 overrides
+  static constexpr bool kBlockScores = false;
   // The offset of the group holding value j0 (a portion never straddles two), and its
   // scale twice.
   __device__ static int group(const Row& row, int j0, __half2& s) {
