@@ -297,7 +297,9 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
       }
       // m-tile mt: row gr <- value 2mt, row gr + 8 <- value 2mt + 1 of each key's portion,
       // as f16x2 of two keys' values: decoded so by the format (kPairs), or paired here.
-      if constexpr (VF::kPairs) {
+      if constexpr (VF::kBlockScores) {
+        VF::template block_pv<DP>(vk, gr, p0, p1, o);
+      } else if constexpr (VF::kPairs) {
         uint32_t ab[F], cd[F];
         VF::template decode_pair<DP>(vk[0], vk[1], gr, tv, ab);
         VF::template decode_pair<DP>(vk[2], vk[3], gr, tv, cd);

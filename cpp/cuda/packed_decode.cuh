@@ -6,8 +6,8 @@
 //   * f16: the words themselves.
 //   * q8_0 / q4_0: the byte or nibble is put under the exponent bits of 1024.0 (0x6400),
 //     which makes the f16 1024 + q exactly; subtracting the offset is exact, and one f16
-//     multiply applies the block scale (q4_0's K rows: the scale and the offset are applied
-//     per block to the scores instead, see Q4).
+//     multiply applies the block scale (q4_0 instead scales per block: its K scores, and
+//     the probabilities its V rows are weighted by; see Q4).
 //   * turbo2/3/4: codebook lookups with prmt, which picks 4 bytes out of 8 by 3-bit
 //     selectors: one prmt gives the low bytes of 4 codebook entries, one the high bytes,
 //     and two more interleave them into two f16x2. turbo4 (16 entries) uses the symmetry
@@ -16,9 +16,10 @@
 // says where value i of portion p comes from, and the kernel builds the query fragments and
 // writes the outputs through that same map (a dot product does not care about order).
 //
-// The V side needs registers that pair two keys' values; formats with kPairs (turbo3,
-// q4_0) decode two rows at once straight into such pairs (decode_pair, pair_dim), the
-// others are paired by the kernel with two prmt per pair of registers.
+// The V side needs registers that pair two keys' values; formats with kPairs decode two
+// rows at once straight into such pairs (turbo3: decode_pair; q4_0: block_pv, which also
+// runs the block's products), the others are paired by the kernel with two prmt per pair
+// of registers.
 //
 // Turbo rows of one group (DP = 64 or 128) leave their scale out (kScaleOut): the kernel
 // multiplies the K row's score by it (fp32) and the V row's probability by it (fp16, p <= 1
@@ -177,8 +178,8 @@ struct Q8 {
 // 2^-12 of each); the price is the fp32 cancellation of off_B, a few fp32 ulps of 1152
 // sum |q| (about 2^-13 sum |q| per block, times d_B): no larger than the rounding it replaces.
 struct Q4 {
-  static constexpr bool kPairs = true;  // decode_pair below
-  static constexpr bool kBlockScores = true;
+  static constexpr bool kPairs = true;        // pair_dim, block_pv below
+  static constexpr bool kBlockScores = true;  // block_scores, block_pv below
   static constexpr int kFmt = kFmt_q4_0;
   static constexpr bool kPadRows = false;
   static constexpr bool kScaleOut = false;
@@ -190,17 +191,6 @@ struct Q4 {
     o[1] = and_or<0x00f000f0u, 0x64006400u>(x);
     o[2] = and_or<0x000f000fu, 0x64006400u>(x8);
     o[3] = and_or<0x00f000f0u, 0x64006400u>(x8);
-  }
-  // The same, centred and times the scale pair d: the values (q - 8) d (every step exact but
-  // the multiply: 1024 + q - 1032, and (1024 + 16 q) / 16 - 72 in one fma).
-  __device__ static void nibbles(uint32_t x, __half2 d, uint32_t* o) {
-    const __half2 off = __float2half2_rn(1032.0f), sixteenth = __float2half2_rn(0.0625f),
-                  off16 = __float2half2_rn(-72.0f);  // 1024 / 16 + 8
-    raw(x, o);
-    o[0] = hmul(h2u(__hsub2(u2h(o[0]), off)), d);
-    o[1] = hmul(h2u(__hfma2(u2h(o[1]), sixteenth, off16)), d);
-    o[2] = hmul(h2u(__hsub2(u2h(o[2]), off)), d);
-    o[3] = hmul(h2u(__hfma2(u2h(o[3]), sixteenth, off16)), d);
   }
   // K value i of lane tg: block i / 8, register (i % 8) / 2 of its word, half i % 2.
   template <int DP, int NP>
@@ -246,26 +236,41 @@ struct Q4 {
       sc[3] = __fmaf_rn(db, c[3], sc[3]);
     }
   }
-  // The V side's pairs (see Turbo3::decode_pair): bytes i, i + 1 of rows a and b side by
-  // side (one prmt) give {a, b} of values i, i + 16, i + 1, i + 17 with the same LOP3 / fma
-  // steps as decode, and the two rows' block scales as one pair {d_a, d_b}. Register j of
-  // a word (4 bytes from byte `first`) holds value first + j / 2 + 16 (j % 2).
+  // V side, a block at a time too: m-tiles 2B and 2B + 1 hold block B's 32 dims, so the
+  // rows' block scales d_B go into the probabilities (keys are the mma's k: p times
+  // {d_a, d_b} per key pair, two f16x2 multiplies a block) instead of into every value. Lane
+  // gr takes bytes 2gr, 2gr + 1 of each block of its 4 keys' rows: two rows' halves side by
+  // side give, through raw(), {a, b} of dims 2gr, 2gr + 16, 2gr + 1, 2gr + 17, centred
+  // exactly (1024 + q - 1032; (1024 + 16 q) / 16 - 72). Register 2mt + half of the output
+  // holds dim pair_dim(gr, 2mt + half).
   template <int DP>
-  __device__ static int pair_dim(int p, int i) {
-    const int first = DP / 16 * p + 4 * (i / 8), j = i % 8;
-    return 32 * (first / 16) + first % 16 + j / 2 + 16 * (j % 2);
+  __device__ static int pair_dim(int gr, int i) {
+    const int mt = i / 2;
+    return 32 * (mt / 2) + 2 * gr + 16 * (mt % 2) + i % 2;
   }
+  // o[mt] += V^T P^T for one 16-key tile: rows vk = keys 2tg, 2tg + 1, 2tg + 8, 2tg + 9 and
+  // the probability fragments p0 (keys 2tg, 2tg + 1) and p1 (2tg + 8, 2tg + 9) of head gr.
   template <int DP>
-  __device__ static void decode_pair(const Row& a, const Row& b, int p, const Planes&, uint32_t (&h)[DP / 8]) {
-    constexpr int n = DP / 8;
+  __device__ static void block_pv(const Row (&vk)[4], int gr, uint32_t p0, uint32_t p1, float (&o)[DP / 16][4]) {
+    const __half2 off = __float2half2_rn(-1032.0f), sixteenth = __float2half2_rn(0.0625f),
+                  off16 = __float2half2_rn(-72.0f);  // 1024 / 16 + 8
+    const auto pairs = [&](const Row& a, const Row& b, int at, uint32_t* r) {
+      raw(a.half(at) | (b.half(at) << 16), r);
+      r[0] = h2u(__hadd2(u2h(r[0]), off));
+      r[1] = h2u(__hfma2(u2h(r[1]), sixteenth, off16));
+      r[2] = h2u(__hadd2(u2h(r[2]), off));
+      r[3] = h2u(__hfma2(u2h(r[3]), sixteenth, off16));
+    };
 #pragma unroll
-    for (int k = 0; k < n / 8; ++k) {
-      const int byte = n / 2 * p + 4 * k;
-      const int blk = (byte / 16) * 18;
-      const __half2 d = u2h(a.half(blk) | (b.half(blk) << 16));
-      const uint32_t wa = a.word(blk + 2 + byte % 16), wb = b.word(blk + 2 + byte % 16);
-      nibbles(prmt(wa, wb, 0x5410u), d, h + 8 * k);      // bytes 0, 1 of both words
-      nibbles(prmt(wa, wb, 0x7632u), d, h + 8 * k + 4);  // bytes 2, 3
+    for (int blk = 0; blk < DP / 32; ++blk) {
+      const int at = 18 * blk;
+      const uint32_t pa = hmul(p0, u2h(vk[0].half(at) | (vk[1].half(at) << 16)));
+      const uint32_t pc = hmul(p1, u2h(vk[2].half(at) | (vk[3].half(at) << 16)));
+      uint32_t ab[4], cd[4];
+      pairs(vk[0], vk[1], at + 2 + 2 * gr, ab);
+      pairs(vk[2], vk[3], at + 2 + 2 * gr, cd);
+      mma_16816(o[2 * blk], ab[0], ab[2], cd[0], cd[2], pa, pc);
+      mma_16816(o[2 * blk + 1], ab[1], ab[3], cd[1], cd[3], pa, pc);
     }
   }
 };
