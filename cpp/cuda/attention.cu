@@ -163,14 +163,14 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The merged row (32 * E values in shared memory), inverse-rotated by one warp in registers
-// and written out (its first d values).
+// (rot: lane_rotation<E>(vs, true)) and written out (its first d values).
 template <int E, typename scalar_t>
-__device__ void unrotate_out(const float* buf, const DevSide& vs, int d, scalar_t* out) {
+__device__ void unrotate_out(const float* buf, const LaneRotation<float>& rot, int d, scalar_t* out) {
   const int lane = static_cast<int>(threadIdx.x & 31u);
   float v[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) v[e] = buf[lane * E + e];
-  warp_rotate<E>(v, lane_rotation<E>(vs, true));
+  warp_rotate<E>(v, rot);
 #pragma unroll
   for (int e = 0; e < E; ++e)
     if (lane * E + e < d) out[lane * E + e] = from_float<scalar_t>(v[e]);
@@ -182,21 +182,30 @@ __global__ void __launch_bounds__(kMergeThreads)
     merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml, DevSide vs, int nsplit,
                  int64_t rows_total, int d, scalar_t* __restrict__ out) {
   extern __shared__ __align__(16) float buf[];  // dpv outputs, then merge_row's scratch
-  wait_for_producer_grid();                     // launched early (see attention_cuda)
+  // Rows a warp holds are inverse-rotated in registers; the lane's sign flips are read before
+  // the wait for the partials (constant-memory reads with a lane-dependent index: a cold
+  // constant cache took them to the end of a decode call's critical path).
+  const bool in_warp = vs.rot_group && (vs.dp == 64 || vs.dp == 128 || vs.dp == 256);
+  LaneRotation<float> rot;
+  if (in_warp)
+    rot = vs.dp == 64    ? lane_rotation<2>(vs, true)
+          : vs.dp == 128 ? lane_rotation<4>(vs, true)
+                         : lane_rotation<8>(vs, true);
+  wait_for_producer_grid();  // launched early (see attention_cuda)
   const int64_t row = blockIdx.x;
   if (vs.dp % 4 == 0)
     merge_row<4>(part_o, part_ml, row, rows_total, nsplit, vs.dp, buf, buf + vs.dp);
   else
     merge_row<1>(part_o, part_ml, row, rows_total, nsplit, vs.dp, buf, buf + vs.dp);
   __syncthreads();
-  if (vs.rot_group && (vs.dp == 64 || vs.dp == 128 || vs.dp == 256)) {  // rows a warp holds: rotate in registers
+  if (in_warp) {
     if (threadIdx.x >= 32) return;
     if (vs.dp == 64)
-      unrotate_out<2>(buf, vs, d, out + row * d);
+      unrotate_out<2>(buf, rot, d, out + row * d);
     else if (vs.dp == 128)
-      unrotate_out<4>(buf, vs, d, out + row * d);
+      unrotate_out<4>(buf, rot, d, out + row * d);
     else
-      unrotate_out<8>(buf, vs, d, out + row * d);
+      unrotate_out<8>(buf, rot, d, out + row * d);
     return;
   }
   if (vs.rot_group) rotate_side<float>(buf, vs.dp, vs, true);
