@@ -283,6 +283,30 @@ def test_spec_decode_kernel_cuda(device, fmt, d, hq, hkv, gen, monkeypatch):
         torch.testing.assert_close(outs["spec"], outs["tiled"], rtol=0, atol=4 * ref_err + 1e-6)
 
 
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("rotated", [False, True])
+@pytest.mark.parametrize("qscale", [1.0, 40.0])
+def test_q4_0_blocks_of_very_different_scales_cuda(device, rotated, qscale, gen):
+    """The q4_0 decode kernel scores a block at a time (raw nibbles through the tensor cores,
+    each block's offset 1032 sum q subtracted and its scale applied in fp32) and folds V's
+    block scales into the probabilities: blocks whose scales differ by up to 10^4 within a
+    row, and large queries, stay within the error budget."""
+    d, hkv, T = 128, 2, 777
+    kr, vr = sides("q4_0", "q4_0", d) if rotated else (Rotation(), Rotation())
+    blocks = 10.0 ** torch.randint(-2, 3, (1, hkv, T, d // 32, 1), generator=gen).double()
+    k = (torch.randn(1, hkv, T, d // 32, 32, generator=gen, dtype=torch.float64) * blocks).reshape(1, hkv, T, d)
+    v = (torch.randn(1, hkv, T, d // 32, 32, generator=gen, dtype=torch.float64) * blocks).reshape(1, hkv, T, d)
+    kc = reference.quantize(k.float(), "q4_0", kr.group, kr.seed)
+    vc = reference.quantize(v.float(), "q4_0", vr.group, vr.seed)
+    q = (torch.randn(1, 8, 1, d, generator=gen) * qscale).half()
+    args = attention_args(q, kc, vc, torch.tensor([T]), None, "q4_0", "q4_0", kr, vr)
+    poison_cuda_memory()
+    out = torch.ops.turbokv.attention(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
+    assert out.isfinite().all()
+    err, ref_err = reference_errors(args, out)
+    assert err <= 2 * ref_err + 1e-6, f"error {err:.3e} > 2 x reference error {ref_err:.3e}"
+
+
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("fmt", SPEC_FORMATS)
 @pytest.mark.parametrize("d", [64, 128, 256])
