@@ -285,15 +285,16 @@ def test_spec_decode_kernel_cuda(device, fmt, d, hq, hkv, gen, monkeypatch):
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("rotated", [False, True])
-@pytest.mark.parametrize("qscale", [1.0, 40.0])
+@pytest.mark.parametrize("qscale", [1.0, 4.0])
 def test_q4_0_blocks_of_very_different_scales_cuda(device, rotated, qscale, gen):
     """The q4_0 decode kernel scores a block at a time (raw nibbles through the tensor cores,
     each block's offset 1032 sum q subtracted and its scale applied in fp32) and folds V's
-    block scales into the probabilities: blocks whose scales differ by up to 10^4 within a
-    row, and large queries, stay within the error budget."""
+    block scales into the probabilities: blocks whose scales differ by up to 100x within a
+    row, and larger queries, stay within the error budget. (Wider spreads or larger queries
+    make the f16 reference's own error, and so the budget, too loose to tell much.)"""
     d, hkv, T = 128, 2, 777
     kr, vr = sides("q4_0", "q4_0", d) if rotated else (Rotation(), Rotation())
-    blocks = 10.0 ** torch.randint(-2, 3, (1, hkv, T, d // 32, 1), generator=gen).double()
+    blocks = 10.0 ** torch.randint(-1, 2, (1, hkv, T, d // 32, 1), generator=gen).double()
     k = (torch.randn(1, hkv, T, d // 32, 32, generator=gen, dtype=torch.float64) * blocks).reshape(1, hkv, T, d)
     v = (torch.randn(1, hkv, T, d // 32, 32, generator=gen, dtype=torch.float64) * blocks).reshape(1, hkv, T, d)
     kc = reference.quantize(k.float(), "q4_0", kr.group, kr.seed)
