@@ -7,9 +7,11 @@
 //    a row straight into f16x2 registers with word-wide bit tricks (packed_decode.cuh), in
 //    whatever dim order is cheapest; the query fragments and the output use the same order;
 //  * the V fragments pair two keys per register: decoded so directly where the format can
-//    (turbo3, q4_0: decode_pair), else two prmt per pair of decoded registers;
-//  * deeper pipelining: up to 4 stages of 16 or 32 keys per warp in flight (cp.async), rows
-//    padded in shared memory where that removes bank conflicts (f16).
+//    (turbo3: decode_pair; q4_0: block_pv), else two prmt per pair of decoded registers;
+//    q4_0 also scores its K rows a ggml block at a time (block_scores);
+//  * deeper pipelining: up to 4 stages of 16 or 32 keys per warp in flight (cp.async, one
+//    instruction a copy: Stager), rows padded in shared memory where that removes bank
+//    conflicts (f16).
 // The partial results (unnormalised output, max, sum per split) go to the same workspace as
 // the other kernels', so merge_kernel (attention.cu) finishes the job.
 #pragma once
