@@ -42,12 +42,8 @@ __device__ __forceinline__ void encode_float_lane(const float (&v)[E], bool bf16
 }
 
 // codec.h's trunc_clip without branches: fmaxf drops a NaN (-> 0), clamp, then truncate.
-// The truncation is an add rounding toward zero: 2^23 + c for c in [0, hi <= 31] keeps
-// trunc(c) in the low mantissa bits (an FADD on the FMA pipe, where F2I is a quarter-rate
-// conversion).
 __device__ __forceinline__ int trunc_clamp(float v, int hi) {
-  const float c = fminf(fmaxf(v, 0.0f), static_cast<float>(hi));
-  return static_cast<int>(__float_as_uint(__fadd_rz(c, 8388608.0f)) & 0xffu);
+  return __float2int_rz(fminf(fmaxf(v, 0.0f), static_cast<float>(hi)));
 }
 
 // Stores a 32-bit word at a 2-byte aligned staging address (rows are 2 + k bytes long).
@@ -98,27 +94,14 @@ __device__ __forceinline__ void encode_block_lane(const float (&v)[E], int block
     d = (mx - mn) / static_cast<float>(qmax);
     offset = 0.5f;
   } else {
-    // Signed value of largest magnitude, the first one on ties (numpy argmax). From the
-    // block's max and min (two FMNMX a value, not a compare and two selects): where one of
-    // them is the larger in magnitude, every value of that magnitude equals it; only
-    // max == -min (both signs at the top, or all zeros and their signs) needs the first.
-    float mx = v[0], mn = v[0];
+    // Signed value of largest magnitude, the first one on ties (numpy argmax).
+    float best = v[0], best_abs = fabsf(v[0]);
 #pragma unroll
-    for (int e = 1; e < E; ++e) {
-      mx = fmaxf(mx, v[e]);
-      mn = fminf(mn, v[e]);
-    }
-    float best = mx > -mn ? mx : mn;
-    if (mx == -mn) {
-      float best_abs = fabsf(v[0]);
-      best = v[0];
-#pragma unroll
-      for (int e = 1; e < E; ++e)
-        if (fabsf(v[e]) > best_abs) {
-          best_abs = fabsf(v[e]);
-          best = v[e];
-        }
-    }
+    for (int e = 1; e < E; ++e)
+      if (fabsf(v[e]) > best_abs) {
+        best_abs = fabsf(v[e]);
+        best = v[e];
+      }
     d = best / (five ? -16.0f : -8.0f);
     offset = five ? 16.5f : 8.5f;
   }
