@@ -84,8 +84,8 @@ __device__ __forceinline__ void static_for(F&& f) {
 //  * contiguous rows (kPad false): 16-byte words from the boundary at or before the first
 //    row (up to 15 bytes of lead), word i = lane + 32 r;
 //  * padded rows (kPad: rows of 16-byte multiples to a stride of kStride): a row is kPer
-//    words (kPer divides 32), word c of row i / kPer... copy r of a lane takes row
-//    lane / kPer + r 32 / kPer, word lane % kPer.
+//    words (kPer divides 32), so copy r of a lane is word lane % kPer of row
+//    lane / kPer + r (32 / kPer).
 template <int kRow, int kStride, int kRows, bool kPad>
 struct Stager {
   static constexpr int kPer = kRow / 16, kRowsPerIter = kPad ? 32 / kPer : 0;
