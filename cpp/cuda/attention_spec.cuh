@@ -94,6 +94,7 @@ struct Stager {
   static constexpr int kStepS = kPad ? kRowsPerIter * kStride : 512, kStepG = kPad ? kRowsPerIter * kRow : 512;
   const uint8_t* g;  // this lane's copy 0 of the warp's first chunk
   uint32_t full;     // bit r: the lane's copy r exists in a full chunk
+  int lead;          // where a chunk's first row lands in its buffer (0 for padded rows)
 
   // Copies r < count(n) where n is the number of words (contiguous) or rows (padded).
   __device__ static uint32_t first(int n, int lane) {
@@ -102,8 +103,8 @@ struct Stager {
     return count >= 32 ? ~0u : (1u << count) - 1u;
   }
   __device__ static int words(int lead, int nrows) { return (lead + nrows * kRow + 15) / 16; }
-  // rows: the side's rows; t0: the warp's first chunk; lead: stage_offset(rows, kRow, t0).
-  __device__ Stager(const uint8_t* rows, int64_t t0, int lead, int lane) {
+  // rows: the side's rows; t0: the warp's first chunk (the same lead as the split's first).
+  __device__ Stager(const uint8_t* rows, int64_t t0, int lane) : lead(kPad ? 0 : stage_offset(rows, kRow, t0)) {
     if constexpr (kPad) {
       g = rows + (t0 + lane / kPer) * kRow + 16 * (lane % kPer);
       full = first(kRows, lane);
@@ -119,7 +120,7 @@ struct Stager {
   // The warp's next chunk (its chunks go in order, each 4 chunks of kRows rows after the
   // previous one), nrows <= kRows of its rows, into the buffer at shared address buf (+
   // shared_at).
-  __device__ void copy_next(uint32_t buf, int nrows, int lead, int lane) {
+  __device__ void copy_next(uint32_t buf, int nrows, int lane) {
     const uint32_t m = nrows == kRows ? full : first(kPad ? nrows : words(lead, nrows), lane);
     static_for<0, kIters>([&](auto r) {
       constexpr int R = decltype(r)::value;
@@ -168,17 +169,11 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
   const auto issue = [&](auto& sk, auto& sv, int i, const Chunks& c) {
     if (i < c.n) {
       const int nrows = i < c.full ? TK : static_cast<int>(c.s_hi - c.s_lo - static_cast<int64_t>(warp + 4 * i) * TK);
-      sk.copy_next(sk_at + next_stage, nrows, KF::kPadRows ? 0 : stage_offset(krows, C::kRowK, c.s_lo), lane);
-      sv.copy_next(sv_at + next_stage, nrows, VF::kPadRows ? 0 : stage_offset(vrows, C::kRowV, c.s_lo), lane);
+      sk.copy_next(sk_at + next_stage, nrows, lane);
+      sv.copy_next(sv_at + next_stage, nrows, lane);
     }
     cp_async_commit();  // an empty group when nothing was issued keeps the wait counts uniform
     next_stage = next_stage == (S - 1) * 4 * C::kStage ? 0u : next_stage + 4 * C::kStage;
-  };
-  const auto stage_k = [&](int64_t s_lo) {
-    return StageK(krows, s_lo + warp * TK, KF::kPadRows ? 0 : stage_offset(krows, C::kRowK, s_lo), lane);
-  };
-  const auto stage_v = [&](int64_t s_lo) {
-    return StageV(vrows, s_lo + warp * TK, VF::kPadRows ? 0 : stage_offset(vrows, C::kRowV, s_lo), lane);
   };
   // The query prologue (load, rotate, fragments) runs while the first chunks are in flight;
   // its loads go first (see QueryRows).
@@ -189,8 +184,8 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
   // exist; those past the length are zeroed or masked like any last chunk's).
   const bool early = P.starts == nullptr && P.window <= 0;
   int64_t s_lo = split * P.span;
-  StageK sk = stage_k(s_lo);
-  StageV sv = stage_v(s_lo);
+  StageK sk(krows, s_lo + warp * TK, lane);
+  StageV sv(vrows, s_lo + warp * TK, lane);
   if (early) {
     const Chunks guess = chunks(s_lo, min(P.T, s_lo + P.span));
 #pragma unroll
@@ -202,8 +197,8 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
   if (P.window > 0) lo = max(lo, len - P.window);
   if (!early) {
     s_lo = lo + split * P.span;
-    sk = stage_k(s_lo);
-    sv = stage_v(s_lo);
+    sk = StageK(krows, s_lo + warp * TK, lane);
+    sv = StageV(vrows, s_lo + warp * TK, lane);
   }
   const int64_t s_hi = min(len, s_lo + P.span);
   const Chunks mine_c = chunks(s_lo, s_hi);
@@ -231,8 +226,7 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
   // Where the first row of a chunk lands in its stage buffer: the same for every chunk of
   // the split (a chunk's bytes are a multiple of 16), and so is each row's address mod 4 --
   // K rows 16j + gr (+ 8) of this lane, V rows 2tg + (0, 1) (+ 8, + 16j).
-  const int k_at = KF::kPadRows ? 0 : stage_offset(krows, C::kRowK, s_lo);
-  const int v_at = C::kBufK + (VF::kPadRows ? 0 : stage_offset(vrows, C::kRowV, s_lo));
+  const int k_at = sk.lead, v_at = C::kBufK + sv.lead;
   const uint32_t kmis = static_cast<uint32_t>(k_at + gr * C::kStrideK) & 3u;
   const uint32_t vmis[2] = {static_cast<uint32_t>(v_at + 2 * tg * C::kStrideV) & 3u,
                             static_cast<uint32_t>(v_at + (2 * tg + 1) * C::kStrideV) & 3u};
