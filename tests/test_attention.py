@@ -284,6 +284,27 @@ def test_spec_decode_kernel_cuda(device, fmt, d, hq, hkv, gen, monkeypatch):
 
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("fmt", ["f16", "q8_0"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("kgroup", [16, 32, 64])
+def test_spec_decode_rotation_groups_cuda(device, fmt, d, kgroup, gen, monkeypatch):
+    """The specialised kernel's query rotation takes each lane's sign bits out of one word
+    per side (its E = d / 32 values are consecutive bits of a group): groups smaller than
+    a 32-bit word of signs (16) and than a row, with K and V rotated by different groups."""
+    kr, vr = Rotation(kgroup, K_SEED), Rotation(32, V_SEED)
+    lengths = [301, 33]
+    kc, vc = make_cache(gen, 2, 2, 301, d, fmt, fmt, kr, vr)
+    q = torch.randn(2, 8, 1, d, generator=gen).to(torch.float16)
+    args = attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor([0, 0]), fmt, fmt, kr, vr)
+    dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "spec")
+    poison_cuda_memory()
+    out = torch.ops.turbokv.attention(*dev).cpu()
+    err, ref_err = reference_errors(args, out)
+    assert err <= 2 * ref_err + 1e-6, (err, ref_err)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("rotated", [False, True])
 @pytest.mark.parametrize("qscale", [1.0, 4.0])
 def test_q4_0_blocks_of_very_different_scales_cuda(device, rotated, qscale, gen):

@@ -109,6 +109,16 @@ __device__ __forceinline__ void wait_for_producer_grid() {
 #endif
 }
 
+// A global load of a 64-bit value that stays where it is written relative to other asm
+// volatile statements (the cp.async copies, the fences above): issued before a burst of
+// cp.async, it does not queue behind the burst in the memory pipeline, as a plain load the
+// compiler placed after it would.
+__device__ __forceinline__ int64_t load_before_copies(const int64_t* p) {
+  int64_t v;
+  asm volatile("ld.global.b64 %0, [%1];" : "=l"(v) : "l"(p));
+  return v;
+}
+
 #define TKV_CUDA_CHECK(expr)                                                            \
   do {                                                                                  \
     const cudaError_t err_ = (expr);                                                    \
