@@ -28,6 +28,7 @@ import torch
 import transformers
 
 import turbokv
+from turbokv.hf import cache_kwargs
 
 FORMATS = ("q4_0", "turbo4", "turbo3")
 
@@ -76,7 +77,7 @@ def decode(model, cache, batch: int, ctx: int, steps: int, compiled: bool) -> fl
             t0 = time.perf_counter()
             for _ in range(n):
                 position_ids = torch.full((batch, 1), pos, dtype=torch.long, device="cuda")
-                out = fwd(input_ids=ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+                out = fwd(input_ids=ids, position_ids=position_ids, **cache_kwargs(model, cache), use_cache=True)
                 ids = out.logits[:, -1:].argmax(-1)
                 pos += 1
             torch.cuda.synchronize()

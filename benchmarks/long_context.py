@@ -20,6 +20,7 @@ import transformers
 from bench_generate import build
 
 import turbokv
+from turbokv.hf import cache_kwargs
 
 
 def main() -> None:
@@ -37,11 +38,11 @@ def main() -> None:
     cache = turbokv.TurboCache(model.config, k="turbo3", v="turbo3")
     with torch.no_grad(), turbokv.patch(model):
         t0 = time.perf_counter()
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False)
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=1, do_sample=False)
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         cache.crop(args.tokens - 1)  # again from the same prompt: its last token and the new ones decode
-        res = model.generate(out[:, : args.tokens], past_key_values=cache, **kw)
+        res = model.generate(out[:, : args.tokens], **cache_kwargs(model, cache), **kw)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
     scores = torch.stack(res.scores)
@@ -58,7 +59,7 @@ def main() -> None:
         ref = (
             model.generate(
                 ids,
-                past_key_values=transformers.DynamicCache(config=model.config),
+                **cache_kwargs(model, transformers.DynamicCache(config=model.config)),
                 max_new_tokens=1,
                 do_sample=False,
                 output_scores=True,

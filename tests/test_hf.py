@@ -258,8 +258,11 @@ def test_static_cache_compiled_generation_matches_eager(device, gen):
     with turbokv.patch(model):
         eager = greedy(model, ids, static_cache(model, "q4_0", "turbo3"), mask, disable_compile=True)
         cache = static_cache(model, "q4_0", "turbo3")
+        # The cache's key among generate()'s model kwargs: "past_key_values" in transformers 5.17,
+        # "cache" in 5.24.
         assert cache.is_compileable and model._valid_auto_compile_criteria(
-            {"past_key_values": cache}, transformers.GenerationConfig(compile_config=compile_config(device))
+            {"past_key_values": cache, "cache": cache},
+            transformers.GenerationConfig(compile_config=compile_config(device)),
         )
         calls = turbokv_attention.calls
         compiled = greedy(model, ids, cache, mask, compile_config=compile_config(device))
@@ -290,3 +293,18 @@ def test_static_cache_bookkeeping_and_overflow(gen):
         assert int(cache.get_seq_length()) == 0
     with pytest.raises(ValueError, match="max_cache_len: got 0"):
         turbokv.TurboCache(model.config, max_cache_len=0)
+
+
+def test_cache_kwargs_follows_the_models_forward():
+    """cache_kwargs names the argument the model's forward takes: cache= (transformers >= 5.24)
+    or past_key_values= (before)."""
+
+    class Before(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None): ...
+
+    class After(torch.nn.Module):
+        def forward(self, input_ids, cache=None): ...
+
+    marker = object()
+    assert turbokv.hf.cache_kwargs(Before(), marker) == {"past_key_values": marker}
+    assert turbokv.hf.cache_kwargs(After(), marker) == {"cache": marker}

@@ -15,6 +15,7 @@ import turbokv
 from turbokv.eval import model as model_mod
 from turbokv.eval.metrics import summarize, token_stats
 from turbokv.eval.runner import CacheSpec
+from turbokv.hf import cache_kwargs
 
 PROMPT = (
     "The history of the printing press begins in the fifteenth century. Johannes Gutenberg, a goldsmith "
@@ -29,7 +30,7 @@ def generate(model, ids, spec: CacheSpec, new_tokens: int):
     with turbokv.patch(model):
         t0 = time.perf_counter()
         out = model.generate(
-            ids, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens
+            ids, **cache_kwargs(model, cache), max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens
         )
         dt = time.perf_counter() - t0
     return out, cache, dt
@@ -39,7 +40,7 @@ def generate(model, ids, spec: CacheSpec, new_tokens: int):
 def logprobs_on(model, seq, spec: CacheSpec, start: int) -> torch.Tensor:
     cache = turbokv.TurboCache(model.config, k=spec.k, v=spec.v, rotate_k=spec.rotate_k, rotate_v=spec.rotate_v)
     with turbokv.patch(model):
-        logits = model(seq, past_key_values=cache).logits[0]
+        logits = model(seq, **cache_kwargs(model, cache)).logits[0]
     return torch.log_softmax(logits[start - 1 : -1].float(), -1)
 
 

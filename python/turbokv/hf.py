@@ -11,6 +11,8 @@ sliding windows and softcapping are arguments of the op.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
@@ -23,6 +25,17 @@ NAME = "turbokv"
 # cache.update and the usual kwargs (scaling, sliding_window, softcap).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "gemma2", "phi3")
 _PREVIOUS = "_turbokv_previous_attn_implementation"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """Keyword arguments that hand ``cache`` to ``model(...)`` or ``model.generate(...)``.
+
+    ``cache=`` where the model's ``forward`` takes it (transformers 5.24 renamed
+    ``past_key_values``, which now warns and is to leave ``forward`` in 5.40),
+    ``past_key_values=`` before.
+    """
+    params = inspect.signature(type(model).forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
 def left_padding_starts(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

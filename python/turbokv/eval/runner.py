@@ -22,6 +22,7 @@ from tqdm import tqdm
 import turbokv
 from turbokv.eval.metrics import Summary, summarize, token_stats
 from turbokv.eval.model import CACHE_DIR
+from turbokv.hf import cache_kwargs
 
 WIKITEXT = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -70,7 +71,7 @@ def scored_logprobs(model, chunk: torch.Tensor, spec: CacheSpec) -> torch.Tensor
     """Log-probabilities ``(ctx - ctx//2, vocab)`` predicting the second half of ``chunk``."""
     cache = turbokv.TurboCache(model.config, k=spec.k, v=spec.v, rotate_k=spec.rotate_k, rotate_v=spec.rotate_v)
     with turbokv.patch(model):
-        logits = model(chunk[None].to(model.device), past_key_values=cache).logits[0]
+        logits = model(chunk[None].to(model.device), **cache_kwargs(model, cache)).logits[0]
     first = chunk.numel() // 2
     return torch.log_softmax(logits[first - 1 : -1].float(), dim=-1).cpu()
 
