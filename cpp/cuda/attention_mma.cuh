@@ -183,12 +183,10 @@ struct QueryRows {
   static constexpr bool kInWarp = DP % 32 == 0 && (E & (E - 1)) == 0;
   static constexpr int kRows = 8 / (kThreads / 32);  // rows per warp
   float v[kRows][kInWarp ? E : 1];
-  // The words holding this lane's E sign bits before and after the transform (values lane E
-  // .. lane E + E - 1 mod the group: E consecutive bits of one word, as E divides 32 and the
-  // group). Loaded by fetch, used by finish: lane_rotation, which uses each load as it builds
-  // the bits, kept the warp waiting on a cold constant cache before it requested its first
-  // keys.
-  uint32_t pre_word = 0u, post_word = 0u;
+  // The rotation's sign words, loaded by fetch and used by finish (lane_sign_words): built in
+  // fetch, the rotation kept the warp waiting on a cold constant cache before it requested
+  // its first keys.
+  LaneSignWords signs;
 
   __device__ static float load(const void* q, int q_bf16, const AttnParams& P, int64_t b, int64_t h, int g, int j) {
     const int64_t at = (b * P.Hq + h * P.G + g) * P.d + j;
@@ -198,11 +196,7 @@ struct QueryRows {
   __device__ void fetch(const void* q, int q_bf16, const AttnParams& P, int64_t b, int64_t h, const DevSide& ks) {
     if constexpr (kInWarp) {
       const int lane = static_cast<int>(threadIdx.x & 31u), warp = static_cast<int>(threadIdx.x / 32);
-      if (ks.rot_group && ks.seeded) {
-        const int i0 = (lane * E) & (ks.rot_group - 1);
-        pre_word = ks.sign_bits[i0 >> 5];
-        post_word = ks.sign_bits[(ks.rot_group + i0) >> 5];
-      }
+      signs = lane_sign_words<E>(ks, false);
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
 #pragma unroll
@@ -213,18 +207,7 @@ struct QueryRows {
                          const DevSide& ks) {
     if constexpr (kInWarp) {
       const int lane = static_cast<int>(threadIdx.x & 31u), warp = static_cast<int>(threadIdx.x / 32);
-      LaneRotation<float> rotation;
-      rotation.n = ks.rot_group;
-      if (rotation.n) {
-        // 1 / sqrt(n) rounded to float, as lane_rotation's (n = 2^k: 2^(-k/2), or 2^(-(k-1)/2)
-        // times the float nearest 1 / sqrt(2), a power-of-two scaling that keeps the rounding),
-        // without its fp64 square root and divide.
-        const int k = __ffs(rotation.n) - 1;
-        rotation.inv = ldexpf(k % 2 ? 0.70710677f : 1.0f, -(k / 2));
-        const int i0 = (lane * E) & (ks.rot_group - 1);
-        rotation.pre = (pre_word >> (i0 & 31)) & ((1u << E) - 1u);
-        rotation.post = (post_word >> ((ks.rot_group + i0) & 31)) & ((1u << E) - 1u);
-      }
+      const LaneRotation<float> rotation = lane_rotation<E>(ks, signs, false);
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         warp_rotate<E>(v[r], rotation);

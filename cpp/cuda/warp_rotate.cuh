@@ -43,6 +43,43 @@ __device__ __forceinline__ LaneRotation<A> lane_rotation(const DevSide& s, bool 
   return r;
 }
 
+// lane_rotation in two steps, for lanes of E values (E dividing 32) and groups of at least E:
+// a lane's E signs per side are then E consecutive bits of one word. lane_sign_words issues
+// the two word loads; lane_rotation(s, words, inverse) builds the same rotation from them
+// later, so a wait on the loads (a cold constant cache) does not hold up the work between
+// (the decode kernels' query prologue requests its first keys in between).
+struct LaneSignWords {
+  uint32_t pre = 0u, post = 0u;
+};
+
+template <int E>
+__device__ __forceinline__ LaneSignWords lane_sign_words(const DevSide& s, bool inverse) {
+  static_assert(32 % E == 0, "a lane's signs in one word");
+  LaneSignWords w;
+  if (s.rot_group == 0 || !s.seeded) return w;
+  const int n = s.rot_group, i0 = (static_cast<int>(threadIdx.x & 31u) * E) & (n - 1);
+  w.pre = s.sign_bits[((inverse ? n : 0) + i0) >> 5];
+  w.post = s.sign_bits[((inverse ? 0 : n) + i0) >> 5];
+  return w;
+}
+
+template <int E>
+__device__ __forceinline__ LaneRotation<float> lane_rotation(const DevSide& s, const LaneSignWords& w, bool inverse) {
+  LaneRotation<float> r;
+  r.n = s.rot_group;
+  if (r.n == 0) return r;
+  // 1 / sqrt(n) rounded to float, the value of lane_rotation's fp64 route (n = 2^k: 2^(-k/2),
+  // or 2^(-(k-1)/2) times the float nearest 1 / sqrt(2): a power-of-two scaling keeps the
+  // rounding), without an fp64 square root and divide.
+  const int k = __ffs(r.n) - 1;
+  r.inv = ldexpf(k % 2 ? 0.70710677f : 1.0f, -(k / 2));
+  const int n = r.n, i0 = (static_cast<int>(threadIdx.x & 31u) * E) & (n - 1);
+  constexpr uint32_t mask = E == 32 ? ~0u : (1u << E) - 1u;
+  r.pre = (w.pre >> (((inverse ? n : 0) + i0) & 31)) & mask;
+  r.post = (w.post >> (((inverse ? 0 : n) + i0) & 31)) & mask;
+  return r;
+}
+
 // x, as a value the compiler cannot treat as loop invariant (an asm it must run in place).
 __device__ __forceinline__ uint32_t opaque(uint32_t x) {
   asm volatile("mov.b32 %0, %0;" : "+r"(x));
