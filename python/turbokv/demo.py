@@ -57,14 +57,15 @@ def main(new_tokens: int = 200, model_path: str | None = None) -> None:
         runs[spec] = (out, cache, dt)
     ref_seq = runs[CACHES[0]][0]
     ref_logp = logprobs_on(model, ref_seq, CACHES[0], start)
-    print(f"\n{'cache':<32} {'KV bytes':>10} {'vs f16':>7} {'tok/s':>7} {'mean KLD':>9} {'same top':>9}")
+    w = max(len(spec.label) for spec in CACHES)  # the label column fits the longest label
+    print(f"\n{'cache':<{w}} {'KV bytes':>10} {'vs f16':>7} {'tok/s':>7} {'mean KLD':>9} {'same top':>9}")
     texts = []
     for spec, (out, cache, dt) in runs.items():
         test = logprobs_on(model, ref_seq, spec, start)
         s = summarize([token_stats(ref_logp, test, ref_seq[0, start:])])
         ratio = cache.nbytes() / cache.f16_nbytes()
         print(
-            f"{spec.label:<32} {cache.nbytes():>10} {ratio:>6.3f}x {new_tokens / dt:>7.1f} "
+            f"{spec.label:<{w}} {cache.nbytes():>10} {ratio:>6.3f}x {new_tokens / dt:>7.1f} "
             f"{s.kld_mean:>9.5f} {100 * s.same_top:>8.1f}%"
         )
         texts.append((spec.label, tok.decode(out[0, start:], skip_special_tokens=True)))
