@@ -189,7 +189,7 @@ def render_header(registry, books) -> str:
     return "\n".join(out)
 
 
-# A float literal as the generator writes it (repr of a Python float, or C++'s %.9e with an f).
+# A float literal as formats.py holds it (the repr of a Python float: 0.0565..., 1e-05).
 FLOAT = re.compile(r"-?\d+(?:\.\d+(?:e[-+]?\d+)?|e[-+]?\d+)")
 
 
