@@ -50,15 +50,16 @@ def build(layers: int) -> transformers.PreTrainedModel:
     return model.eval()
 
 
-def fill(cache, model, batch: int, ctx: int, fused: bool) -> None:
+def fill(cache, model, batch: int, ctx: int) -> None:
     """Put ctx random tokens of K/V into every layer through the cache's own update."""
     cfg = model.config
     g = torch.Generator(device="cuda").manual_seed(0)
-    cfg._attn_implementation = "turbokv" if fused else "sdpa"  # TurboCache.update reads it
     for i in range(cfg.num_hidden_layers):
         for c0 in range(0, ctx, 8192):
             n = min(8192, ctx - c0)
             k = torch.randn(batch, 8, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+            if isinstance(cache, turbokv.TurboCache):  # update returns the packed buffers: no dequantized copy
+                cache.bind_fused(i, cfg.num_hidden_layers)
             cache.update(k, torch.randn_like(k), i)
     torch.cuda.synchronize()
 
@@ -105,14 +106,13 @@ def case(model, name: str, batch: int, ctx: int, steps: int) -> tuple[float, flo
             cache, compiled, fused = turbokv.TurboCache(cfg, k=fmt, v=fmt, max_cache_len=cap), True, True
         else:  # unpatched: dequantize + SDPA
             cache, compiled, fused = turbokv.TurboCache(cfg, k=fmt, v=fmt), False, False
-        fill(cache, model, batch, ctx, fused)
+        fill(cache, model, batch, ctx)
         if fused:
             turbokv.patch(model)
         try:
             ms = decode(model, cache, batch, ctx, steps, compiled)
         finally:
             turbokv.unpatch(model)
-            model.config._attn_implementation = "sdpa"
         note = ""
         if isinstance(cache, turbokv.TurboCache):
             note = f"KV {cache.nbytes() / cache.f16_nbytes():.3f}x f16"

@@ -1,7 +1,10 @@
 #include "op_checks.h"
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 #include "turbokv/signs.h"
 
@@ -76,16 +79,45 @@ void check_packed(const at::Tensor& t, const SideSpec& side, const char* arg) {
                     ", head_dim ", side.layout.d, ")");
 }
 
-void check_index_tensor(const at::Tensor& t, const char* arg, int64_t dim0, const at::Device& device) {
+void check_index_tensor(const at::Tensor& t, const char* arg, at::IntArrayRef sizes, const at::Device& device) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, arg, ": got dtype ", t.scalar_type(),
                    ", expected int32 or int64");
   TORCH_CHECK_VALUE(t.device() == device, arg, ": got device ", t.device(), ", expected ", device);
-  TORCH_CHECK_VALUE(t.dim() >= 1 && t.size(0) == dim0, arg, ": got shape ", shape_str(t), ", expected first dim ",
-                    dim0);
+  TORCH_CHECK_VALUE(t.sizes() == sizes, arg, ": got shape ", shape_str(t), ", expected ", sizes);
+}
+
+namespace {
+// [first, last] byte addresses a tensor's elements reach; empty tensors reach none.
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  int64_t lo = 0, hi = 0;
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    const int64_t reach = (t.size(i) - 1) * t.stride(i);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const auto base = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  const auto item = static_cast<int64_t>(t.element_size());
+  return {base + lo * item, base + hi * item + item - 1};
+}
+}  // namespace
+
+void check_no_overlap(const at::Tensor& out, const char* out_arg, const at::Tensor& other, const char* other_arg) {
+  if (out.numel() == 0 || other.numel() == 0 || out.device() != other.device() || out.is_meta()) return;
+  const auto [a0, a1] = byte_span(out);
+  const auto [b0, b1] = byte_span(other);
+  TORCH_CHECK_VALUE(a1 < b0 || b1 < a0, other_arg, ": got a tensor whose memory overlaps ", out_arg, " (bytes ",
+                    b1 - b0 + 1, " at offset ", static_cast<int64_t>(b0 - a0), " from ", out_arg,
+                    "), expected separate memory (", out_arg, " is written by this op)");
 }
 
 void check_device(const at::Tensor& t, const at::Device& device, const char* arg) {
   TORCH_CHECK_VALUE(t.device() == device, arg, ": got device ", t.device(), ", expected ", device);
+}
+
+void check_hadamard(const at::Tensor& x, int64_t group, const std::optional<int64_t>& seed) {
+  if (x.scalar_type() != at::kDouble) check_float_input(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x: got a 0-dim tensor, expected (..., n)");
+  TORCH_CHECK_VALUE(group != 0, "group: got 0, expected a power of two in [16, 512]");
+  check_rotation(group, seed, x.size(-1), "group");
 }
 
 RowsOp prepare_quantize(const at::Tensor& x, const std::string& format, int64_t rot_group,
@@ -133,6 +165,8 @@ AppendArgs check_append(const at::Tensor& k_cache, const at::Tensor& v_cache, co
   check_device(v, device, "v");
   check_float_input(k, "k");
   check_float_input(v, "v");
+  TORCH_CHECK_TYPE(k.scalar_type() == v.scalar_type(), "v: got dtype ", v.scalar_type(), ", expected the dtype of k ",
+                   k.scalar_type());
   TORCH_CHECK_VALUE(k.dim() == 4, "k: got shape ", shape_str(k), ", expected (B, Hkv, S, head_dim)");
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v: got shape ", shape_str(v), ", expected the shape of k ", shape_str(k));
   AppendArgs a{k.size(0), k.size(1), k.size(2), k.size(3), 0, {}, {}};
@@ -147,10 +181,14 @@ AppendArgs check_append(const at::Tensor& k_cache, const at::Tensor& v_cache, co
   TORCH_CHECK_VALUE(v_cache.size(0) == a.B && v_cache.size(1) == a.H && v_cache.size(2) == a.T, "v_cache: got shape ",
                     shape_str(v_cache), ", expected (", a.B, ", ", a.H, ", ", a.T, ", ", a.vs.layout.row_bytes,
                     ") to match k_cache");
-  TORCH_CHECK_VALUE(k_cache.data_ptr() != v_cache.data_ptr(), "v_cache: got the same storage as k_cache");
-  check_index_tensor(positions, "positions", a.B, device);
-  TORCH_CHECK_VALUE(positions.dim() == 2 && positions.size(1) == a.S, "positions: got shape ", shape_str(positions),
-                    ", expected (", a.B, ", ", a.S, ")");
+  check_index_tensor(positions, "positions", {a.B, a.S}, device);
+  // Both caches are written: neither may share a byte with the other or with an input.
+  check_no_overlap(k_cache, "k_cache", v_cache, "v_cache");
+  const std::pair<const at::Tensor*, const char*> inputs[] = {{&k, "k"}, {&v, "v"}, {&positions, "positions"}};
+  for (const auto& [t, name] : inputs) {
+    check_no_overlap(k_cache, "k_cache", *t, name);
+    check_no_overlap(v_cache, "v_cache", *t, name);
+  }
   return a;
 }
 
@@ -159,6 +197,16 @@ void check_positions(const at::Tensor& pos_cpu, int64_t T) {
   for (int64_t i = 0; i < pos_cpu.numel(); ++i)
     TORCH_CHECK_VALUE(pp[i] >= 0 && pp[i] < T, "positions: got ", pp[i], " at flat index ", i,
                       ", expected 0 <= position < cache capacity ", T);
+  // A position named twice would be written twice, in an unspecified order.
+  const int64_t B = pos_cpu.size(0), S = pos_cpu.size(1);
+  std::vector<int64_t> row(S);
+  for (int64_t b = 0; b < B && S > 1; ++b) {
+    std::copy(pp + b * S, pp + (b + 1) * S, row.begin());
+    if (!std::is_sorted(row.begin(), row.end())) std::sort(row.begin(), row.end());
+    const auto dup = std::adjacent_find(row.begin(), row.end());
+    TORCH_CHECK_VALUE(dup == row.end(), "positions: got ", dup == row.end() ? 0 : *dup, " twice for sequence ", b,
+                      ", expected distinct positions (each new token has its own slot)");
+  }
 }
 
 AttentionArgs check_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -188,8 +236,8 @@ AttentionArgs check_attention(const at::Tensor& q, const at::Tensor& k_cache, co
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale: got ", scale, ", expected a finite number");
   TORCH_CHECK_VALUE(softcap >= 0.0 && std::isfinite(softcap), "softcap: got ", softcap, ", expected >= 0 (0 = off)");
   TORCH_CHECK_VALUE(window >= 0, "window: got ", window, ", expected >= 0 (0 = no sliding window)");
-  check_index_tensor(lengths, "lengths", a.B, q.device());
-  if (starts.has_value()) check_index_tensor(*starts, "starts", a.B, q.device());
+  check_index_tensor(lengths, "lengths", {a.B}, q.device());
+  if (starts.has_value()) check_index_tensor(*starts, "starts", {a.B}, q.device());
   return a;
 }
 

@@ -32,9 +32,16 @@ SideSpec make_side(const std::string& format, int64_t head_dim, int64_t rot_grou
 
 void check_float_input(const at::Tensor& t, const char* arg);
 void check_packed(const at::Tensor& t, const SideSpec& side, const char* arg);
-void check_index_tensor(const at::Tensor& t, const char* arg, int64_t dim0, const at::Device& device);
+// An int32/int64 tensor of exactly `sizes` on `device`.
+void check_index_tensor(const at::Tensor& t, const char* arg, at::IntArrayRef sizes, const at::Device& device);
+// The written tensor `out` and the tensor `other` (written or read) share no byte. Compared by
+// the byte range each one's sizes and strides reach, not by pointer: views and offsets count.
+void check_no_overlap(const at::Tensor& out, const char* out_arg, const at::Tensor& other, const char* other_arg);
 std::string shape_str(const at::Tensor& t);
 void check_device(const at::Tensor& t, const at::Device& device, const char* arg);
+
+// hadamard: dtype (float16/bfloat16/float32/float64), shape and rotation.
+void check_hadamard(const at::Tensor& x, int64_t group, const std::optional<int64_t>& seed);
 
 // quantize / dequantize: checks, the contiguous input and the empty output, for every backend.
 struct RowsOp {
@@ -58,7 +65,7 @@ AppendArgs check_append(const at::Tensor& k_cache, const at::Tensor& v_cache, co
                         const at::Tensor& positions, const std::string& k_format, int64_t k_rot_group,
                         const std::optional<int64_t>& k_rot_seed, const std::string& v_format, int64_t v_rot_group,
                         const std::optional<int64_t>& v_rot_seed);
-// Values of positions (a CPU int64 copy): 0 <= p < T.
+// Values of positions (a CPU int64 (B, S) copy): 0 <= p < T, no position twice in a sequence.
 void check_positions(const at::Tensor& pos_cpu, int64_t T);
 
 // attention: shapes, dtypes, devices and scalars.

@@ -439,8 +439,11 @@ def test_whole_prompt_prefill_via_flash_cuda(device, dtype, gen, monkeypatch):
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
 def test_bad_lengths_are_an_error_cuda(device):
-    """Lengths that do not fit the cache give an error naming them (turbokv.attention checks them
-    on the host; checked in a child process: raising inside the CUDA op once crashed the process)."""
+    """Lengths that do not fit the cache give an error naming them, raised by the CUDA op itself.
+
+    In a child process, so that a crash fails this test instead of ending the suite: raising an
+    error that formats an integer crashed builds that carried a static libstdc++ (CMakeLists.txt).
+    """
     code = (
         "import torch, turbokv\n"
         "kc = torch.zeros(3, 2, 300, 256, dtype=torch.uint8, device='cuda')\n"

@@ -209,8 +209,10 @@ def test_unsupported_inputs_are_named(gen):
     with pytest.raises(ValueError, match="rotate: got 'maybe'"):
         turbokv.cache.SideSpec("turbo3", "maybe")
     model = build("llama64")
-    with turbokv.patch(model), pytest.raises(RuntimeError, match="not a TurboCache buffer"):
-        model(prompt(gen), past_key_values=transformers.DynamicCache(config=model.config))
+    turbokv.hf.register()
+    model.set_attn_implementation("turbokv")  # the attention function without patch()'s binding hooks
+    with pytest.raises(RuntimeError, match="LlamaAttention was not bound to a cache"):
+        model(prompt(gen), past_key_values=turbokv.TurboCache(model.config))
 
 
 # ---------------------------------------------------------------- static capacity, compiled decoding

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import cuda_ready
@@ -88,3 +92,20 @@ def test_compiles_under_torch_compile(gen):
 
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(*args[:4]), step(*args[:4]), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None, reason="needs Linux and nm")
+def test_extension_uses_the_processes_cpp_runtime():
+    """The extension links the libstdc++ that torch loaded and carries no copy of its own: with a
+    static copy (a toolchain that links libstdc++ statically), every error message that
+    formatted an integer crashed the process (its num_put facet came from the other copy)."""
+    so = turbokv.ops._C.__file__
+    defined = subprocess.run(["nm", "-D", "--defined-only", so], capture_output=True, text=True, check=True).stdout
+    assert "_ZNSt6locale7classicEv" not in defined, "the extension defines std::locale::classic(): a static libstdc++"
+    child = (
+        "import torch, turbokv\n"
+        "try:\n    turbokv.quantize(torch.randn(2, 48), 'q4_0')\n"
+        "except ValueError as e:\n    print(e)"
+    )
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "head_dim: got 48" in out.stdout, out.stderr[-400:]

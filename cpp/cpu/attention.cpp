@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "../op_checks.h"
@@ -32,6 +33,20 @@ struct Params {
   bool causal;
   int64_t window;
 };
+
+// NaN wins: max(NaN, x) = max(x, NaN) = NaN (std::max and fmaxf drop a NaN in one order or both).
+inline float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
+
+// Tile slots [v0, v1) (of the tile's nt, starting at cache slot t0) that query i sees: valid
+// (start <= j < len), causal (j <= its position) and inside the window. An interval.
+std::pair<int, int> visible(const Params& P, int64_t len, int64_t start, int64_t i, int64_t t0, int nt) {
+  const int64_t qpos = len - P.Sq + i;
+  int64_t lo = start, hi = len;
+  if (P.causal) hi = std::min(hi, qpos + 1);
+  if (P.window > 0) lo = std::max(lo, qpos - P.window + 1);
+  const int64_t v0 = std::clamp<int64_t>(lo - t0, 0, nt), v1 = std::clamp<int64_t>(hi - t0, 0, nt);
+  return {static_cast<int>(v0), static_cast<int>(std::max(v0, v1))};
+}
 
 void attend_task(const Params& P, const SideSpec& ks, const SideSpec& vs, const float* q, const uint8_t* kc,
                  const uint8_t* vc, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t len, int64_t start,
@@ -76,26 +91,25 @@ void attend_task(const Params& P, const SideSpec& ks, const SideSpec& vs, const 
     for (int t = 0; t < nt; ++t) decode_row_fast(ks.layout, kc + (base + t0 + t) * ks.layout.row_bytes, kt + t * dpk);
     bool any = false;
     for (int64_t r = 0; r < M; ++r) {
-      const int64_t qpos = len - P.Sq + i0 + (r % nq);
+      const auto [v0, v1] = visible(P, len, start, i0 + r % nq, t0, nt);
       float* s = sc + r * kTile;
+      // NaN-propagating max: a NaN score (a NaN query or key) makes the row NaN, as in SDPA.
       float tile_max = -std::numeric_limits<float>::infinity();
       for (int t = 0; t < nt; ++t) {
-        const int64_t j = t0 + t;
-        const bool ok = (!P.causal || j <= qpos) && (P.window <= 0 || qpos - j < P.window);
         float v = -std::numeric_limits<float>::infinity();
-        if (ok) {
+        if (t >= v0 && t < v1) {
           v = dot(qr + r * dpk, kt + t * dpk, dpk);
           if (P.softcap > 0.0f) v = P.softcap * std::tanh(v / P.softcap);
         }
         s[t] = v;
-        tile_max = std::max(tile_max, v);
+        tile_max = nan_max(tile_max, v);
       }
       if (tile_max == -std::numeric_limits<float>::infinity()) {
         for (int t = 0; t < nt; ++t) s[t] = 0.0f;
         continue;
       }
       any = true;
-      const float m_new = std::max(mx[r], tile_max);
+      const float m_new = nan_max(mx[r], tile_max);
       const float alpha = std::exp(mx[r] - m_new);  // exp(-inf) = 0 on the first tile
       mx[r] = m_new;
       float sum = 0.0f;
@@ -108,14 +122,13 @@ void attend_task(const Params& P, const SideSpec& ks, const SideSpec& vs, const 
     }
     if (!any) continue;
     for (int t = 0; t < nt; ++t) decode_row_fast(vs.layout, vc + (base + t0 + t) * vs.layout.row_bytes, vt + t * dpv);
+    // Every visible slot's V counts, even at probability 0 (a NaN there makes the row NaN);
+    // slots the row cannot see never do, whatever their bytes.
     for (int64_t r = 0; r < M; ++r) {
+      const auto [v0, v1] = visible(P, len, start, i0 + r % nq, t0, nt);
       float* a = acc + r * dpv;
       const float* s = sc + r * kTile;
-      for (int t = 0; t < nt; ++t) {
-        const float p = s[t];
-        if (p == 0.0f) continue;
-        axpy(p, vt + t * dpv, a, dpv);
-      }
+      for (int t = v0; t < v1; ++t) axpy(s[t], vt + t * dpv, a, dpv);
     }
   }
 

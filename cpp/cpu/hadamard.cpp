@@ -13,12 +13,9 @@ namespace {
 
 at::Tensor hadamard_cpu(const at::Tensor& x, int64_t group, std::optional<int64_t> seed, bool inverse) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "x: got device ", x.device(), ", expected cpu for this kernel");
+  check_hadamard(x, group, seed);
   const bool f64 = x.scalar_type() == at::kDouble;
-  if (!f64) check_float_input(x, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "x: got a 0-dim tensor, expected (..., n)");
-  TORCH_CHECK_VALUE(group != 0, "group: got 0, expected a power of two in [16, 512]");
   const int64_t n = x.size(-1);
-  check_rotation(group, seed, n, "group");
   std::vector<float> s1, s2;
   fill_signs(group, seed, s1, s2);
   const float* p1 = s1.empty() ? nullptr : s1.data();

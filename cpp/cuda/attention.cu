@@ -119,9 +119,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int r = tid; r < M; r += nt_) {
       float* s = sc + r * kTile;
       float tmax = -INFINITY;
-      for (int t = 0; t < nt; ++t) tmax = fmaxf(tmax, s[t]);
-      const float m_new = fmaxf(mrow[r], tmax);
-      if (m_new == -INFINITY) {  // nothing visible yet
+      for (int t = 0; t < nt; ++t) tmax = nan_max(tmax, s[t]);
+      const float m_new = nan_max(mrow[r], tmax);  // a NaN score makes the row NaN
+      if (m_new == -INFINITY) {                    // nothing visible yet
         alpha[r] = 1.0f;
         for (int t = 0; t < kTile; ++t) s[t] = 0.0f;
         continue;
@@ -138,11 +138,19 @@ __global__ void __launch_bounds__(kThreads)
       alpha[r] = a;
     }
     __syncthreads();
+    // Only the slots a row sees: their V counts even at probability 0 (a NaN makes the row
+    // NaN), the others' bytes never do. Visible slots are an interval (causal, window).
     for (int idx = tid; idx < M * dpv; idx += nt_) {
       const int r = idx / dpv, j = idx % dpv;
       const float* p = sc + r * kTile;
+      const int64_t qpos = len - P.Sq + i0 + r % nqc;
+      int64_t vlo = start, vhi = len;
+      if (P.causal) vhi = min(vhi, qpos + 1);
+      if (P.window > 0) vlo = max(vlo, qpos - P.window + 1);
+      const int t_lo = static_cast<int>(min(max(vlo - t0, int64_t(0)), static_cast<int64_t>(nt)));
+      const int t_hi = static_cast<int>(min(max(vhi - t0, int64_t(0)), static_cast<int64_t>(nt)));
       float a = acc[idx] * alpha[r];
-      for (int t = 0; t < nt; ++t) a = __fmaf_rn(p[t], vt[t * dpv + j], a);
+      for (int t = t_lo; t < t_hi; ++t) a = __fmaf_rn(p[t], vt[t * dpv + j], a);
       acc[idx] = a;
     }
     __syncthreads();
@@ -160,6 +168,17 @@ __global__ void __launch_bounds__(kThreads)
     part_ml[(split * rows_total + row) * 2] = mrow[r];
     part_ml[(split * rows_total + row) * 2 + 1] = lrow[r];
   }
+}
+
+// check_lengths (op_checks.cpp) inside a CUDA graph: the first bad value goes to the record.
+__device__ void check_lengths_in_graph(const AttnParams& P, int64_t b, GraphError* err) {
+  const int64_t len = P.lengths[b], start = P.starts ? P.starts[b] : 0;
+  if (len < 0 || len > P.T)
+    record_graph_error(err, kLengthRange, b, len, P.T);
+  else if (P.causal && len < P.Sq)
+    record_graph_error(err, kLengthShort, b, len, P.Sq);
+  else if (start < 0 || start > len)
+    record_graph_error(err, kStartRange, b, start, len);
 }
 
 // The merged row (32 * E values in shared memory), inverse-rotated by one warp in registers
@@ -180,7 +199,7 @@ __device__ void unrotate_out(const float* buf, const LaneRotation<float>& rot, i
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMergeThreads)
     merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml, DevSide vs, int nsplit,
-                 int64_t rows_total, int d, scalar_t* __restrict__ out) {
+                 int64_t rows_total, int d, scalar_t* __restrict__ out, AttnParams P, GraphError* err) {
   extern __shared__ __align__(16) float buf[];  // dpv outputs, then merge_row's scratch
   // Rows a warp holds are inverse-rotated in registers; the lane's sign flips are read before
   // the wait for the partials (constant-memory reads with a lane-dependent index: a cold
@@ -193,6 +212,8 @@ __global__ void __launch_bounds__(kMergeThreads)
                          : lane_rotation<8>(vs, true);
   wait_for_producer_grid();  // launched early (see attention_cuda)
   const int64_t row = blockIdx.x;
+  if (err != nullptr && threadIdx.x == 0 && row % (P.Hq * P.Sq) == 0)
+    check_lengths_in_graph(P, row / (P.Hq * P.Sq), err);
   if (vs.dp % 4 == 0)
     merge_row<4>(part_o, part_ml, row, rows_total, nsplit, vs.dp, buf, buf + vs.dp);
   else
@@ -372,10 +393,16 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
   const at::Tensor len = lengths.to(at::kLong).contiguous();
   at::Tensor st;
   if (starts.has_value()) st = starts->to(at::kLong).contiguous();
-  // Length values are checked by the Python wrapper (turbokv.attention) before the op runs, not
-  // here: raising from this point crashed the process on the GPU machine (2026-11-23, any
-  // exception type; not understood yet). The kernels clamp lengths and starts to [0, T], so a
-  // direct torch.ops call with bad values reads no memory outside the cache.
+  // The values are checked as the CPU op checks them: from one host copy outside a CUDA graph;
+  // inside one (no syncs), by the merge kernel into the graph-error record, raised by the next
+  // call outside. The kernels clamp lengths and starts to [0, T] either way.
+  GraphError* graph_err = nullptr;
+  if (capturing()) {
+    graph_err = graph_error_record();
+  } else {
+    const at::Tensor host = (starts.has_value() ? at::stack({len, st}) : len.unsqueeze(0)).cpu();
+    check_lengths(host[0], starts.has_value() ? host[1] : at::zeros_like(host[0]), a.T, a.Sq, causal);
+  }
 
   const DevSide ks = dev_side(a.ks), vs = dev_side(a.vs);
   AttnParams P{};
@@ -475,7 +502,7 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
     }
     TKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, merge_kernel<T>, part_o.const_data_ptr<float>(),
                                       part_ml.const_data_ptr<float>(), vs, P.nsplit, rows_total, P.d,
-                                      reinterpret_cast<T*>(out.mutable_data_ptr())));
+                                      reinterpret_cast<T*>(out.mutable_data_ptr()), P, graph_err));
   };
   switch (q.scalar_type()) {
     case at::kFloat:

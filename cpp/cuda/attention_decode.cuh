@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kThreads)
     float o = 0.0f, sum = 0.0f;
     for (int w = 0; w < 4; ++w) {
       const float* r = red + (w * GMAX + g) * (dp + 2);
-      if (r[dp] == -INFINITY) continue;
+      if (r[dp + 1] == 0.0f) continue;  // saw no key (a NaN sum, from a NaN score, does count)
       const float a = __expf(r[dp] - mx);
       o += r[j] * a;
       sum += r[dp + 1] * a;

@@ -264,10 +264,10 @@ __device__ __forceinline__ void chunk_softmax(float (&sc)[NT][4], float (&m)[2],
   for (int c = 0; c < 2; ++c) {
     float mx = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(sc[j][c], sc[j][c + 2]));
+    for (int j = 0; j < NT; ++j) mx = nan_max(mx, nan_max(sc[j][c], sc[j][c + 2]));
 #pragma unroll
-    for (int off = 4; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    const float mn = fmaxf(m[c], mx);
+    for (int off = 4; off < 32; off <<= 1) mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float mn = nan_max(m[c], mx);  // NaN from here on: the row's output is NaN
     alpha[c] = mn == -INFINITY ? 1.0f : __expf(m[c] - mn);
     float sum = 0.0f;
 #pragma unroll
@@ -343,7 +343,7 @@ __device__ void write_partials(const float (&o)[KS][4], const float (&m)[2], flo
     float acc = 0.0f, sum = 0.0f;
     for (int w = 0; w < 4; ++w) {
       const float* r = red + (w * 8 + g) * (DP + 2);
-      if (r[DP] == -INFINITY) continue;
+      if (r[DP + 1] == 0.0f) continue;  // saw no key (a NaN sum, from a NaN score, does count)
       const float a = __expf(r[DP] - mx);
       acc += r[j] * a;
       sum += r[DP + 1] * a;

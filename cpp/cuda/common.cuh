@@ -15,6 +15,7 @@
 #include <iterator>
 
 #include "../op_checks.h"
+#include "graph_errors.cuh"
 #include "turbokv/codec.h"
 #include "turbokv/signs.h"
 
@@ -82,11 +83,22 @@ inline DevSide dev_side(const SideSpec& s) {
   return v;
 }
 
+// max that propagates NaN (fmaxf drops it): a NaN score makes its row NaN, as SDPA's softmax
+// does, instead of being taken for a masked key. One instruction, like fmaxf (sm_80+).
+__device__ __forceinline__ float nan_max(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 // True when the current stream is capturing a CUDA graph: host syncs are not allowed then.
 inline bool capturing() { return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None; }
 
+// The first check of every CUDA op: its first tensor is a CUDA one, and no error is pending
+// from a CUDA graph's kernels (graph_errors.cuh).
 inline void check_cuda(const at::Tensor& t, const char* arg) {
   TORCH_CHECK_VALUE(t.is_cuda(), arg, ": got device ", t.device(), ", expected a CUDA tensor for this kernel");
+  raise_graph_error();
 }
 
 // Resets a non-sticky error that an earlier, unchecked runtime call (ours or a library's) left

@@ -87,11 +87,7 @@ void launch(const at::Tensor& x, at::Tensor& y, int n, const std::optional<int64
 
 at::Tensor hadamard_cuda(const at::Tensor& x, int64_t group, std::optional<int64_t> seed, bool inverse) {
   check_cuda(x, "x");
-  const bool f64 = x.scalar_type() == at::kDouble;
-  if (!f64) check_float_input(x, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "x: got a 0-dim tensor, expected (..., n)");
-  TORCH_CHECK_VALUE(group != 0, "group: got 0, expected a power of two in [16, 512]");
-  check_rotation(group, seed, x.size(-1), "group");
+  check_hadamard(x, group, seed);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor xc = x.contiguous();
   // The kernel loads 16-byte vectors: a view starting off that alignment is copied first.

@@ -37,6 +37,7 @@ struct RowTarget {
   const int64_t* positions;  // null: dense output
   FastDiv H, S;
   int64_t T;
+  GraphError* err = nullptr;  // set while a CUDA graph is captured (positions unchecked on the host)
 };
 
 // In two steps, so that a loop can issue the positions load of a later row early: the row's
@@ -48,7 +49,10 @@ __device__ __forceinline__ int64_t target_position(const RowTarget& t, int64_t r
 }
 __device__ __forceinline__ int64_t target_slot(const RowTarget& t, int64_t r, int64_t p) {
   if (t.positions == nullptr) return r;
-  if (p < 0 || p >= t.T) return -1;  // validated on the host unless capturing a graph: never write out of bounds
+  if (p < 0 || p >= t.T) {  // validated on the host unless capturing a graph: never write out of bounds
+    record_graph_error(t.err, kPositionRange, r, p, t.T);
+    return -1;
+  }
   return static_cast<int64_t>(t.S(static_cast<uint32_t>(r))) * t.T + p;
 }
 __device__ __forceinline__ int64_t target_row(const RowTarget& t, int64_t r) {
@@ -98,7 +102,7 @@ __device__ void encode_turbo_group_parallel(const float* x, int g, int bits, con
   for (int b = j; b < nwords * 4; b += blockDim.x) out[2 + b] = wb[b];
   if (j == 0) {  // a non-finite group gets the NaN scale (it decodes to NaN, never to finite garbage)
     const float scale = norm == 0.0f || !finite ? 0.0f : static_cast<float>(static_cast<double>(norm) / sqrt(c2));
-    store_u16(out, finite ? f32_to_f16_bits(scale) : uint16_t{0x7e00});
+    store_u16(out, finite && !f16_rounds_to_inf(scale) ? f32_to_f16_bits(scale) : uint16_t{0x7e00});
   }
   __syncthreads();
 }
@@ -116,7 +120,7 @@ __device__ void encode_one_row(const scalar_t* __restrict__ x, const DevSide& s,
   const Family fam = static_cast<Family>(s.family);
   if (fam == Family::kFloat) {
     for (int j = threadIdx.x; j < s.dp; j += blockDim.x)
-      store_u16(obuf + 2 * j, s.fmt == kFmt_bf16 ? f32_to_bf16_bits(buf[j]) : f32_to_f16_bits(buf[j]));
+      store_u16(obuf + 2 * j, s.fmt == kFmt_bf16 ? bf16_store_bits(buf[j]) : f16_store_bits(buf[j]));
   } else if (fam == Family::kBlock) {
     for (int b = threadIdx.x; b < s.dp / 32; b += blockDim.x)
       encode_block(s.fmt, buf + 32 * b, obuf + b * s.group_bytes, s.group_bytes);
@@ -363,17 +367,24 @@ void cache_append_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tenso
   check_cuda(k, "k");
   const AppendArgs a = check_append(k_cache, v_cache, k, v, positions, std::string(k_format), k_rot_group, k_rot_seed,
                                     std::string(v_format), v_rot_group, v_rot_seed);
-  TORCH_CHECK_TYPE(k.scalar_type() == v.scalar_type(), "v: got dtype ", v.scalar_type(), ", expected the dtype of k ",
-                   k.scalar_type());
   const c10::cuda::CUDAGuard guard(k.device());
   const at::Tensor pos = positions.to(at::kLong).contiguous();
-  // Validating values needs a device->host copy; during graph capture the kernel skips bad slots instead.
+  // Validating values needs a device->host copy; during graph capture the kernel skips bad
+  // slots instead and records the first in the graph-error record (duplicates go unchecked there).
+  GraphError* graph_err = capturing() ? graph_error_record() : nullptr;
   if (!capturing() && pos.numel() > 0) {
-    // Two values cross to the host (a 64k-token prefill would copy 512 KB); all of them only
-    // when one is out of range, for check_positions' message naming the first bad index.
+    // Three values cross to the host (a 64k-token prefill would copy 512 KB): the extremes and
+    // whether a sequence names a position twice; all of them only when one is bad, for
+    // check_positions' message naming it.
     const auto [lo, hi] = at::aminmax(pos);
-    const at::Tensor ends = at::stack({lo, hi}).cpu();
-    if (ends[0].item<int64_t>() < 0 || ends[1].item<int64_t>() >= a.T) check_positions(pos.cpu(), a.T);
+    at::Tensor dup = at::zeros_like(lo);
+    if (a.S > 1) {
+      const at::Tensor sorted = std::get<0>(pos.sort(1));
+      dup = (sorted.narrow(1, 1, a.S - 1) == sorted.narrow(1, 0, a.S - 1)).any().to(at::kLong);
+    }
+    const at::Tensor summary = at::stack({lo, hi, dup}).cpu();
+    const int64_t* sv = summary.const_data_ptr<int64_t>();
+    if (sv[0] < 0 || sv[1] >= a.T || sv[2] != 0) check_positions(pos.cpu(), a.T);
   }
   const int64_t rows = a.B * a.H * a.S;
   if (rows == 0) return;
@@ -386,7 +397,7 @@ void cache_append_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tenso
     using T = decltype(tag);
     launch_encode<T>(reinterpret_cast<const T*>(kc.const_data_ptr()), reinterpret_cast<const T*>(vc.const_data_ptr()),
                      a.d, ks, &vs, k_cache.mutable_data_ptr<uint8_t>(), v_cache.mutable_data_ptr<uint8_t>(),
-                     RowTarget{pos.const_data_ptr<int64_t>(), FastDiv(a.H), FastDiv(a.S), a.T}, rows);
+                     RowTarget{pos.const_data_ptr<int64_t>(), FastDiv(a.H), FastDiv(a.S), a.T, graph_err}, rows);
   });
   TKV_CUDA_CHECK(cudaGetLastError());
 }

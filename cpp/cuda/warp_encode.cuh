@@ -33,11 +33,22 @@ __device__ __forceinline__ uint16_t bf16_bits(float x) {
   return __bfloat16_as_ushort(__float2bfloat16_rn(x));
 }
 
+// codec.h's f16_store_bits / bf16_store_bits: a finite value past the 16-bit range -> NaN.
+__device__ __forceinline__ uint16_t f16_store(float x) {
+  const uint16_t h = f16_bits(x);
+  return (h & 0x7fffu) == 0x7c00u && fabsf(x) <= kFltMax ? static_cast<uint16_t>(h | 0x7e00u) : h;
+}
+__device__ __forceinline__ uint16_t bf16_store(float x) {
+  const uint16_t h = bf16_bits(x);
+  return (h & 0x7fffu) == 0x7f80u && fabsf(x) <= kFltMax ? static_cast<uint16_t>(h | 0x7fc0u) : h;
+}
+__device__ __forceinline__ bool f16_inf(float x) { return (f16_bits(x) & 0x7fffu) == 0x7c00u; }
+
 template <int E>
 __device__ __forceinline__ void encode_float_lane(const float (&v)[E], bool bf16, uint8_t* stage) {
   LaneVec<uint16_t, E> w;
 #pragma unroll
-  for (int e = 0; e < E; ++e) w.v[e] = bf16 ? bf16_bits(v[e]) : f16_bits(v[e]);
+  for (int e = 0; e < E; ++e) w.v[e] = bf16 ? bf16_store(v[e]) : f16_store(v[e]);
   reinterpret_cast<LaneVec<uint16_t, E>*>(stage)[lane_id()] = w;
 }
 
@@ -66,6 +77,7 @@ __device__ __forceinline__ void encode_block_lane(const float (&v)[E], int block
 #pragma unroll
     for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(v[e]));
     const float d = amax / 127.0f, id = (d == 0.0f) ? 0.0f : 1.0f / d;
+    bad |= f16_inf(d);  // a scale past the fp16 range NaN-marks the block, as in codec.h
 #pragma unroll
     for (int w = 0; w < E / 4; ++w) {
       uint32_t word = 0u;
@@ -105,6 +117,7 @@ __device__ __forceinline__ void encode_block_lane(const float (&v)[E], int block
     d = best / (five ? -16.0f : -8.0f);
     offset = five ? 16.5f : 8.5f;
   }
+  bad |= f16_inf(d) || (with_min && f16_inf(mn));  // scale / min past the fp16 range: NaN-marked
   const float id = (d == 0.0f) ? 0.0f : 1.0f / d;
   int q[E];
   uint32_t qh = 0;
@@ -229,7 +242,7 @@ __device__ __forceinline__ void encode_turbo_lane(const float (&v)[E], const Dev
       c2 = fma_rn(static_cast<double>(ge - gt_c), m * m, c2);
     }
     const float scale = norm == 0.0f || !finite ? 0.0f : static_cast<float>(static_cast<double>(norm) / sqrt(c2));
-    store_u16(out, finite ? f16_bits(scale) : uint16_t{0x7e00});
+    store_u16(out, finite && !f16_inf(scale) ? f16_bits(scale) : uint16_t{0x7e00});
   }
 }
 

@@ -15,18 +15,23 @@ __all__ = [
     "rotation",
     "TurboCache",
     "TurboLayer",
+    "cache",
+    "hf",
     "patch",
     "unpatch",
 ]
 __version__ = "0.1.0"
 
 _HF = {"TurboCache": "turbokv.cache", "TurboLayer": "turbokv.cache", "patch": "turbokv.hf", "unpatch": "turbokv.hf"}
+_HF_MODULES = ("cache", "hf")  # submodules that need transformers
 
 
 def __getattr__(name: str):
     """The transformers integration loads on first use, so the core needs no transformers."""
-    if name in _HF:
-        import importlib
+    import importlib
 
+    if name in _HF_MODULES:
+        return importlib.import_module(f"turbokv.{name}")
+    if name in _HF:
         return getattr(importlib.import_module(_HF[name]), name)
     raise AttributeError(f"module 'turbokv' has no attribute {name!r}")

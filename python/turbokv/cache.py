@@ -4,10 +4,16 @@ Each full-attention or sliding-window layer is a :class:`TurboLayer`: K and V ar
 stored as ``(B, Hkv, capacity, row_bytes)`` uint8 buffers written by
 ``turbokv.cache_append`` and grown geometrically. Two ways to read them:
 
-* fused (``turbokv.patch(model)``): ``update`` returns the packed buffers and the
+* fused (``turbokv.patch(model)``): the patched attention module announces each call
+  (:meth:`TurboCache.bind_fused`), ``update`` returns the packed buffers and the
   registered attention function runs ``turbokv.attention`` on them;
-* fallback (any other attention implementation): ``update`` returns dequantized,
-  un-rotated K/V, so stock SDPA / eager attention work unchanged (slow, correct).
+* fallback (an unpatched model): ``update`` returns dequantized, un-rotated K/V, so
+  stock SDPA / eager attention work unchanged (slow, correct).
+
+A layer's batch size, head count, head dim, dtype and device are fixed by its first
+``update``; a new batch needs ``cache.reset()`` (or a new cache). Beam search's
+``reorder_cache`` / ``batch_repeat_interleave`` / ``batch_select_indices`` change the
+batch size legitimately.
 
 Sliding-window layers are compressed too and keep every token; the window is
 applied inside attention (the stock masks apply it on the fallback path).
@@ -20,7 +26,7 @@ as with transformers' ``StaticCache``.
 
 from __future__ import annotations
 
-import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +37,7 @@ from turbokv.rotation import Rotation, auto_rotation
 
 ROTATE_CHOICES = ("auto", "on", "off")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
-
-# data_ptr of a layer's packed K buffer -> the layer, so the attention function can find
-# the layer behind the tensors that ``update`` returned (transformers passes only those).
-_LAYERS_BY_BUFFER: weakref.WeakValueDictionary[int, TurboLayer] = weakref.WeakValueDictionary()
+NEW_BATCH_HINT = "a new batch needs cache.reset() or a new TurboCache"
 
 
 @dataclass(frozen=True)
@@ -72,23 +75,17 @@ class TurboLayer(CacheLayerMixin):
 
     is_croppable = True
 
-    def __init__(
-        self,
-        k: SideSpec,
-        v: SideSpec,
-        sliding_window: int | None = None,
-        fused: bool = False,
-        max_cache_len: int | None = None,
-    ):
+    def __init__(self, k: SideSpec, v: SideSpec, sliding_window: int | None = None, max_cache_len: int | None = None):
         super().__init__()
-        if max_cache_len is not None and max_cache_len < 1:
-            raise ValueError(f"max_cache_len: got {max_cache_len}, expected a positive number of tokens or None")
+        _check_max_cache_len(max_cache_len)
         self.k_spec, self.v_spec = k, v
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
-        self.fused = fused
         self.max_cache_len = max_cache_len
         self.is_compileable = max_cache_len is not None
+        # Set by TurboCache.bind_fused (patch()'s pre-hook on the attention module), consumed by
+        # the next update: only a patched module can read the packed buffers.
+        self.fused_next = False
         # Static mode counts tokens in a device tensor (a Python int would be baked into a
         # compiled graph); dynamic mode in a Python int.
         self.cumulative_length = torch.zeros((), dtype=torch.int64) if self.is_compileable else None
@@ -100,18 +97,15 @@ class TurboLayer(CacheLayerMixin):
     # ------------------------------------------------------------------ storage
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.shape[-1] != value_states.shape[-1]:
-            raise ValueError(
-                f"value_states: got head dim {value_states.shape[-1]}, expected the key head dim "
-                f"{key_states.shape[-1]}: different K/V head dims (MLA) are not supported by TurboCache"
-            )
         self.dtype, self.device = key_states.dtype, key_states.device
         self.head_dim = key_states.shape[-1]
         self.k_rot = self.k_spec.rotation(self.head_dim, "k")
         self.v_rot = self.v_spec.rotation(self.head_dim, "v")
         b, h = key_states.shape[:2]
         if self.is_compileable:
-            self._alloc(b, h, self.max_cache_len)
+            if not self._static_buffers_fit(b, h):
+                self.k_packed = self.v_packed = None
+                self._alloc(b, h, self.max_cache_len)
             self.cumulative_length = self.cumulative_length.to(self.device)
             if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay on these buffers
                 for t in (self.k_packed, self.v_packed, self.cumulative_length):
@@ -132,6 +126,15 @@ class TurboLayer(CacheLayerMixin):
         else:
             self._length = n
 
+    def _static_buffers_fit(self, batch: int, heads: int) -> bool:
+        """Whether buffers kept by reset() hold this batch shape: then they are reused, addresses and all."""
+        if self.k_packed is None or self.k_packed.device != self.device:
+            return False
+        kb = formats.row_bytes(self.k_spec.format, self.head_dim)
+        vb = formats.row_bytes(self.v_spec.format, self.head_dim)
+        cap = self.max_cache_len
+        return self.k_packed.shape == (batch, heads, cap, kb) and self.v_packed.shape == (batch, heads, cap, vb)
+
     def _alloc(self, batch: int, heads: int, capacity: int) -> None:
         kb = formats.row_bytes(self.k_spec.format, self.head_dim)
         vb = formats.row_bytes(self.v_spec.format, self.head_dim)
@@ -148,14 +151,58 @@ class TurboLayer(CacheLayerMixin):
             self.v_packed.copy_(v)
             return
         self.k_packed, self.v_packed = k.contiguous(), v.contiguous()
-        _LAYERS_BY_BUFFER[self.k_packed.data_ptr()] = self
 
     @property
     def capacity(self) -> int:
         return 0 if self.k_packed is None else self.k_packed.shape[2]
 
+    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """K and V agree with each other and, once initialized, with what this layer holds.
+
+        Without this, a new batch size would be broadcast into the old rows when the buffer
+        grows (every sequence would attend to sequence 0's history). Shapes, dtypes and
+        devices are static under torch.compile: these checks cost nothing in a graph.
+        """
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if t.dim() != 4:
+                raise ValueError(f"{name}: got shape {tuple(t.shape)}, expected (batch, kv_heads, tokens, head_dim)")
+        if key_states.shape[:3] != value_states.shape[:3]:
+            raise ValueError(
+                f"value_states: got (batch, heads, tokens) {tuple(value_states.shape[:3])}, expected key_states' "
+                f"{tuple(key_states.shape[:3])}"
+            )
+        if key_states.shape[-1] != value_states.shape[-1]:
+            raise ValueError(
+                f"value_states: got head dim {value_states.shape[-1]}, expected the key head dim "
+                f"{key_states.shape[-1]}: different K/V head dims (MLA) are not supported by TurboCache"
+            )
+        if key_states.dtype != value_states.dtype:
+            raise ValueError(f"value_states: got dtype {value_states.dtype}, expected key_states' {key_states.dtype}")
+        if not self.is_initialized:
+            return
+        fixed = (
+            ("batch size", 0, self.batch_size),
+            ("kv head count", 1, self.k_packed.shape[1]),
+            ("head dim", 3, self.head_dim),
+        )
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            seen = [(what, t.shape[dim], want) for what, dim, want in fixed]
+            seen += [("dtype", t.dtype, self.dtype), ("device", t.device, self.device)]
+            for what, got, want in seen:
+                if got != want:
+                    raise ValueError(
+                        f"{name}: got {what} {got}, expected {want} (fixed by this layer's first update); "
+                        f"{NEW_BATCH_HINT}"
+                    )
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append ``(B, Hkv, S, d)`` new K/V; return what the attention function expects."""
+        """Append ``(B, Hkv, S, d)`` new K/V; return what the attention function expects.
+
+        Returns the packed buffers when patch()'s hook announced this call (``fused_next``),
+        else dequantized ``(B, Hkv, T, d)`` K/V for stock attention.
+        """
+        fused, self.fused_next = self.fused_next, False
+        self._check_states(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, s, _ = key_states.shape
@@ -183,7 +230,7 @@ class TurboLayer(CacheLayerMixin):
             self.cumulative_length.add_(s)
         else:
             self.length += s
-        if self.fused:
+        if fused:
             return self.k_packed, self.v_packed
         return self.dequantized()
 
@@ -221,15 +268,30 @@ class TurboLayer(CacheLayerMixin):
         return self.max_cache_len if self.is_compileable else -1
 
     def reset(self) -> None:
+        """Forget the tokens and the batch shape: the next update initializes the layer again.
+
+        Dynamic mode frees the buffers. Static mode zeroes them in place and keeps them: a new
+        batch of the same shape is written into the same addresses (CUDA graphs captured on
+        them stay valid); another shape reallocates.
+        """
+        self.is_initialized = False
+        self.fused_next = False
         if self.is_compileable:
             self.cumulative_length.zero_()
+            if self.k_packed is not None:
+                self.k_packed.zero_()
+                self.v_packed.zero_()
         else:
             self._length = 0
+            self.k_packed = self.v_packed = None
 
     def crop(self, tokens_to_remove: int) -> None:
         """Negative: drop that many tokens; positive (legacy): keep that many."""
         keep = tokens_to_remove if tokens_to_remove >= 0 else self.length + tokens_to_remove
         self.length = max(0, min(self.length, keep))
+
+    # The three batch edits of beam search / contrastive decoding: the batch size that later
+    # updates must match is the buffers' first dim, so these set it.
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -256,7 +318,8 @@ class TurboLayer(CacheLayerMixin):
 
     @property
     def batch_size(self) -> int:
-        return self.k_packed.shape[0] if self.k_packed is not None else -1
+        """Sequences held (fixed between resets, changed by the beam-search batch edits); -1 before the first update."""
+        return self.k_packed.shape[0] if self.is_initialized else -1
 
     def nbytes(self) -> int:
         """Bytes of the valid packed K/V (capacity slack excluded)."""
@@ -269,26 +332,86 @@ class TurboLayer(CacheLayerMixin):
         return f"TurboLayer(k={self.k_spec.format}, v={self.v_spec.format}, tokens={self.length})"
 
 
-class _Active:
-    cache: TurboCache | None = None
+# ---------------------------------------------------------------------- argument checks
 
 
-_ACTIVE = _Active()  # the TurboCache whose update ran last
+def _type_name(value) -> str:
+    return type(value).__name__
 
 
-def layer_for_buffer(k: torch.Tensor, layer_idx: int | None = None) -> TurboLayer | None:
-    """The TurboLayer whose packed K buffer is ``k`` (what ``update`` returned in fused mode).
+def _check_int(name: str, value, low: int, high: int) -> int:
+    """An int (not a bool) in ``[low, high]``: TypeError / ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: got {value!r} ({_type_name(value)}), expected an int")
+    if not low <= value <= high:
+        raise ValueError(f"{name}: got {value}, expected {low} <= {name} <= {high}")
+    return value
 
-    ``layer_idx`` (the attention module's) finds it through the cache that updated last,
-    which traces under torch.compile; the data_ptr registry is the eager fallback.
-    """
-    cache = _ACTIVE.cache
-    if cache is not None and layer_idx is not None and layer_idx < len(cache.layers):
-        layer = cache.layers[layer_idx]
-        if layer.k_packed is k:
-            return layer
-    layer = _LAYERS_BY_BUFFER.get(k.data_ptr())
-    return layer if layer is not None and layer.k_packed is k else None
+
+def _check_max_cache_len(value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_cache_len: got {value!r} ({_type_name(value)}), expected an int number of tokens or None")
+    if value < 1:
+        raise ValueError(f"max_cache_len: got {value}, expected a positive number of tokens or None")
+
+
+def _check_format(name: str, value, what: str = "") -> str:
+    """A known format name; ``what`` says which one of several values ``name`` holds (``"k format"``)."""
+    got = f"got {what} " if what else "got "
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: {got}{value!r} ({_type_name(value)}), expected a format name")
+    if value not in formats.FORMATS:
+        raise ValueError(f"{name}: {got}{value!r}, expected one of {sorted(formats.FORMATS)}")
+    return value
+
+
+def _check_rotate(name: str, value) -> str:
+    if not isinstance(value, str) or value not in ROTATE_CHOICES:
+        raise ValueError(f"{name}: got {value!r}, expected one of {ROTATE_CHOICES}")
+    return value
+
+
+def _check_overrides(overrides, n_layers: int) -> dict[int, tuple[str, str]]:
+    """``{layer index: (k_format, v_format)}`` with every index in ``[0, n_layers)``."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        raise TypeError(
+            f"overrides: got {_type_name(overrides)} {overrides!r}, "
+            "expected a dict {layer index: (k_format, v_format)} or None"
+        )
+    checked = {}
+    for i, pair in overrides.items():
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"overrides: got layer index {i!r} ({_type_name(i)}), expected an int")
+        if not 0 <= i < n_layers:
+            raise ValueError(
+                f"overrides: got layer index {i}, expected 0 <= index < {n_layers} (the config's num_hidden_layers)"
+            )
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"overrides[{i}]: got {pair!r}, expected a (k_format, v_format) pair")
+        checked[i] = (
+            _check_format(f"overrides[{i}]", pair[0], "k format"),
+            _check_format(f"overrides[{i}]", pair[1], "v format"),
+        )
+    return checked
+
+
+def _layer_types(config, n_layers: int) -> list[str]:
+    types = getattr(config, "layer_types", None) or (
+        ["sliding_attention"] * n_layers if getattr(config, "sliding_window", None) else ["full_attention"] * n_layers
+    )
+    if len(types) < n_layers:
+        raise ValueError(f"config.layer_types: got {len(types)} entries, expected num_hidden_layers={n_layers} of them")
+    for i, kind in enumerate(types[:n_layers]):
+        if kind not in SUPPORTED_LAYER_TYPES:
+            raise ValueError(
+                f"config.layer_types[{i}]: got {kind!r}, expected one of {SUPPORTED_LAYER_TYPES} "
+                "(TurboCache compresses attention layers only)"
+            )
+    return list(types[:n_layers])
 
 
 class TurboCache(Cache):
@@ -300,7 +423,11 @@ class TurboCache(Cache):
     ``keep_format`` (a common guard at very low bits). ``max_cache_len=N`` makes the
     cache static (preallocated, compileable: ``generate()`` then compiles decoding). Pass it as
     ``generate(past_key_values=cache)``; with ``turbokv.patch(model)`` attention
-    reads the packed cache directly.
+    reads the packed cache directly. Every argument is checked (``TypeError`` /
+    ``ValueError`` naming it).
+
+    One cache serves one model (its layer count) and one batch shape at a time:
+    ``reset()`` starts over with any batch.
     """
 
     def __init__(
@@ -317,25 +444,24 @@ class TurboCache(Cache):
         max_cache_len: int | None = None,
     ):
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.config = config
-        n = config.num_hidden_layers
+        n = getattr(config, "num_hidden_layers", None)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise TypeError(
+                f"config: got {_type_name(config)} with num_hidden_layers={n!r}, expected a transformers model config"
+            )
         if getattr(config, "num_kv_shared_layers", 0):
             raise ValueError("config: KV sharing between layers (num_kv_shared_layers) is not supported by TurboCache")
-        layer_types = getattr(config, "layer_types", None) or (
-            ["sliding_attention"] * n if getattr(config, "sliding_window", None) else ["full_attention"] * n
-        )
+        k, v, keep_format = _check_format("k", k), _check_format("v", v), _check_format("keep_format", keep_format)
+        rotate_k, rotate_v = _check_rotate("rotate_k", rotate_k), _check_rotate("rotate_v", rotate_v)
+        overrides = _check_overrides(overrides, n)
+        keep_first, keep_last = _check_int("keep_first", keep_first, 0, n), _check_int("keep_last", keep_last, 0, n)
+        _check_max_cache_len(max_cache_len)
         layers = []
-        for i, kind in enumerate(layer_types[:n]):
-            if kind not in SUPPORTED_LAYER_TYPES:
-                raise ValueError(
-                    f"config.layer_types[{i}]: got {kind!r}, expected one of {SUPPORTED_LAYER_TYPES} "
-                    "(TurboCache compresses attention layers only)"
-                )
+        for i, kind in enumerate(_layer_types(config, n)):
             kf, vf = k, v
             if i < keep_first or i >= n - keep_last:
                 kf = vf = keep_format
-            if overrides and i in overrides:
-                kf, vf = overrides[i]
+            kf, vf = overrides.get(i, (kf, vf))
             window = getattr(config, "sliding_window", None) if kind == "sliding_attention" else None
             layers.append(
                 TurboLayer(
@@ -344,11 +470,32 @@ class TurboCache(Cache):
             )
         super().__init__(layers=layers)
 
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        layer = self.layers[layer_idx]
-        layer.fused = getattr(self.config, "_attn_implementation", None) == "turbokv"
-        _ACTIVE.cache = self  # lets the attention function find the layer without data_ptr (compiled graphs)
-        return layer.update(key_states, value_states, *args, **kwargs)
+    def _layer(self, layer_idx: int) -> TurboLayer:
+        if not 0 <= layer_idx < len(self.layers):
+            n = len(self.layers)
+            raise ValueError(
+                f"layer_idx: got {layer_idx}, expected 0 <= layer_idx < {n}: this TurboCache has {n} layers and the "
+                "model has more; build the cache from the model's config"
+            )
+        return self.layers[layer_idx]
+
+    def bind_fused(self, layer_idx: int, model_layers: int) -> TurboLayer:
+        """Called by patch()'s pre-hook on attention module ``layer_idx`` of a model of ``model_layers``
+        layers: the layer's next ``update`` returns the packed buffers (the module reads them through
+        turbokv's attention function). Returns that layer.
+        """
+        if model_layers != len(self.layers):
+            raise ValueError(
+                f"cache: this TurboCache has {len(self.layers)} layers, the model has {model_layers} "
+                "(num_hidden_layers); build the cache from the model's config"
+            )
+        layer = self._layer(layer_idx)
+        layer.fused_next = True
+        return layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Append ``(B, Hkv, S, d)`` K/V to layer ``layer_idx``; see :meth:`TurboLayer.update`."""
+        return self._layer(layer_idx).update(key_states, value_states, *args, **kwargs)
 
     def nbytes(self) -> int:
         """Bytes of packed K/V held for the valid tokens, all layers."""

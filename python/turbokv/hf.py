@@ -2,29 +2,49 @@
 
 ``turbokv.patch(model)`` registers an attention function named ``"turbokv"`` with
 ``AttentionInterface`` and pairs it with a mask function in ``AttentionMaskInterface``
-(without the pair, transformers silently passes no mask at all). The mask function
-turns the 2D padding mask into each sequence's left-padding start, once per forward
-and without a data-dependent branch (so a compiled decode step has no graph break);
-every layer's attention passes those starts to ``turbokv.attention``. Causality,
-sliding windows and softcapping are arguments of the op.
+(without the pair, transformers silently passes no mask at all). It also puts a forward
+pre-hook on every attention module, which binds the module to the cache of that call:
+
+* a :class:`~turbokv.TurboCache`: the hook tells the cache layer ``module.layer_idx``
+  that its next update is read fused (``update`` then returns the packed buffers) and
+  hands that layer to the attention function, which runs ``turbokv.attention`` on it;
+* any other cache (DynamicCache, StaticCache, none): the hook hands over the cache's mask
+  sizes and the attention function runs transformers' SDPA on the plain K/V.
+
+An unpatched model has no hooks, so a TurboCache gives it dequantized K/V.
+
+Masks: the fused op applies causality, the layer's sliding window and softcapping itself
+and takes left padding as each sequence's first valid slot. The mask function checks,
+once per forward (not per layer), that the 2D padding mask is exactly left padding; any
+other mask (a hole, right padding) becomes transformers' full 4D mask, and the layers
+then dequantize their packed K/V and run SDPA with it: slower, never wrong.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    causal_mask_function,
+    sdpa_mask,
+    sliding_window_causal_mask_function,
+)
 
 from turbokv import ops
-from turbokv.cache import layer_for_buffer
+from turbokv.cache import TurboCache, TurboLayer
 
 NAME = "turbokv"
 # Families whose attention modules call the attention interface with K/V from
 # cache.update and the usual kwargs (scaling, sliding_window, softcap).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "gemma2", "phi3")
+CACHE_PARAMETERS = ("cache", "past_key_values")  # the attention forward's cache argument: 5.24, before
 _PREVIOUS = "_turbokv_previous_attn_implementation"
+_HOOKS = "_turbokv_hook_handles"
 
 
 def cache_kwargs(model, cache) -> dict:
@@ -38,6 +58,9 @@ def cache_kwargs(model, cache) -> dict:
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
+# ---------------------------------------------------------------------- masks
+
+
 def left_padding_starts(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """First valid slot of each row of a 2D padding mask ``(B, kv_len)`` (left padding), ``(B,)`` int64.
 
@@ -48,15 +71,135 @@ def left_padding_starts(attention_mask: torch.Tensor | None) -> torch.Tensor | N
     return (~attention_mask.bool()).to(torch.int64).cumprod(dim=-1).sum(dim=-1)
 
 
-def turbokv_mask(attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
-    """Mask function paired with :func:`turbokv_attention`: ``(B,)`` left-padding starts, or None.
+def _can_sync() -> bool:
+    """Whether a host sync is allowed here: not while torch.compile traces or a CUDA graph is captured."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
-    Idempotent: generate() builds the mask once for a compileable cache and passes the result
+
+def _valid_tokens(attention_mask: torch.Tensor, mask_kwargs: dict) -> int | torch.Tensor:
+    """Tokens of each sequence once this forward's are in: mask columns past them are unused cache slots.
+
+    A 0-dim tensor for a static cache (its device-side count): compared on the device, no extra sync.
+    """
+    q_offset, q_length = mask_kwargs.get("q_offset"), mask_kwargs.get("q_length")
+    if q_offset is not None and q_length is not None:
+        return q_offset + q_length
+    cache_position = mask_kwargs.get("cache_position")  # what transformers passed before q_offset
+    if cache_position is not None:
+        return cache_position[-1] + 1
+    return attention_mask.shape[-1]
+
+
+def is_left_padding(attention_mask: torch.Tensor, starts: torch.Tensor, valid_tokens: int | torch.Tensor) -> bool:
+    """Whether the first ``valid_tokens`` columns of each row of ``(B, L)`` ``attention_mask`` are
+    zeros then ones (``starts``: :func:`left_padding_starts`). One host sync.
+
+    A mask narrower than ``valid_tokens`` is not: transformers pads it with zeros, which masks the
+    newest tokens.
+    """
+    width = attention_mask.shape[-1]
+    cols = torch.arange(width, device=attention_mask.device)
+    as_left_padding = attention_mask.bool() == (cols >= starts[:, None])
+    unused_slot = cols >= valid_tokens
+    return bool((as_left_padding | unused_slot).all() & (width >= valid_tokens))
+
+
+def turbokv_mask(attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+    """Mask function paired with :func:`turbokv_attention`, called by transformers once per forward and mask type.
+
+    Returns None (no padding), the ``(B,)`` left-padding starts the fused op takes, or, for a
+    2D mask that is not exactly left padding, transformers' full ``(B, 1, Sq, kv_len)`` boolean
+    mask (built by ``sdpa_mask`` from the same arguments), which sends the layers to the
+    dequantize + SDPA path. The check is a host sync; while torch.compile traces or a CUDA graph
+    is captured it is skipped and the mask is taken as left padding (generate() builds a static
+    cache's masks eagerly, outside the compiled step, so the check runs there).
+
+    Idempotent: generate() builds the masks once for a compileable cache and passes the result
     back in as the model's attention_mask, which comes here again.
     """
-    if attention_mask is not None and attention_mask.dim() == 1:
+    if attention_mask is None or attention_mask.dim() in (1, 4):
         return attention_mask
-    return left_padding_starts(attention_mask)
+    starts = left_padding_starts(attention_mask)
+    if not _can_sync() or is_left_padding(attention_mask, starts, _valid_tokens(attention_mask, kwargs)):
+        return starts
+    return sdpa_mask(attention_mask=attention_mask.bool(), **{**kwargs, "allow_is_causal_skip": False})
+
+
+def _causal_mask(
+    query: torch.Tensor, starts: torch.Tensor | None, sizes: tuple, window: int | None, allow_skip: bool
+) -> torch.Tensor | None:
+    """Transformers' mask for plain K/V of a non-TurboCache cache, from left-padding starts.
+
+    ``sizes``: ``(q_offset, kv_length, kv_offset)`` of the cache before this call's update.
+    None where SDPA's ``is_causal`` does the same (``allow_skip``).
+    """
+    q_offset, kv_length, kv_offset = sizes
+    padding = None
+    if starts is not None:
+        padding = torch.arange(kv_offset + kv_length, device=query.device) >= starts[:, None].to(query.device)
+    return sdpa_mask(
+        batch_size=query.shape[0],
+        q_length=query.shape[2],
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=sliding_window_causal_mask_function(window) if window else causal_mask_function,
+        attention_mask=padding,
+        local_size=window or None,
+        allow_is_causal_skip=allow_skip,
+        device=query.device,
+    )
+
+
+def _mask_argument(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None, ``(B,)`` starts or a 4D mask, as the attention function takes them.
+
+    A 2D padding mask handed to the attention function directly (not through the mask function)
+    is taken only when it is left padding: without the cache's sizes no full mask can be built.
+    """
+    if attention_mask is None or attention_mask.dim() in (1, 4):
+        return attention_mask
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"attention_mask: got {attention_mask.dim()} dims, expected the (B,) starts or 4D mask of turbokv's mask "
+            "function, or a 2D padding mask"
+        )
+    starts = left_padding_starts(attention_mask)
+    if _can_sync() and not is_left_padding(attention_mask, starts, attention_mask.shape[-1]):
+        raise ValueError(
+            "attention_mask: got a 2D mask that is not left padding, passed to the attention function directly; "
+            "pass it to the model, whose turbokv mask function builds the full mask for it"
+        )
+    return starts
+
+
+# ---------------------------------------------------------------------- attention
+
+
+def _softcapped_attention(query, key, value, attention_mask, scaling, softcap) -> torch.Tensor:
+    """Eager attention with ``softcap * tanh(s / softcap)`` scores (SDPA has no softcap), ``(B, Sq, Hq, d)``."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous()
+
+
+def _stock_attention(module, query, key, value, attention_mask, scaling, softcap) -> torch.Tensor:
+    """What the unpatched model computes on plain ``(B, Hkv, T, d)`` K/V with a 4D (or no) mask."""
+    if not torch.compiler.is_compiling():
+        turbokv_attention.fallback_calls += 1
+    if softcap:
+        return _softcapped_attention(query, key, value, attention_mask, scaling, softcap)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)[0]
 
 
 def turbokv_attention(
@@ -69,33 +212,45 @@ def turbokv_attention(
     scaling: float | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    turbokv_layer: TurboLayer | None = None,
+    turbokv_mask_sizes: tuple | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Attention over the packed cache that ``TurboLayer.update`` returned.
+    """Attention of a patched module: fused over its TurboCache layer, else stock SDPA.
 
-    ``query``: ``(B, Hq, Sq, d)``; ``key``/``value``: the layer's packed buffers.
-    Returns ``(B, Sq, Hq, d)`` as transformers' attention functions do.
+    ``query``: ``(B, Hq, Sq, d)``; ``key``/``value``: the layer's packed buffers when the
+    module's pre-hook bound a TurboCache layer (``turbokv_layer``), else the plain
+    ``(B, Hkv, T, d)`` K/V of another cache (``turbokv_mask_sizes`` from the hook).
+    ``attention_mask``: what :func:`turbokv_mask` returned. Returns ``(B, Sq, Hq, d)`` as
+    transformers' attention functions do.
     """
-    layer = layer_for_buffer(key, getattr(module, "layer_idx", None))
-    if layer is None:
-        raise RuntimeError(
-            "turbokv attention: key is not a TurboCache buffer. Pass past_key_values=turbokv.TurboCache(...) "
-            "to generate()/forward() when the model is patched with turbokv.patch()"
-        )
     if dropout:
         raise ValueError(f"dropout: got {dropout}, expected 0.0 (turbokv attention is for inference)")
-    attention_mask = turbokv_mask(attention_mask)  # a 2D padding mask passed directly becomes starts too
-    if attention_mask is not None and attention_mask.dim() != 1:
-        raise ValueError(
-            f"attention_mask: got {attention_mask.dim()} dims, expected the (B,) starts of turbokv's mask function "
-            "or a 2D padding mask"
+    if turbokv_layer is None and turbokv_mask_sizes is None:
+        raise RuntimeError(
+            f"turbokv attention: {type(module).__name__} was not bound to a cache; "
+            "select it with turbokv.patch(model), not set_attn_implementation('turbokv')"
         )
+    mask = _mask_argument(attention_mask)
+    if turbokv_layer is None:  # another cache's plain K/V
+        if mask is None or mask.dim() == 1:
+            mask = _causal_mask(query, mask, turbokv_mask_sizes, sliding_window, allow_skip=not softcap)
+        return _stock_attention(module, query, key, value, mask, scaling, softcap), None
+    layer = turbokv_layer
+    if key is not layer.k_packed:
+        raise RuntimeError(
+            f"turbokv attention: key is not the packed buffer of cache layer {module.layer_idx}; "
+            "the cache's update must run between the module's pre-hook and its attention"
+        )
+    if mask is not None and mask.dim() == 4:  # not left padding: the full mask over dequantized K/V
+        k, v = layer.dequantized()
+        return _stock_attention(module, query, k, v, mask, scaling, softcap), None
     out = ops.attention(
         query,
         layer.k_packed,
         layer.v_packed,
         layer.lengths(),
-        attention_mask,
+        mask,
         k_format=layer.k_spec.format,
         v_format=layer.v_spec.format,
         k_rot=layer.k_rot,
@@ -110,13 +265,86 @@ def turbokv_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-turbokv_attention.calls = 0  # counts fused calls (tests use it to prove the fused path ran)
+# Eager call counts (tests use them to prove which path ran): the fused op, and the
+# SDPA path (non-TurboCache caches, masks that are not left padding).
+turbokv_attention.calls = 0
+turbokv_attention.fallback_calls = 0
 
 
 def register() -> None:
     """Register the attention and mask functions under the name ``"turbokv"`` (idempotent)."""
     AttentionInterface.register(NAME, turbokv_attention)
     AttentionMaskInterface.register(NAME, turbokv_mask)
+
+
+# ---------------------------------------------------------------------- binding modules to caches
+
+
+def _cache_index(module: torch.nn.Module) -> int | None:
+    """Positional index of the cache argument of ``module.forward`` (None: it takes none)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return next((params.index(p) for p in CACHE_PARAMETERS if p in params), None)
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules with an int ``layer_idx`` whose forward takes the cache, innermost only
+    (a Gemma 3 decoder layer has both too; its attention module is the one that reads K/V)."""
+    found = [
+        m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and _cache_index(m) is not None
+    ]
+    ids = {id(m) for m in found}
+    return [m for m in found if not any(id(c) in ids for c in m.modules() if c is not m)]
+
+
+def _mask_sizes(cache, layer_idx: int, q_length: int) -> tuple:
+    """``(q_offset, kv_length, kv_offset)`` of a non-TurboCache cache before this call's update."""
+    if cache is None:
+        return 0, q_length, 0
+    kv_length, kv_offset = cache.get_mask_sizes(q_length, layer_idx)
+    q_offset = cache.get_query_offset(layer_idx)
+    if isinstance(q_offset, torch.Tensor):  # a static layer's own token count, which its update advances in place
+        q_offset = q_offset.clone()
+    return q_offset, kv_length, kv_offset
+
+
+def _before_attention(module, args, kwargs, *, cache_index: int, model_layers: int):
+    """Forward pre-hook of a patched attention module: binds it to this call's cache layer.
+
+    Passes the binding to the attention function through the module's kwargs (the supported
+    families forward them to the attention interface), so no state outlives the call but the
+    layer's "next update is fused" flag, which that update consumes. Traced by torch.compile
+    like the rest of the forward.
+    """
+    cache = next((kwargs[p] for p in CACHE_PARAMETERS if p in kwargs), None)
+    if cache is None and len(args) > cache_index:
+        cache = args[cache_index]
+    if isinstance(cache, TurboCache):
+        return args, {**kwargs, "turbokv_layer": cache.bind_fused(module.layer_idx, model_layers)}
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    return args, {**kwargs, "turbokv_mask_sizes": _mask_sizes(cache, module.layer_idx, hidden.shape[1])}
+
+
+def _add_hooks(model) -> list:
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError(
+            f"model: found no attention module (a module with layer_idx whose forward takes one of {CACHE_PARAMETERS}) "
+            f"in {type(model).__name__}"
+        )
+    model_layers = _text_config(model).num_hidden_layers
+    return [
+        m.register_forward_pre_hook(
+            functools.partial(_before_attention, cache_index=_cache_index(m), model_layers=model_layers),
+            with_kwargs=True,
+        )
+        for m in modules
+    ]
+
+
+# ---------------------------------------------------------------------- patch / unpatch
 
 
 class _Patched:
@@ -152,6 +380,7 @@ def patch(model):
 
     Use as ``with turbokv.patch(model): ...`` or ``model = turbokv.patch(model)`` then
     ``turbokv.unpatch(model)``. Raises ``ValueError`` for unsupported model families.
+    Other caches keep working on a patched model (transformers' SDPA on their tensors).
     """
     model = model._model if isinstance(model, _Patched) else model
     model_type = getattr(_text_config(model), "model_type", None)
@@ -162,15 +391,21 @@ def patch(model):
         )
     register()
     if not hasattr(model, _PREVIOUS):
+        hooks = _add_hooks(model)
         setattr(model, _PREVIOUS, model.config._attn_implementation)
+        setattr(model, _HOOKS, hooks)
         model.set_attn_implementation(NAME)
     return _Patched(model)
 
 
 def unpatch(model):
-    """Restore the attention implementation the model had before :func:`patch`."""
+    """Restore the attention implementation the model had before :func:`patch` and remove its hooks."""
     model = model._model if isinstance(model, _Patched) else model
     if hasattr(model, _PREVIOUS):
         model.set_attn_implementation(getattr(model, _PREVIOUS))
+        for handle in getattr(model, _HOOKS, ()):
+            handle.remove()
         delattr(model, _PREVIOUS)
+        if hasattr(model, _HOOKS):
+            delattr(model, _HOOKS)
     return model

@@ -12,7 +12,6 @@ import os
 
 import torch
 
-from turbokv import formats
 from turbokv.rotation import Rotation
 
 try:  # loading the shared object registers the ops with the dispatcher
@@ -47,13 +46,31 @@ def quantize(x: torch.Tensor, format: str, rot: Rotation = NO_ROTATION, check_fi
     """Pack rows ``x: (..., d)`` into ``(..., row_bytes(format, d))`` uint8.
 
     Rows are zero-padded to the stored width, rotated by ``rot``, then encoded.
-    Non-finite input raises ``ValueError`` (a host sync); pass ``check_finite=False``
-    on hot paths: the op then marks such groups with a NaN scale instead.
+    Non-finite input, and finite input the format cannot store (past the fp16 range of
+    its values or block scales), raise ``ValueError`` (host syncs). Pass
+    ``check_finite=False`` on hot paths: the op then NaN-marks such groups instead
+    (docs/contract.md).
     """
     if check_finite and x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"x: got {bad} non-finite value(s) (NaN or Inf), expected finite values to quantize")
-    return _ops.quantize(x, format, rot.group, rot.seed)
+    packed = _ops.quantize(x, format, rot.group, rot.seed)
+    if check_finite and x.is_floating_point() and x.numel():
+        _check_storable(x, packed, format, rot)
+    return packed
+
+
+def _check_storable(x: torch.Tensor, packed: torch.Tensor, format: str, rot: Rotation) -> None:
+    """Raise if finite ``x`` did not fit the format's 16-bit fields (the op stored NaN there)."""
+    y = _ops.dequantize(packed, format, x.shape[-1], rot.group, rot.seed, False, torch.float32)
+    if bool(torch.isfinite(y).all()):
+        return
+    rows = int((~torch.isfinite(y)).any(-1).sum())
+    raise ValueError(
+        f"x: got {rows} row(s) with values that format {format!r} cannot store (largest |x| "
+        f"{float(x.abs().max()):.6g}; its fp16 values or block scales hold at most 65504), "
+        "expected values within the storage range"
+    )
 
 
 def dequantize(
@@ -117,110 +134,44 @@ def attention(
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    host = _check_lengths_cuda(q, k_cache, lengths, starts, causal)
-    if _whole_prompt_prefill(q, k_cache, lengths, starts, causal, window, softcap, host):
+    args = (k_format, k_rot.group, k_rot.seed, v_format, v_rot.group, v_rot.seed, scale, causal, window, softcap)
+    if _whole_prompt_prefill(q, k_cache, lengths, starts, causal, window, softcap):
+        # The op's shape / dtype / format checks (its meta kernel: no data, no launch) first.
+        meta = [None if t is None else t.to("meta") for t in (q, k_cache, v_cache, lengths, starts)]
+        _ops.attention(*meta, *args)
         sq, d = q.shape[2], q.shape[3]
         k = dequantize(k_cache[:, :, :sq], k_format, d, k_rot, dtype=q.dtype)
         v = dequantize(v_cache[:, :, :sq], v_format, d, v_rot, dtype=q.dtype)
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
         )
-    return _ops.attention(
-        q,
-        k_cache,
-        v_cache,
-        lengths,
-        starts,
-        k_format,
-        k_rot.group,
-        k_rot.seed,
-        v_format,
-        v_rot.group,
-        v_rot.seed,
-        scale,
-        causal,
-        window,
-        softcap,
-    )
-
-
-def _check_lengths_cuda(q, k_cache, lengths, starts, causal) -> tuple[list[int], list[int]] | None:
-    """The values check the CPU op does itself (the CUDA op clamps instead; see attention.cu).
-
-    One host sync; returns the host copies of lengths and starts (None when skipped: CPU
-    tensors, which the op checks, or while compiling / capturing a CUDA graph).
-    """
-    if not (lengths.is_cuda and lengths.dim() == 1 and k_cache.dim() == 4 and q.dim() == 4):
-        return None  # shape errors are the op's to report
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return None
-    lens = lengths.tolist()
-    sts = starts.tolist() if starts is not None and starts.dim() == 1 else [0] * len(lens)
-    cap, sq = k_cache.shape[2], q.shape[2]
-    for b, (n, s) in enumerate(zip(lens, sts, strict=False)):
-        if not 0 <= n <= cap:
-            raise ValueError(f"lengths: got {n} for sequence {b}, expected 0 <= length <= cache capacity {cap}")
-        if causal and n < sq:
-            raise ValueError(
-                f"lengths: got {n} for sequence {b}, expected >= {sq} (the queries are the last Sq cached tokens)"
-            )
-        if not 0 <= s <= n:
-            raise ValueError(f"starts: got {s} for sequence {b}, expected 0 <= start <= length {n}")
-    return lens, sts
+    return _ops.attention(q, k_cache, v_cache, lengths, starts, *args)
 
 
 PREFILL_SDPA_MIN_QUERIES = 64
 
 
-def _whole_prompt_prefill(q, k_cache, lengths, starts, causal, window, softcap, host=None) -> bool:
+def _whole_prompt_prefill(q, k_cache, lengths, starts, causal, window, softcap) -> bool:
     """True when attention() may run as dequantize + flash SDPA (see attention's docstring).
 
-    ``host``: the (lengths, starts) host copies _check_lengths_cuda already made, if any.
+    Every sequence's length must be Sq with no padding: such values are valid by construction,
+    so this path needs none of the op's value checks. One host sync (not while compiling or
+    capturing a CUDA graph, where the op runs).
     """
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and causal and not window and not softcap):
         return False
-    sq = q.shape[2]
-    if sq < PREFILL_SDPA_MIN_QUERIES or sq > k_cache.shape[2]:
+    if q.dim() != 4 or k_cache.dim() != 4 or not PREFILL_SDPA_MIN_QUERIES <= q.shape[2] <= k_cache.shape[2]:
         return False
+    sq = q.shape[2]
     if os.environ.get("TURBOKV_ATTENTION_KERNEL", "auto") != "auto":
         return False
     if lengths.shape != (q.shape[0],) or k_cache.shape[0] != q.shape[0]:
         return False  # let the op report the shape error
-    if host is not None:
-        lens, sts = host
-        return all(n == sq for n in lens) and not any(sts)
+    if starts is not None and starts.shape != lengths.shape:
+        return False
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return False  # the check below reads values on the host
     uniform = lengths == sq
     if starts is not None:
         uniform = uniform & (starts == 0)
     return bool(uniform.all())
-
-
-# ---------------------------------------------------------------- fake kernels (torch.compile, opcheck)
-
-
-@torch.library.register_fake("turbokv::hadamard")
-def _hadamard_fake(x, group, seed, inverse):
-    return torch.empty_like(x)
-
-
-@torch.library.register_fake("turbokv::quantize")
-def _quantize_fake(x, format, rot_group, rot_seed):
-    return x.new_empty((*x.shape[:-1], formats.row_bytes(format, x.shape[-1])), dtype=torch.uint8)
-
-
-@torch.library.register_fake("turbokv::dequantize")
-def _dequantize_fake(packed, format, head_dim, rot_group, rot_seed, unrotate, dtype):
-    width = head_dim if unrotate else formats.padded_dim(format, head_dim)
-    return packed.new_empty((*packed.shape[:-1], width), dtype=dtype)
-
-
-@torch.library.register_fake("turbokv::cache_append")
-def _cache_append_fake(k_cache, v_cache, k, v, positions, *specs):
-    return None
-
-
-@torch.library.register_fake("turbokv::attention")
-def _attention_fake(q, k_cache, v_cache, lengths, starts, *rest):
-    return torch.empty_like(q)

@@ -81,6 +81,18 @@ def _nonfinite_rows(blocks: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(blocks).all(dim=-1, keepdim=True)
 
 
+def _f16_inf(x: torch.Tensor) -> torch.Tensor:
+    """Where ``x`` rounds to +-inf in fp16: a scale the storage cannot hold (the group is NaN-marked)."""
+    return torch.isinf(x.to(torch.float16))
+
+
+def _store_16bit(rows: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """f16 / bf16 storage of fp32 values: round to nearest even; a finite value past the range -> NaN."""
+    out = rows.to(dt)
+    nan = torch.copysign(torch.full_like(rows, torch.nan), rows).to(dt)  # the sign kept, as codec.h does
+    return torch.where(torch.isinf(out) & torch.isfinite(rows), nan, out)
+
+
 # ---------------------------------------------------------------- ggml block formats
 
 
@@ -98,8 +110,10 @@ def _encode_blocks(fmt: formats.Format, blocks: torch.Tensor) -> torch.Tensor:
     zero = torch.zeros((), dtype=torch.float32)
     if fmt.name == "q8_0":
         d = blocks.abs().amax(-1, keepdim=True) / 127
+        bad = bad | _f16_inf(d)
         inv = torch.where(d == 0, zero, 1 / d)
-        qs = _roundf(blocks * inv).clamp(-128, 127).to(torch.int8).view(torch.uint8)
+        qs = _roundf(blocks * inv).clamp(-128, 127).to(torch.int8)
+        qs = torch.where(bad, torch.zeros_like(qs), qs).view(torch.uint8)
         d = torch.where(bad, torch.nan, d)
         return torch.cat([_f16_bytes(d), qs], -1)
     five = fmt.bits == 5
@@ -109,12 +123,14 @@ def _encode_blocks(fmt: formats.Format, blocks: torch.Tensor) -> torch.Tensor:
         mx = blocks.amax(-1, keepdim=True)
         mn = blocks.amin(-1, keepdim=True)
         d = (mx - mn) / qmax
+        bad = bad | _f16_inf(d) | _f16_inf(mn)
         inv = torch.where(d == 0, zero, 1 / d)
         q = torch.trunc((blocks - mn) * inv + 0.5)
         parts = [_f16_bytes(torch.where(bad, torch.nan, d)), _f16_bytes(torch.where(bad, torch.nan, mn))]
     else:
         imax = blocks.abs().argmax(-1, keepdim=True)
         d = torch.gather(blocks, -1, imax) / (-16 if five else -8)
+        bad = bad | _f16_inf(d)
         inv = torch.where(d == 0, zero, 1 / d)
         q = torch.trunc(blocks * inv + (16.5 if five else 8.5))
         parts = [_f16_bytes(torch.where(bad, torch.nan, d))]
@@ -201,7 +217,7 @@ def _encode_turbo(fmt: formats.Format, groups: torch.Tensor) -> torch.Tensor:
     c2 = (cb.double()[idx] ** 2).sum(-1, keepdim=True)
     scale = (norm.double() / torch.sqrt(c2)).float()
     scale = torch.where(zero, torch.zeros_like(scale), scale)
-    scale = torch.where(bad, torch.full_like(scale, torch.nan), scale)
+    scale = torch.where(bad | _f16_inf(scale), torch.full_like(scale, torch.nan), scale)
     return torch.cat([_f16_bytes(scale), _pack_indices(idx, fmt.bits)], -1)
 
 
@@ -222,7 +238,7 @@ def quantize(x: torch.Tensor, fmt: str, rot_group: int = 0, rot_seed: int | None
     rows = y.reshape(-1, y.shape[-1])
     if f.family == "float":
         dt = torch.float16 if f.name == "f16" else torch.bfloat16
-        out = rows.to(dt).contiguous().view(torch.uint8)
+        out = _store_16bit(rows, dt).contiguous().view(torch.uint8)
     elif f.family == "block":
         out = _encode_blocks(f, rows.reshape(-1, 32))
     else:
@@ -342,7 +358,15 @@ def attention(
         s = softcap * torch.tanh(s / softcap)
     ok = attention_mask(lengths, starts, sq, t, causal, window)
     s = s.masked_fill(~ok, -math.inf)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
+    # SDPA's NaN rule: a NaN score (NaN query or key in a visible slot) makes the row NaN; a
+    # non-finite V in a visible slot too. Slots a row cannot see never matter; rows that see
+    # no slot are zeros.
+    p = torch.softmax(s, dim=-1)
+    p = torch.where(ok.any(-1, keepdim=True), p, torch.zeros_like(p))
+    bad_v = ~torch.isfinite(vals).all(-1)  # (B, Hq, T)
+    vals = torch.where(bad_v[..., None], torch.zeros_like(vals), vals)
     o = torch.matmul(p.to(compute_dtype), vals).to(work)
+    poisoned = (ok & bad_v[:, :, None, :]).any(-1, keepdim=True)
+    o = torch.where(poisoned, torch.full_like(o, torch.nan), o)
     o = rotate(o, v_rot_group, v_rot_seed, inverse=True)[..., :d]
     return o.to(q.dtype)

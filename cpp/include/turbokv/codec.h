@@ -89,15 +89,35 @@ TKV_HD int trunc_clip(float v, int hi) {
 
 // ---- ggml block-32 formats ---------------------------------------------------
 
-// A block holding NaN/Inf gets a NaN scale and zero quants, so it decodes to NaN
-// (ggml itself would store finite garbage there).
+// Storage overflow rule: a value or scale that is finite but past what its 16-bit field holds
+// (|x| > 65504 in fp16, rounding to inf) is stored as NaN, never as inf: the group decodes to
+// NaN, and attention turns that into NaN rows (never into finite garbage).
+TKV_HD bool f16_rounds_to_inf(float f) { return (f32_to_f16_bits(f) & 0x7fffu) == 0x7c00u; }
+TKV_HD bool f32_finite(float f) { return fabsf(f) <= 3.4028234663852886e38f; }
+// One stored value of an f16 / bf16 row: IEEE round to nearest even, finite overflow -> NaN.
+TKV_HD uint16_t f16_store_bits(float f) {
+  const uint16_t h = f32_to_f16_bits(f);
+  return (h & 0x7fffu) == 0x7c00u && f32_finite(f) ? static_cast<uint16_t>(h | 0x7e00u) : h;
+}
+TKV_HD uint16_t bf16_store_bits(float f) {
+  const uint16_t h = f32_to_bf16_bits(f);
+  return (h & 0x7fffu) == 0x7f80u && f32_finite(f) ? static_cast<uint16_t>(h | 0x7fc0u) : h;
+}
+
+// A NaN-marked block: NaN scale (and min), zero quants.
+TKV_HD void mark_block_nan(int fmt, uint8_t* out, int block_bytes) {
+  for (int j = 0; j < block_bytes; ++j) out[j] = 0;
+  store_u16(out, 0x7e00u);
+  if (fmt == kFmt_q4_1 || fmt == kFmt_q5_1) store_u16(out + 2, 0x7e00u);
+}
+
+// A block holding NaN/Inf is NaN-marked, so it decodes to NaN (ggml itself would store finite
+// garbage there); so is a block whose fp16 scale or min would overflow (ggml: inf).
 TKV_HD bool encode_block_nonfinite(int fmt, const float* x, uint8_t* out, int block_bytes) {
   bool finite = true;
   for (int j = 0; j < 32; ++j) finite = finite && (fabsf(x[j]) <= 3.4028234663852886e38f);
   if (finite) return false;
-  for (int j = 0; j < block_bytes; ++j) out[j] = 0;
-  store_u16(out, 0x7e00u);
-  if (fmt == kFmt_q4_1 || fmt == kFmt_q5_1) store_u16(out + 2, 0x7e00u);
+  mark_block_nan(fmt, out, block_bytes);
   return true;
 }
 
@@ -107,6 +127,7 @@ TKV_HD void encode_block(int fmt, const float* x, uint8_t* out, int block_bytes)
     float amax = 0.0f;
     for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(x[j]));
     const float d = amax / 127.0f;
+    if (f16_rounds_to_inf(d)) return mark_block_nan(fmt, out, block_bytes);
     const float id = (d == 0.0f) ? 0.0f : 1.0f / d;
     store_u16(out, f32_to_f16_bits(d));
     for (int j = 0; j < 32; ++j) {
@@ -143,6 +164,7 @@ TKV_HD void encode_block(int fmt, const float* x, uint8_t* out, int block_bytes)
     d = best / (five ? -16.0f : -8.0f);
     offset = five ? 16.5f : 8.5f;
   }
+  if (f16_rounds_to_inf(d) || (with_min && f16_rounds_to_inf(mn))) return mark_block_nan(fmt, out, block_bytes);
   id = (d == 0.0f) ? 0.0f : 1.0f / d;
   int q[32];
   for (int j = 0; j < 32; ++j) {
@@ -206,7 +228,8 @@ TKV_HD int turbo_index(const uint8_t* idx, int bits, int g, int j) {
 // One group of g rotated values -> fp16 scale + packed indices.
 // norm = sqrt(sum x^2) (fp64 sum, rounded to fp32); u = x * (1/norm);
 // index = #midpoints < u; scale = norm / ||c[index]||. Zero group: scale 0.
-// Non-finite group: NaN scale (decodes to NaN, never to finite garbage).
+// Non-finite group: NaN scale and zero indices (decodes to NaN, never to finite garbage); a
+// scale past the fp16 range: NaN scale, the indices as encoded.
 TKV_HD void encode_turbo_group(const float* x, int g, int bits, const float* cb, const float* mids, uint8_t* out) {
   const int nmid = (1 << bits) - 1;
   double n2 = 0.0;
@@ -236,7 +259,7 @@ TKV_HD void encode_turbo_group(const float* x, int g, int bits, const float* cb,
     }
   }
   const float scale = (norm == 0.0f) ? 0.0f : static_cast<float>(static_cast<double>(norm) / sqrt(c2));
-  store_u16(out, f32_to_f16_bits(scale));
+  store_u16(out, f16_rounds_to_inf(scale) ? uint16_t{0x7e00u} : f32_to_f16_bits(scale));
 }
 
 TKV_HD void decode_turbo_group(const uint8_t* in, int g, int bits, const float* cb, float* y) {
@@ -277,7 +300,7 @@ TKV_HD float decode_element(int fmt, Family family, int bits, int g, int group_b
 inline void encode_row(const RowLayout& L, const float* x, uint8_t* out) {
   if (L.family == Family::kFloat) {
     const bool bf = (L.fmt == kFmt_bf16);
-    for (int j = 0; j < L.dp; ++j) store_u16(out + 2 * j, bf ? f32_to_bf16_bits(x[j]) : f32_to_f16_bits(x[j]));
+    for (int j = 0; j < L.dp; ++j) store_u16(out + 2 * j, bf ? bf16_store_bits(x[j]) : f16_store_bits(x[j]));
   } else if (L.family == Family::kBlock) {
     for (int b = 0; b < L.dp / 32; ++b) encode_block(L.fmt, x + 32 * b, out + b * L.group_bytes, L.group_bytes);
   } else {
