@@ -10,6 +10,19 @@ from turbokv import formats, reference
 from turbokv.rotation import Rotation, auto_rotation
 
 
+def make_cache(gen, B, Hkv, T, d, kf, vf, kr, vr, scale=1.0):
+    """Packed K and V caches (B, Hkv, T, row_bytes) of normal values (K times ``scale``)."""
+    k = torch.randn(B, Hkv, T, d, generator=gen) * scale
+    v = torch.randn(B, Hkv, T, d, generator=gen)
+    return reference.quantize(k, kf, kr.group, kr.seed), reference.quantize(v, vf, vr.group, vr.seed)
+
+
+def poison_cuda_memory():
+    """Fill freed memory of the caching allocator with NaN bytes, so unwritten outputs cannot pass."""
+    junk = torch.full((64 << 20,), 0xFF, dtype=torch.uint8, device="cuda")
+    del junk
+
+
 def sides(k_format: str, v_format: str, d: int) -> tuple[Rotation, Rotation]:
     return auto_rotation(k_format, d, "k"), auto_rotation(v_format, d, "v")
 

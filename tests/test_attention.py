@@ -9,23 +9,11 @@ import sys
 import pytest
 import torch
 from conftest import device_params
-from helpers import attention_args, reference_errors, sides
+from helpers import attention_args, make_cache, poison_cuda_memory, reference_errors, sides
 
 import turbokv
 from turbokv import formats, reference
 from turbokv.rotation import K_SEED, V_SEED, Rotation
-
-
-def make_cache(gen, B, Hkv, T, d, kf, vf, kr, vr, scale=1.0):
-    k = torch.randn(B, Hkv, T, d, generator=gen) * scale
-    v = torch.randn(B, Hkv, T, d, generator=gen)
-    return reference.quantize(k, kf, kr.group, kr.seed), reference.quantize(v, vf, vr.group, vr.seed)
-
-
-def poison_cuda_memory():
-    """Fill freed memory of the caching allocator with NaN bytes, so unwritten outputs cannot pass."""
-    junk = torch.full((64 << 20,), 0xFF, dtype=torch.uint8, device="cuda")
-    del junk
 
 
 def run_budget(device, gen, B, Hq, Hkv, T, d, Sq, kf, vf, lengths, starts=None, dtype=torch.float16, **kw):
@@ -244,9 +232,9 @@ def test_decode_kernels_agree_cuda(device, kf, vf, d, gen, monkeypatch):
     assert torch.equal(outs["auto"], outs[expected])
     for other in ("simt", "tiled"):
         torch.testing.assert_close(outs["mma"], outs[other], rtol=0, atol=4 * ref_err + 1e-6)
-    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "mma")
+    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "simt")
     q3 = torch.randn(3, 8, 3, d, generator=gen).half().to(device)
-    with pytest.raises(RuntimeError, match="one query per sequence"):
+    with pytest.raises(RuntimeError, match="SIMT decode kernel is built for one query per sequence"):
         torch.ops.turbokv.attention(q3, dev[1], dev[2], torch.tensor([300, 17, 3], device=device), *dev[4:])
     monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "fastest")
     with pytest.raises(RuntimeError, match="got 'fastest', expected auto, spec, mma, simt or tiled"):
@@ -368,10 +356,12 @@ def test_spec_kernel_refuses_what_it_is_not_built_for_cuda(device, gen, monkeypa
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("vf", ["q4_0", "turbo3"])
-def test_decode_step_replays_in_a_cuda_graph(device, vf, gen):
+@pytest.mark.parametrize("sq", [1, 4])
+def test_decode_step_replays_in_a_cuda_graph(device, vf, sq, gen):
     """cache_append + attention captured once in a CUDA graph, replayed on new tokens and lengths
-    (no host sync inside), equal the eager ops. turbo3/turbo3 takes the specialised kernel with
-    its fused merge (its split counters must be back at zero after every replay)."""
+    (no host sync inside), equal the eager ops: one token a step (decode) and four (a draft of
+    speculative decoding, the multi-query tensor-core path). turbo3/turbo3 takes the specialised
+    kernel with its fused merge (its split counters must be back at zero after every replay)."""
     d, kf, T = 128, "turbo3", 4096
     kr, vr = sides(kf, vf, d)
     rb = lambda f: formats.row_bytes(f, d)  # noqa: E731
@@ -380,8 +370,8 @@ def test_decode_step_replays_in_a_cuda_graph(device, vf, gen):
     k0, v0 = torch.randn(2, 2, 20, d, generator=gen), torch.randn(2, 2, 20, d, generator=gen)
     pos0 = torch.arange(20).expand(2, 20).to(device)
     turbokv.cache_append(kc, vc, k0.half().to(device), v0.half().to(device), pos0, kf, vf, kr, vr)
-    q, k, v = (torch.zeros(2, n, 1, d, dtype=torch.half, device=device) for n in (8, 2, 2))
-    pos = torch.zeros(2, 1, dtype=torch.int64, device=device)
+    q, k, v = (torch.zeros(2, n, sq, d, dtype=torch.half, device=device) for n in (8, 2, 2))
+    pos = torch.zeros(2, sq, dtype=torch.int64, device=device)
     lengths = torch.zeros(2, dtype=torch.int64, device=device)
 
     def step():
@@ -391,8 +381,8 @@ def test_decode_step_replays_in_a_cuda_graph(device, vf, gen):
     def feed(t):
         for dst in (q, k, v):
             dst.copy_(torch.randn(dst.shape, generator=gen).half())
-        pos.fill_(t)
-        lengths.fill_(t + 1)
+        pos.copy_(t + torch.arange(sq, device=device))
+        lengths.fill_(t + sq)
 
     feed(20)
     stream = torch.cuda.Stream()
@@ -408,8 +398,8 @@ def test_decode_step_replays_in_a_cuda_graph(device, vf, gen):
         graph.replay()
         replayed = out.clone()
         kc_after, vc_after = kc.clone(), vc.clone()
-        kc[:, :, t].zero_()
-        vc[:, :, t].zero_()
+        kc[:, :, t : t + sq].zero_()
+        vc[:, :, t : t + sq].zero_()
         eager = step()
         assert torch.equal(kc, kc_after) and torch.equal(vc, vc_after)
         torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
@@ -417,24 +407,31 @@ def test_decode_step_replays_in_a_cuda_graph(device, vf, gen):
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_whole_prompt_prefill_via_flash_cuda(device, dtype, gen, monkeypatch):
-    """A whole-prompt prefill (lengths == Sq) takes dequantize + flash SDPA; it stays inside the
-    error budget and agrees with the op's own tiled kernel."""
-    d, kf, vf, sq = 128, "turbo3", "q4_0", 300
+@pytest.mark.parametrize(
+    "sq,lengths,starts",
+    [(300, [300, 300], None), (300, [300, 300], [0, 57]), (128, [320, 200], [0, 0]), (100, [250, 100], [30, 99])],
+)
+def test_prefill_via_sdpa_cuda(device, dtype, sq, lengths, starts, gen, monkeypatch):
+    """A prefill of >= PREFILL_SDPA_MIN_QUERIES queries (a whole prompt, left padded, a chunk after
+    a cached prefix) takes dequantize + SDPA; it stays inside the error budget and agrees with the
+    op's tensor-core kernel, which TURBOKV_ATTENTION_KERNEL=mma forces."""
+    d, kf, vf = 128, "turbo3", "q4_0"
     kr, vr = sides(kf, vf, d)
     kc, vc = make_cache(gen, 2, 2, 320, d, kf, vf, kr, vr, scale=2.0)
     q = torch.randn(2, 8, sq, d, generator=gen).to(dtype)
-    args = attention_args(q, kc, vc, torch.tensor([sq, sq]), None, kf, vf, kr, vr)
+    st = None if starts is None else torch.tensor(starts)
+    args = attention_args(q, kc, vc, torch.tensor(lengths), st, kf, vf, kr, vr)
     dev = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
     kw = dict(k_format=kf, v_format=vf, k_rot=kr, v_rot=vr)
-    assert turbokv.ops._whole_prompt_prefill(dev[0], dev[1], dev[3], None, True, 0, 0.0)
-    fast = turbokv.attention(dev[0], dev[1], dev[2], dev[3], **kw)
+    assert turbokv.ops._prefill_spans(dev[0], dev[1], dev[3], dev[4], True, 0, 0.0) is not None
+    poison_cuda_memory()
+    fast = turbokv.attention(dev[0], dev[1], dev[2], dev[3], dev[4], **kw)
     err, ref_err = reference_errors(args, fast)
     assert err <= 2 * ref_err + 1e-6, f"error {err:.3e} > 2 x reference error {ref_err:.3e}"
-    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "tiled")
-    assert not turbokv.ops._whole_prompt_prefill(dev[0], dev[1], dev[3], None, True, 0, 0.0)
-    tiled = turbokv.attention(dev[0], dev[1], dev[2], dev[3], **kw)
-    torch.testing.assert_close(fast.double(), tiled.double(), rtol=0, atol=4 * ref_err + 1e-6)
+    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "mma")
+    assert turbokv.ops._prefill_spans(dev[0], dev[1], dev[3], dev[4], True, 0, 0.0) is None
+    fused = turbokv.attention(dev[0], dev[1], dev[2], dev[3], dev[4], **kw)
+    torch.testing.assert_close(fast.double(), fused.double(), rtol=0, atol=4 * ref_err + 1e-6)
 
 
 @pytest.mark.parametrize("device", CUDA_ONLY)

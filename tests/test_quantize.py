@@ -80,9 +80,14 @@ def test_input_dtypes(device, fmt, dtype, gen):
 @pytest.mark.parametrize("fmt", ALL)
 @pytest.mark.parametrize("unrotate", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dequantize_matches_reference(device, fmt, unrotate, dtype, gen):
-    d = 96 if formats.get(fmt).family != "float" else 80
-    x = torch.randn(50, d, generator=gen)
+@pytest.mark.parametrize("d", [0, 64, 128, 256])
+def test_dequantize_matches_reference(device, fmt, unrotate, dtype, d, gen):
+    """Rows whose stored width is not a power of two (d = 0: 96, or 80 for float formats; the CUDA
+    op's block-per-row kernel) and rows of 64 / 128 / 256 (its warp kernel: 1001 rows, not a
+    whole number of warps' worth)."""
+    n = 1001 if d else 50
+    d = d or (96 if formats.get(fmt).family != "float" else 80)
+    x = torch.randn(n, d, generator=gen)
     rot = auto_rotation(fmt, d, "k") if fmt not in ("f16", "bf16") else Rotation(16, K_SEED)
     packed = reference.quantize(x, fmt, rot.group, rot.seed)
     got = turbokv.dequantize(packed.to(device), fmt, d, rot, unrotate, dtype).cpu()

@@ -1,13 +1,21 @@
-// CUDA attention over packed K/V caches (decode and prefill), in the rotated domain.
+// CUDA attention over packed K/V caches (decode, multi-query and prefill), in the rotated domain.
 //
-// Split-K flash attention in two launches:
-//  1. partial: one block per (key split, sequence x KV head, chunk of queries). Its rows
-//     are the GQA group's query heads x its queries, so each K/V tile is read from memory
-//     once for all of them. Q is padded, rotated (K side) and scaled in shared memory
-//     (prologue); K/V tiles are dequantised element-parallel into shared memory and never
-//     un-rotated; online softmax; unnormalised partial outputs + (max, sum) go to a workspace.
-//  2. merge: one block per query row combines the splits (log-sum-exp), normalises,
+// Split-K flash attention in two launches, by one of four partial kernels (choose_path):
+//  * spec (attention_spec.cuh): tensor cores, the format a template parameter; decode and
+//    multi-query calls. Keys are the M of the mma, 8 (query, head) rows of a KV head's group
+//    the N (RowChunk, one chunk per blockIdx.z), so each K/V chunk is decoded once per 8 rows.
+//  * mma (attention_mma.cuh): the same products with the format read at run time (f16, q8_0
+//    and every format the spec kernel is not built for).
+//  * simt (attention_decode.cuh): one query per sequence on CUDA cores, any head dim.
+//  * tiled (below): anything else (f32 queries, mixed row widths). One block per (key split,
+//    sequence x KV head, chunk of queries); its rows are the group's heads x its queries. Q is
+//    padded, rotated (K side) and scaled in shared memory (prologue); K/V tiles are dequantised
+//    element-parallel into shared memory and never un-rotated; online softmax.
+// Each writes unnormalised partial outputs + (max, sum) to a workspace; then
+//  merge: one block per query row combines the splits (log-sum-exp), normalises,
 //     inverse-rotates (V side) and drops the padding (epilogue).
+// Long prompts (Sq >= PREFILL_SDPA_MIN_QUERIES) do not come here: the Python op dequantizes
+// and calls SDPA's flash / cuDNN kernels, which are faster at that shape (ops.py).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -258,16 +266,16 @@ int decode_fast_path(const AttentionArgs& a, const DevSide& ks, const DevSide& v
 // per call) pins one for tests and benchmarks; a pinned kernel that cannot run the call is an error.
 enum class Path { kTiled, kSimt, kMma, kSpec };
 
-MmaKernel mma_for_dp(int nt, int dp) {
+MmaKernel mma_for_dp(int nt, int dp, bool multi = false) {
   switch (dp) {
     case 64:
-      return mma_kernel<64>(nt);
+      return mma_kernel<64>(nt, multi);
     case 96:
-      return mma_kernel<96>(nt);
+      return mma_kernel<96>(nt, multi);
     case 128:
-      return mma_kernel<128>(nt);
+      return mma_kernel<128>(nt, multi);
     case 256:
-      return mma_kernel<256>(nt);
+      return mma_kernel<256>(nt, multi);
     default:
       return nullptr;
   }
@@ -302,26 +310,26 @@ int mma_blocks_per_sm(MmaKernel k, size_t smem, int device) {
 // 16-key tiles per chunk: two when a chunk of K and V stays within 8 KiB.
 int mma_tiles(const DevSide& ks, const DevSide& vs) { return 32 * (ks.row_bytes + vs.row_bytes) <= 8192 ? 2 : 1; }
 
-// Why the tensor-core decode kernel cannot run this call, or nullptr when it can.
+// Why the tensor-core kernel (attention_mma.cuh) cannot run this call, or nullptr when it can.
 const char* mma_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
                       const at::Tensor& kc, const at::Tensor& vc) {
-  if (a.Sq != 1) return "it is built for one query per sequence (decode)";
-  if (a.G > 8) return "it is built for GQA groups of at most 8 query heads";
   if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) return "it is built for f16/bf16 queries";
+  if ((a.G * a.Sq + 7) / 8 > 65535) return "it takes at most 65535 chunks of 8 (query, head) rows (the grid's z)";
   if (ks.dp != vs.dp || !mma_for_dp(1, ks.dp)) return "it is built for K and V rows of 64, 96, 128 or 256 values";
   if (reinterpret_cast<uintptr_t>(kc.const_data_ptr()) % 16 || reinterpret_cast<uintptr_t>(vc.const_data_ptr()) % 16)
     return "it needs 16-byte aligned cache tensors";
   return nullptr;
 }
 
-SpecKernel spec_for_dp(int fmt, int dp, bool long_keys = false) {
+template <bool kMulti>
+SpecKernel spec_for_dp(int fmt, int dp, bool long_keys) {
   switch (dp) {
     case 64:
-      return spec_kernel<64>(fmt, long_keys);
+      return spec_kernel<64, kMulti>(fmt, long_keys);
     case 128:
-      return spec_kernel<128>(fmt, long_keys);
+      return spec_kernel<128, kMulti>(fmt, long_keys);
     case 256:
-      return spec_kernel<256>(fmt, long_keys);
+      return spec_kernel<256, kMulti>(fmt, long_keys);
     default:
       return {};
   }
@@ -333,7 +341,7 @@ const char* spec_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide&
   if (const char* why = mma_unfit(a, ks, vs, q, kc, vc)) return why;
   if (ks.fmt != vs.fmt || !std::equal(std::begin(ks.cb), std::end(ks.cb), std::begin(vs.cb)))
     return "it is built for K and V in the same format (one codebook)";
-  if (!spec_for_dp(ks.fmt, ks.dp).fn)
+  if (!spec_for_dp<false>(ks.fmt, ks.dp, false).fn)
     return "it is built for f16, q8_0, q4_0, turbo2, turbo3 and turbo4 rows of 64, 128 or 256 values";
   if (ks.fmt == kFmt_turbo4)  // the decoder relies on c[15 - i] == -c[i]
     for (int i = 0; i < 16; ++i)
@@ -349,16 +357,16 @@ Path choose_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, c
   const char* unfit = mma_unfit(a, ks, vs, q, kc, vc);
   const char* spec_why = spec_unfit(a, ks, vs, q, kc, vc);
   if (want == "spec") {
-    TORCH_CHECK(!spec_why,
-                "attention: TURBOKV_ATTENTION_KERNEL=spec, but the format-specialised decode kernel cannot run this "
-                "call: ",
-                spec_why);
+    TORCH_CHECK(
+        !spec_why,
+        "attention: TURBOKV_ATTENTION_KERNEL=spec, but the format-specialised tensor-core kernel cannot run this "
+        "call: ",
+        spec_why);
     return Path::kSpec;
   }
   if (want == "mma") {
-    TORCH_CHECK(
-        !unfit,
-        "attention: TURBOKV_ATTENTION_KERNEL=mma, but the tensor-core decode kernel cannot run this call: ", unfit);
+    TORCH_CHECK(!unfit,
+                "attention: TURBOKV_ATTENTION_KERNEL=mma, but the tensor-core kernel cannot run this call: ", unfit);
     return Path::kMma;
   }
   if (want == "simt") {
@@ -377,7 +385,10 @@ Path choose_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, c
     return s.family == static_cast<int>(Family::kFloat) || s.fmt == kFmt_q8_0;
   };
   if (!unfit && cheap(ks) && cheap(vs)) return Path::kMma;
-  return decode_fast_path(a, ks, vs, kc, vc) ? Path::kSimt : Path::kTiled;
+  if (decode_fast_path(a, ks, vs, kc, vc)) return Path::kSimt;
+  // Several queries, or more than 8 heads to a KV head: the SIMT kernel is not built for them,
+  // and the tiled kernel decodes each key tile in every block of rows, on CUDA cores.
+  return unfit ? Path::kTiled : Path::kMma;
 }
 
 at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -424,6 +435,8 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
   P.starts = starts.has_value() ? st.const_data_ptr<int64_t>() : nullptr;
   const int sms = sm_count(q.device().index());
   const Path path = choose_path(a, ks, vs, q, k_cache, v_cache);
+  // Tensor-core kernels: chunks of 8 (query, head) rows (RowChunk), every one over its keys.
+  if (path == Path::kMma || path == Path::kSpec) P.nqchunks = static_cast<int>((a.G * a.Sq + 7) / 8);
   const int64_t blocks = a.B * a.Hkv * P.nqchunks;
   MmaKernel mma = nullptr;
   size_t mma_smem = 0;
@@ -432,14 +445,16 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
     // One wave of resident blocks, each warp with at least one chunk of keys.
     int tk = 0;
     if (path == Path::kSpec) {
-      sk = spec_for_dp(ks.fmt, ks.dp, /*long_keys=*/a.T >= 8192);
+      // Decode takes the build without the per-row masking of several query positions.
+      sk = a.Sq == 1 ? spec_for_dp<false>(ks.fmt, ks.dp, /*long_keys=*/a.T >= 8192)
+                     : spec_for_dp<true>(ks.fmt, ks.dp, /*long_keys=*/a.T >= 8192);
       mma = sk.fn;
       mma_smem = static_cast<size_t>(sk.smem);
       tk = sk.tk;
     } else {
       const int nt = mma_tiles(ks, vs);
       tk = 16 * nt;
-      mma = mma_for_dp(nt, ks.dp);
+      mma = mma_for_dp(nt, ks.dp, /*multi=*/a.Sq > 1);
       mma_smem = mma_smem_bytes(MmaLayout(nt, ks.row_bytes, vs.row_bytes), ks.dp);
     }
     const int per_sm = mma_blocks_per_sm(mma, mma_smem, q.device().index());
@@ -462,7 +477,7 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
   at::Tensor part_ml = at::empty({P.nsplit, rows_total, 2}, fopts);
   at::Tensor out = at::empty({a.B, a.Hq, a.Sq, a.d}, q.options());
   const at::Tensor qc = q.contiguous();
-  const size_t smem = partial_smem(rows_per_block(P), ks.dp, vs.dp);
+  const size_t smem = path == Path::kTiled ? partial_smem(rows_per_block(P), ks.dp, vs.dp) : 0;
   TORCH_CHECK(smem <= 227 * 1024, "attention: ", rows_per_block(P), " rows x head_dim ", a.d,
               " need more shared memory than a block has (", smem, " bytes)");
   auto stream = c10::cuda::getCurrentCUDAStream();

@@ -1,10 +1,15 @@
-// Decode on tensor cores: one query per sequence, f16/bf16 queries, GQA group <= 8.
+// Decode and multi-query attention on tensor cores, f16/bf16 queries: a block's rows are 8 of
+// a KV head's (query, head) pairs (RowChunk: the GQA group of one query in decode).
 //
 // Each warp streams chunks of TK = 16 * NT keys of one (sequence, KV head) through shared
 // memory (cp.async, kStages deep) and runs two mma.m16n8k16 products per 16 keys, with the
-// keys as M so that the GQA group (padded to 8) is N:
-//   S^T (16 keys x 8 heads)  = K (16 keys x dp)   . Q^T (dp x 8 heads)
-//   O^T (dp x 8 heads)      += V^T (dp x 16 keys) . P^T (16 keys x 8 heads)
+// keys as M so that the chunk's 8 rows (padded) are N:
+//   S^T (16 keys x 8 rows)  = K (16 keys x dp)   . Q^T (dp x 8 rows)
+//   O^T (dp x 8 rows)      += V^T (dp x 16 keys) . P^T (16 keys x 8 rows)
+// Several queries in a block (speculative decoding, chunked prefill): a key chunk that the
+// causal diagonal or the window edge crosses is masked per row (mask_rows); there the V of a
+// key only some rows see enters the others' products at probability 0, so a NaN in it reaches
+// them too, as in FlashAttention's tiles (docs/contract.md).
 // A dot product does not care in which order its terms are summed, so each lane's k-slots
 // of the first product are mapped to dp/4 *contiguous* dims of a K row (Q's fragment uses
 // the same map), and each lane's m-slots of the second product to dp/8 contiguous dims of a
@@ -168,7 +173,7 @@ __device__ __forceinline__ void stage_rows(uint8_t* dst, const uint8_t* src, int
 
 // ---- pieces shared by the tensor-core decode kernels (this one and attention_spec.cuh) ----
 
-// The GQA group's queries as 8 rows of DP floats in shared memory (zero-padded heads and
+// The chunk's queries (RowChunk) as 8 rows of DP floats in shared memory (zero-padded rows and
 // dims), rotated with the K side's rotation, in two steps: fetch() issues the global loads,
 // into registers where a warp holds whole rows (and those of the rotation's signs), finish()
 // rotates the rows into qs and synchronises the block. A kernel fetches before it issues its
@@ -188,9 +193,11 @@ struct QueryRows {
   // its first keys.
   LaneSignWords signs;
 
-  __device__ static float load(const void* q, int q_bf16, const AttnParams& P, int64_t b, int64_t h, int g, int j) {
-    const int64_t at = (b * P.Hq + h * P.G + g) * P.d + j;
-    if (g >= P.G || j >= P.d) return 0.0f;
+  // Value j of the chunk's row n (RowChunk); zeros past its rows and the head dim.
+  __device__ static float load(const void* q, int q_bf16, const AttnParams& P, int64_t b, int64_t h, int n, int j) {
+    const RowChunk rows(P);
+    if (n >= rows.count || j >= P.d) return 0.0f;
+    const int64_t at = rows.out_row(P, b, h, n) * P.d + j;
     return q_bf16 ? to_float(static_cast<const __nv_bfloat16*>(q)[at]) : to_float(static_cast<const __half*>(q)[at]);
   }
   __device__ void fetch(const void* q, int q_bf16, const AttnParams& P, int64_t b, int64_t h, const DevSide& ks) {
@@ -255,6 +262,19 @@ __device__ __forceinline__ void mask_scores(float (&sc)[NT][4], int j, int r0, i
   }
 }
 
+// The per-row mask of tile j where a chunk of keys is seen by some rows only (RowChunk::
+// partly_seen): this lane's scores are keys r0 / r0 + 8 (c < 2 / else) of the chunk starting at
+// t0, for rows 2tg + (c & 1). (The query positions are worked out here, off the hot loop's
+// registers: the format-specialised kernels have none to spare.)
+template <int NT>
+__device__ __forceinline__ void mask_rows(float (&sc)[NT][4], int j, int r0, int64_t t0, const RowChunk& rows,
+                                          int64_t len, int tg, const AttnParams& P) {
+  const int64_t qpos[2] = {rows.qpos(P, len, 2 * tg), rows.qpos(P, len, 2 * tg + 1)};
+#pragma unroll
+  for (int c = 0; c < 4; ++c)
+    if (!sees(P, qpos[c & 1], t0 + (c < 2 ? r0 : r0 + 8))) sc[j][c] = -INFINITY;
+}
+
 // Online softmax of one chunk per head column (2tg + c; the 8 lanes of a column differ in gr):
 // scores become probabilities, (m, l) move on, and the output accumulators are rescaled.
 template <int NT, int KS>
@@ -311,7 +331,8 @@ __device__ __forceinline__ void p_fragments(const float (&p)[4], int gr, int tg,
 template <int DP, int KS, class Dim>
 __device__ void write_partials(const float (&o)[KS][4], const float (&m)[2], float (&l)[2], Dim dim, uint8_t* smem,
                                const AttnParams& P, int64_t b, int64_t h, int split, float* part_o, float* part_ml) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gr = lane >> 2, tg = lane & 3, G = P.G;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gr = lane >> 2, tg = lane & 3;
+  const RowChunk rows(P);
   // Per-lane sums cover this lane's keys only: add the column's 8 lanes.
 #pragma unroll
   for (int c = 0; c < 2; ++c)
@@ -335,8 +356,8 @@ __device__ void write_partials(const float (&o)[KS][4], const float (&m)[2], flo
     }
   }
   __syncthreads();
-  const int64_t rows_total = P.B * P.Hq;
-  for (int idx = tid; idx < G * DP; idx += blockDim.x) {
+  const int64_t rows_total = P.B * P.Hq * P.Sq;
+  for (int idx = tid; idx < rows.count * DP; idx += blockDim.x) {
     const int g = idx / DP, j = idx % DP;
     float mx = -INFINITY;
     for (int w = 0; w < 4; ++w) mx = fmaxf(mx, red[(w * 8 + g) * (DP + 2) + DP]);
@@ -348,7 +369,7 @@ __device__ void write_partials(const float (&o)[KS][4], const float (&m)[2], flo
       acc += r[j] * a;
       sum += r[DP + 1] * a;
     }
-    const int64_t row = b * P.Hq + h * G + g;
+    const int64_t row = rows.out_row(P, b, h, g);
     part_o[(split * rows_total + row) * DP + j] = acc;
     if (j == 0) {
       part_ml[(split * rows_total + row) * 2] = mx;
@@ -357,7 +378,8 @@ __device__ void write_partials(const float (&o)[KS][4], const float (&m)[2], flo
   }
 }
 
-template <int NT, int DP>
+// kMulti: as in attention_spec.cuh (the per-row masking of several query positions).
+template <int NT, int DP, bool kMulti>
 __global__ void __launch_bounds__(kThreads)
     decode_mma_kernel(const void* __restrict__ q, int q_bf16, const uint8_t* __restrict__ kc,
                       const uint8_t* __restrict__ vc, DevSide ks, DevSide vs, AttnParams P, float* __restrict__ part_o,
@@ -394,9 +416,10 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t qf[KS][2];  // k-step s, this lane's slots 2tg..+1 / 2tg+8..+9 -> dims E*tg + 4s + 0..3
   query_fragments<DP, KS>(qf, qs, gr, P.scale, [&](int i) { return E * tg + i; });
 
-  int64_t lo = start;
-  if (P.window > 0) lo = max(lo, len - P.window);
-  const int64_t s_lo = lo + split * P.span, s_hi = min(len, s_lo + P.span);
+  const RowChunk rows(P);
+  int64_t lo, hi;
+  rows.key_range(P, start, len, lo, hi);
+  const int64_t s_lo = lo + split * P.span, s_hi = min(hi, s_lo + P.span);
   const int64_t base = bh * P.T;
   const uint8_t* krows = kc + base * ks.row_bytes;
   const uint8_t* vrows = vc + base * vs.row_bytes;
@@ -429,8 +452,9 @@ __global__ void __launch_bounds__(kThreads)
     const uint8_t* kt = st + stage_offset(krows, ks.row_bytes, t0);
     const uint8_t* vt = st + L.kbuf + stage_offset(vrows, vs.row_bytes, t0);
     const int nvalid = static_cast<int>(min(static_cast<int64_t>(L.tk), s_hi - t0));
+    const bool partly = kMulti && rows.partly_seen(P, len, t0, t0 + nvalid);
 
-    // Scores: S^T rows gr and gr + 8 of each 16-key tile, heads 2tg and 2tg + 1.
+    // Scores: S^T rows gr and gr + 8 of each 16-key tile, query rows 2tg and 2tg + 1.
     float sc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -447,6 +471,7 @@ __global__ void __launch_bounds__(kThreads)
                   pack_half2(x1[2], x1[3]), qf[s][0], qf[s][1]);
       }
       mask_scores<NT>(sc, j, r0, nvalid, P.softcap);
+      if (partly) mask_rows<NT>(sc, j, r0, t0, rows, len, tg, P);
     }
     chunk_softmax<NT, KS>(sc, m, l, o);
 #pragma unroll
@@ -487,17 +512,23 @@ __global__ void __launch_bounds__(kThreads)
 using MmaKernel = void (*)(const void*, int, const uint8_t*, const uint8_t*, DevSide, DevSide, AttnParams, float*,
                            float*);
 
-// The kernel for rows of DP values and nt tiles per chunk; one .cu file per DP so the
-// instantiations build in parallel (attention_mma<DP>.cu).
+// The kernel for rows of DP values, nt tiles per chunk, several queries per sequence (multi)
+// or one; one .cu file per DP so the instantiations build in parallel (attention_mma<DP>.cu).
 template <int DP>
-MmaKernel mma_kernel(int nt);
+MmaKernel mma_kernel(int nt, bool multi);
 template <>
-MmaKernel mma_kernel<64>(int nt);
+MmaKernel mma_kernel<64>(int nt, bool multi);
 template <>
-MmaKernel mma_kernel<96>(int nt);
+MmaKernel mma_kernel<96>(int nt, bool multi);
 template <>
-MmaKernel mma_kernel<128>(int nt);
+MmaKernel mma_kernel<128>(int nt, bool multi);
 template <>
-MmaKernel mma_kernel<256>(int nt);
+MmaKernel mma_kernel<256>(int nt, bool multi);
+
+template <int DP>
+MmaKernel mma_table(int nt, bool multi) {
+  if (multi) return nt == 2 ? decode_mma_kernel<2, DP, true> : decode_mma_kernel<1, DP, true>;
+  return nt == 2 ? decode_mma_kernel<2, DP, false> : decode_mma_kernel<1, DP, false>;
+}
 
 }  // namespace turbokv::cuda

@@ -1,8 +1,8 @@
-// Decode on tensor cores, specialised per format at compile time (one query per sequence,
-// f16/bf16 queries, GQA group <= 8, K and V in the same format, rows of 64/128/256 values).
+// Decode and multi-query attention on tensor cores, specialised per format at compile time
+// (f16/bf16 queries, K and V in the same format, rows of 64/128/256 values).
 //
-// Same products and fragment layouts as attention_mma.cuh (keys as M, the padded GQA group
-// as N), with three differences that decide the speed:
+// Same products, fragment layouts and row chunks as attention_mma.cuh (keys as M, 8 (query,
+// head) rows as N), with three differences that decide the speed:
 //  * decoding: the format is a template parameter and each lane decodes its whole portion of
 //    a row straight into f16x2 registers with word-wide bit tricks (packed_decode.cuh), in
 //    whatever dim order is cheapest; the query fragments and the output use the same order;
@@ -130,7 +130,10 @@ struct Stager {
   }
 };
 
-template <class KF, class VF, int DP, bool kWide>
+// kMulti: built for several queries per sequence (rows of a chunk at different positions, so
+// chunks seen by some rows and not others are masked per row); decode (Sq = 1) takes the
+// kernel without that code in its key loop.
+template <class KF, class VF, int DP, bool kWide, bool kMulti>
 __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
     decode_spec_kernel(const void* __restrict__ q, int q_bf16, const uint8_t* __restrict__ kc,
                        const uint8_t* __restrict__ vc, DevSide ks, DevSide vs, AttnParams P, float* __restrict__ part_o,
@@ -199,14 +202,15 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
   }
   const int64_t len = min(max(len_in, int64_t(0)), P.T);
   const int64_t start = min(max(start_in, int64_t(0)), len);
-  int64_t lo = start;
-  if (P.window > 0) lo = max(lo, len - P.window);
+  const RowChunk rows(P);
+  int64_t lo, hi;
+  rows.key_range(P, start, len, lo, hi);
   if (!early) {
     s_lo = lo + split * P.span;
     sk = StageK(krows, s_lo + warp * TK, lane);
     sv = StageV(vrows, s_lo + warp * TK, lane);
   }
-  const int64_t s_hi = min(len, s_lo + P.span);
+  const int64_t s_hi = min(hi, s_lo + P.span);
   const Chunks mine_c = chunks(s_lo, s_hi);
   const int mine = mine_c.n;
   if (!early) {
@@ -246,6 +250,7 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
     const uint8_t* kt = st + k_at;
     const uint8_t* vt = st + v_at;
     const int nvalid = static_cast<int>(min(static_cast<int64_t>(TK), s_hi - t0));
+    const bool partly = kMulti && rows.partly_seen(P, len, t0, t0 + nvalid);
     if (nvalid < TK) {
       // The split's last chunk: the V rows past the end are zeroed, so that they decode as
       // zeros in every format (p is 0 there, but 0 times stale bytes might be NaN). K rows
@@ -256,7 +261,7 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
       __syncwarp();
     }
 
-    // Scores: S^T rows gr and gr + 8 of each 16-key tile, heads 2tg and 2tg + 1.
+    // Scores: S^T rows gr and gr + 8 of each 16-key tile, query rows 2tg and 2tg + 1.
     float sc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -282,6 +287,7 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
         sc[j][3] *= sb;
       }
       mask_scores<NT>(sc, j, r0, nvalid, P.softcap);
+      if (partly) mask_rows<NT>(sc, j, r0, t0, rows, len, tg, P);
     }
     chunk_softmax<NT, KS>(sc, m, l, o);
 #pragma unroll
@@ -339,47 +345,52 @@ struct SpecKernel {
   int smem = 0, tk = 0;
 };
 
-template <class F, int DP, bool kWide = false>
+template <class F, int DP, bool kMulti, bool kWide = false>
 SpecKernel spec_entry() {
   using C = SpecConfig<F, F, DP, kWide>;
-  return {decode_spec_kernel<F, F, DP, kWide>, C::kSmem, C::TK};
+  return {decode_spec_kernel<F, F, DP, kWide, kMulti>, C::kSmem, C::TK};
 }
 
 // The kernel for K and V rows of format fmt and DP values, or {} when none is built. long_keys:
 // the call streams many keys per sequence (f16 rows of 128 then take the kWide shape: H100,
 // 2026-11-24, B = 16 x 16k 0.402 -> 0.391 ms, 64k 0.114 -> 0.110, but B = 16 x 4k 0.111 ->
 // 0.113: short splits keep the deeper pipeline).
-template <int DP>
+template <int DP, bool kMulti>
 SpecKernel spec_table(int fmt, bool long_keys) {
   using namespace packed;
   switch (fmt) {
     case kFmt_f16:
       if constexpr (DP == 128)
-        if (long_keys) return spec_entry<F16, DP, true>();
-      return spec_entry<F16, DP>();
+        if (long_keys) return spec_entry<F16, DP, kMulti, true>();
+      return spec_entry<F16, DP, kMulti>();
     case kFmt_q8_0:
-      return spec_entry<Q8, DP>();
+      return spec_entry<Q8, DP, kMulti>();
     case kFmt_q4_0:
-      return spec_entry<Q4, DP>();
+      return spec_entry<Q4, DP, kMulti>();
     case kFmt_turbo2:
-      return spec_entry<Turbo2<DP>, DP>();
+      return spec_entry<Turbo2<DP>, DP, kMulti>();
     case kFmt_turbo3:
-      return spec_entry<Turbo3<DP>, DP>();
+      return spec_entry<Turbo3<DP>, DP, kMulti>();
     case kFmt_turbo4:
-      return spec_entry<Turbo4<DP>, DP>();
+      return spec_entry<Turbo4<DP>, DP, kMulti>();
     default:
       return {};
   }
 }
 
-// Built in attention_spec<DP>.cu, one file per DP so they compile in parallel.
-template <int DP>
+// Built in attention_spec<DP>.cu (decode) and attention_spec<DP>_multi.cu (several queries),
+// one file each so that they compile in parallel.
+template <int DP, bool kMulti>
 SpecKernel spec_kernel(int fmt, bool long_keys);
-template <>
-SpecKernel spec_kernel<64>(int fmt, bool long_keys);
-template <>
-SpecKernel spec_kernel<128>(int fmt, bool long_keys);
-template <>
-SpecKernel spec_kernel<256>(int fmt, bool long_keys);
+#define TURBOKV_SPEC_KERNEL(DP, MULTI) \
+  template <>                          \
+  SpecKernel spec_kernel<DP, MULTI>(int fmt, bool long_keys);
+TURBOKV_SPEC_KERNEL(64, false)
+TURBOKV_SPEC_KERNEL(128, false)
+TURBOKV_SPEC_KERNEL(256, false)
+TURBOKV_SPEC_KERNEL(64, true)
+TURBOKV_SPEC_KERNEL(128, true)
+TURBOKV_SPEC_KERNEL(256, true)
+#undef TURBOKV_SPEC_KERNEL
 
 }  // namespace turbokv::cuda

@@ -82,9 +82,12 @@ __device__ __forceinline__ void decode_span(const DevSide& s, const float* __res
     return;
   }
   if (s.fmt == kFmt_q4_0) {
-    const int shift = pos < 16 ? 0 : 4, base = pos % 16;
+    // Value p of a block is the low nibble of byte p (p < 16), else the high nibble of byte p - 16.
 #pragma unroll
-    for (int k = 0; k < E; ++k) out[k] = d * static_cast<float>(((__ldg(blk + 2 + base + k) >> shift) & 15) - 8);
+    for (int k = 0; k < E; ++k) {
+      const int p = pos + k;
+      out[k] = d * static_cast<float>(((__ldg(blk + 2 + p % 16) >> (p < 16 ? 0 : 4)) & 15) - 8);
+    }
     return;
   }
 #pragma unroll

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "common.cuh"
+#include "decode_span.cuh"
 #include "warp_encode.cuh"
 
 namespace turbokv::cuda {
@@ -262,6 +263,46 @@ __global__ void decode_kernel(const uint8_t* __restrict__ packed, DevSide s, boo
   for (int j = threadIdx.x; j < width; j += blockDim.x) y[r * width + j] = from_float<scalar_t>(buf[j]);
 }
 
+// Dequantization by warps, for rows of 32..512 values (a power of two): lane l decodes the
+// 32 values l*32 .. l*32+31 of the warp's rows (back to back, as the warp encoder holds them)
+// straight from the packed bytes (decode_span), inverse-rotates them in registers
+// (warp_rotate, the block kernel's butterflies and roundings) and stores them with 16-byte
+// stores where the output allows. (One block per row spent its time starting blocks: a
+// dequantized cache for SDPA is hundreds of thousands of rows.)
+template <typename T>
+__global__ void __launch_bounds__(kWarpThreads)
+    decode_warp_kernel(const uint8_t* __restrict__ packed, DevSide s, bool unrotate, T* __restrict__ y, int width,
+                       bool vec, int64_t rows) {
+  constexpr int E = 32;
+  __shared__ float cb[16];
+  if (threadIdx.x < 16) cb[threadIdx.x] = s.cb[threadIdx.x];
+  __syncthreads();
+  const LaneRotation<float> rotation = unrotate ? lane_rotation<E>(s, true) : LaneRotation<float>{};
+  const int lane = static_cast<int>(threadIdx.x & 31u), per_row = s.dp / E, nrows = 32 / per_row;
+  const int row_in_warp = lane / per_row, col = (lane % per_row) * E;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps * nrows;
+  int64_t r = (static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32) * nrows + row_in_warp;
+#pragma unroll 1
+  for (; r - row_in_warp < rows; r += stride) {  // warp-uniform: the shuffles need every lane
+    float v[E];
+    decode_span<E>(s, cb, packed + min(r, rows - 1) * s.row_bytes, col, v);
+    warp_rotate<E>(v, rotation);
+    if (r >= rows || col >= width) continue;
+    T* out = y + r * width + col;
+    if (vec) {
+      LaneVec<T, E> w;
+#pragma unroll
+      for (int e = 0; e < E; ++e) w.v[e] = from_float<T>(v[e]);
+      *reinterpret_cast<LaneVec<T, E>*>(out) = w;
+    } else {
+      const int lim = width - col;
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        if (e < lim) out[e] = from_float<T>(v[e]);
+    }
+  }
+}
+
 template <typename F>
 void dispatch_float(at::ScalarType t, F&& f) {
   switch (t) {
@@ -350,11 +391,23 @@ at::Tensor dequantize_cuda(const at::Tensor& packed, c10::string_view format, in
   if (op.rows == 0) return op.out;
   const DevSide s = dev_side(op.side);
   clear_stale_error();
+  const uint8_t* in = op.input.const_data_ptr<uint8_t>();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    decode_kernel<T>
-        <<<static_cast<unsigned>(op.rows), kThreads, sizeof(float) * s.dp, c10::cuda::getCurrentCUDAStream()>>>(
-            op.input.const_data_ptr<uint8_t>(), s, unrotate, reinterpret_cast<T*>(op.out.mutable_data_ptr()), op.width);
+    T* out = reinterpret_cast<T*>(op.out.mutable_data_ptr());
+    // decode_span loads float rows in 16-byte words, the others a byte at a time.
+    const bool words = reinterpret_cast<uintptr_t>(in) % 16 == 0 && s.row_bytes % 16 == 0;
+    if (warp_values(s) == 32 && (words || s.family != static_cast<int>(Family::kFloat))) {
+      const bool vec = op.width == s.dp && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+      const int64_t per_warp = 32 * 32 / s.dp, warps = (op.rows + per_warp - 1) / per_warp;
+      const int64_t blocks = std::min<int64_t>((warps + kWarps - 1) / kWarps, 8LL * sm_count(packed.device().index()));
+      decode_warp_kernel<T>
+          <<<static_cast<unsigned>(blocks), kWarpThreads, 0, stream>>>(in, s, unrotate, out, op.width, vec, op.rows);
+    } else {
+      decode_kernel<T>
+          <<<static_cast<unsigned>(op.rows), kThreads, sizeof(float) * s.dp, stream>>>(in, s, unrotate, out, op.width);
+    }
   });
   TKV_CUDA_CHECK(cudaGetLastError());
   return op.out;

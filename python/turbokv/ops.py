@@ -11,6 +11,8 @@ import math
 import os
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from turbokv.rotation import Rotation
 
@@ -24,6 +26,14 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 
 _ops = torch.ops.turbokv
 NO_ROTATION = Rotation()
+# The dequantize + SDPA prefill path's backends, in order of preference (cuDNN's fused
+# attention is the faster on Hopper where it takes the shape; flash for the rest).
+_SDPA_BACKENDS = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 def native_loaded(device_type: str = "cpu") -> bool:
@@ -126,52 +136,109 @@ def attention(
     ``qpos - j < window``; ``softcap > 0`` applies ``softcap * tanh(s / softcap)``.
     Returns ``(B, Hq, Sq, d)`` in q's dtype; rows with no valid key are zeros.
 
-    A whole-prompt prefill on the GPU (every sequence's length == Sq >= 64, no padding,
-    window or softcap, f16/bf16) runs as dequantize + PyTorch's flash SDPA: at that size
-    attention is compute-bound and the flash kernel's tensor-core pipeline wins, while the
-    dequantized copy costs one pass over the new tokens. Same values as the op (it reads
-    the same packed cache); TURBOKV_ATTENTION_KERNEL other than auto forces the op.
+    Prefill on the GPU (Sq >= PREFILL_SDPA_MIN_QUERIES, f16/bf16, no window or softcap: a
+    whole prompt, left-padded or not, or a chunk of one after a cached prefix) runs as
+    dequantize + PyTorch's SDPA (cuDNN or flash, whichever takes the shape; causal from the
+    bottom right; when lengths or starts differ, one masked call, or one call per sequence
+    from PREFILL_PER_SEQUENCE_MIN_QUERIES queries): there attention is
+    compute-bound and those kernels' tensor-core pipelines win, while the dequantized copy is
+    one pass over the keys. Same values as the op within rounding (it reads the same packed
+    cache); TURBOKV_ATTENTION_KERNEL other than auto forces the op.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     args = (k_format, k_rot.group, k_rot.seed, v_format, v_rot.group, v_rot.seed, scale, causal, window, softcap)
-    if _whole_prompt_prefill(q, k_cache, lengths, starts, causal, window, softcap):
+    spans = _prefill_spans(q, k_cache, lengths, starts, causal, window, softcap)
+    if spans is not None:
         # The op's shape / dtype / format checks (its meta kernel: no data, no launch) first.
         meta = [None if t is None else t.to("meta") for t in (q, k_cache, v_cache, lengths, starts)]
         _ops.attention(*meta, *args)
-        sq, d = q.shape[2], q.shape[3]
-        k = dequantize(k_cache[:, :, :sq], k_format, d, k_rot, dtype=q.dtype)
-        v = dequantize(v_cache[:, :, :sq], v_format, d, v_rot, dtype=q.dtype)
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-        )
+        sides = ((k_format, k_rot), (v_format, v_rot))
+        return _dequantized_sdpa(q, k_cache, v_cache, spans, sides, scale, causal)
     return _ops.attention(q, k_cache, v_cache, lengths, starts, *args)
 
 
+# Fewer queries than this stay in the op's tensor-core kernels (memory-bound: they read the
+# packed cache once for all rows, where a dequantized copy would be written and read again).
 PREFILL_SDPA_MIN_QUERIES = 64
+# From this many queries, sequences of unequal spans get an SDPA call each over their valid
+# keys (is_causal or bottom-right causal, no mask: the fastest kernels, and no work on padding);
+# below it, one masked call for the batch.
+PREFILL_PER_SEQUENCE_MIN_QUERIES = 1024
 
 
-def _whole_prompt_prefill(q, k_cache, lengths, starts, causal, window, softcap) -> bool:
-    """True when attention() may run as dequantize + flash SDPA (see attention's docstring).
+def _prefill_spans(q, k_cache, lengths, starts, causal, window, softcap) -> list[tuple[int, int]] | None:
+    """Each sequence's valid ``(start, length)`` when attention() may run as dequantize + SDPA.
 
-    Every sequence's length must be Sq with no padding: such values are valid by construction,
-    so this path needs none of the op's value checks. One host sync (not while compiling or
+    None sends the call to the op: not a GPU prefill (see attention's docstring), or lengths
+    and starts the op must reject (it names them). One host sync (never while compiling or
     capturing a CUDA graph, where the op runs).
     """
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and causal and not window and not softcap):
-        return False
-    if q.dim() != 4 or k_cache.dim() != 4 or not PREFILL_SDPA_MIN_QUERIES <= q.shape[2] <= k_cache.shape[2]:
-        return False
-    sq = q.shape[2]
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not window and not softcap):
+        return None
+    if q.dim() != 4 or k_cache.dim() != 4 or q.shape[2] < PREFILL_SDPA_MIN_QUERIES:
+        return None
     if os.environ.get("TURBOKV_ATTENTION_KERNEL", "auto") != "auto":
-        return False
-    if lengths.shape != (q.shape[0],) or k_cache.shape[0] != q.shape[0]:
-        return False  # let the op report the shape error
-    if starts is not None and starts.shape != lengths.shape:
-        return False
+        return None
+    if lengths.shape != (q.shape[0],) or k_cache.shape[0] != q.shape[0] or lengths.is_floating_point():
+        return None  # let the op report the shape or dtype error
+    if starts is not None and (starts.shape != lengths.shape or starts.is_floating_point()):
+        return None
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return False  # the check below reads values on the host
-    uniform = lengths == sq
-    if starts is not None:
-        uniform = uniform & (starts == 0)
-    return bool(uniform.all())
+        return None
+    host = torch.stack([lengths.long(), starts.long() if starts is not None else torch.zeros_like(lengths).long()])
+    lens, sts = host.cpu().tolist()
+    sq, t = q.shape[2], k_cache.shape[2]
+    if not all(0 <= s <= n <= t and (not causal or n >= sq) for n, s in zip(lens, sts, strict=True)):
+        return None
+    return list(zip(sts, lens, strict=True))
+
+
+def _dequantized_sdpa(q, k_cache, v_cache, spans, sides, scale, causal) -> torch.Tensor:
+    """attention() over the dequantized cache with SDPA; ``spans``: each sequence's (start, length).
+
+    The queries are the last Sq tokens of each sequence; a query before its sequence's start
+    (left padding) sees no key and is zeros, as in the op.
+    """
+    (kf, kr), (vf, vr) = sides
+    sq, d = q.shape[2], q.shape[3]
+
+    def sdpa(qs, lo, hi, sel=slice(None)):
+        k = dequantize(k_cache[sel, :, lo:hi], kf, d, kr, dtype=q.dtype)
+        v = dequantize(v_cache[sel, :, lo:hi], vf, d, vr, dtype=q.dtype)
+        # Causal from the bottom right: the last query sees every key (flash and cuDNN under
+        # CausalBias; SDPA's is_causal is top-left, the same only when the counts are equal).
+        mask = causal_lower_right(qs.shape[2], hi - lo) if causal and qs.shape[2] != hi - lo else None
+        with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
+            return torch.nn.functional.scaled_dot_product_attention(
+                qs, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=True
+            )
+
+    if len(set(spans)) == 1 and spans[0][1] - spans[0][0] >= (sq if causal else 1):
+        lo, hi = spans[0]  # one call for the batch
+        return sdpa(q, lo, hi)
+    if sq < PREFILL_PER_SEQUENCE_MIN_QUERIES:
+        # One call for the batch with each sequence's mask: a call per sequence costs more
+        # host time than the padded keys cost the kernel at this many queries.
+        lo, hi = min(s for s, _ in spans), max(n for _, n in spans)
+        k = dequantize(k_cache[:, :, lo:hi], kf, d, kr, dtype=q.dtype)
+        v = dequantize(v_cache[:, :, lo:hi], vf, d, vr, dtype=q.dtype)
+        st, ln = torch.tensor(spans, dtype=torch.int64).to(q.device, non_blocking=True).unbind(1)
+        j = torch.arange(lo, hi, device=q.device)
+        mask = (j >= st[:, None, None]) & (j < ln[:, None, None])  # (B, 1, T')
+        if causal:  # query i of sequence b sits at ln[b] - sq + i
+            qpos = ln[:, None] - sq + torch.arange(sq, device=q.device)
+            mask = mask & (j <= qpos[:, :, None])  # (B, Sq, T')
+        mask = mask[:, None].expand(-1, 1, sq, -1)
+        with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scale, enable_gqa=True
+            )
+        # A row that sees no key (a query in the left padding) is zeros, whatever SDPA made of it.
+        return torch.where(mask.any(-1, keepdim=True), out, 0)
+    out = torch.zeros_like(q)
+    for i, (lo, hi) in enumerate(spans):
+        rows = min(sq, hi - lo) if causal else (sq if hi > lo else 0)
+        if rows:
+            out[i : i + 1, :, sq - rows :] = sdpa(q[i : i + 1, :, sq - rows :], lo, hi, slice(i, i + 1))
+    return out

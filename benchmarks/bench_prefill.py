@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""GPU attention for every shape a generation loop makes: Sq new queries over T cached tokens.
+
+Sq = 1 is decode, 2-16 speculative decoding and assisted generation, 64-2048 chunked prefill or
+the next chat turn, "whole" a prompt (Sq = T); "padded" rows left-pad the batch's sequences by
+unequal amounts (what generate() makes of unequal prompts). 32 q / 8 KV heads, d = 128, f16
+queries; the queries are the last Sq tokens (causal from the bottom right).
+
+Per shape, in one run on the same data:
+- SDPA on an fp16 cache with the same masking: flash (is_causal / CausalBias lower right; no
+  padding mask possible) and cuDNN (is_causal, else an explicit mask), "best" the faster;
+- per format: the fused kernel (the op's tensor-core kernel, pinned), dequantize + SDPA
+  (turbokv's prefill shortcut), and "auto" (what turbokv.attention chooses: the shortcut for
+  Sq >= PREFILL_SDPA_MIN_QUERIES) against best;
+- "limit": the time to read the packed cache once at the read bandwidth of a large torch.sum
+  measured in the run (memory-bound shapes cannot beat it).
+Times are the mean of back-to-back calls (best of three bursts) cycling over cache copies
+larger than the L2; shapes under 64 queries are captured in CUDA graphs (as compiled decoding
+runs them), longer ones run eagerly (the shortcut syncs once to read the lengths).
+Usage: python benchmarks/bench_prefill.py [--batches 1,4,8] [--contexts 4096,32768,131072]
+       [--queries 1,2,4,8,16,64,256,512,2048,whole] [--formats f16,q8_0,q4_0,turbo4,turbo3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+from contextlib import contextmanager
+
+import torch
+from bench_attention import copies_for, read_bandwidth
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+import turbokv
+from turbokv import ops
+from turbokv.rotation import auto_rotation
+
+HQ, HKV, D = 32, 8, 128
+# Work per shape (B x Sq x T, a causal whole prompt counted at half): larger shapes are skipped.
+MAX_WORK = 1 << 32
+# The fused kernel is timed up to this much work only (beyond, auto never takes it).
+MAX_FUSED_WORK = 1 << 29
+
+
+def time_ms(fn, n: int, graph: bool) -> float:
+    """Mean ms per call over back-to-back calls cycling over n inputs, best of three bursts
+    sized to about 50 ms of work each; graph: each input's call captured in a CUDA graph."""
+    for i in range(2):
+        fn(i % n)
+    torch.cuda.synchronize()
+    calls = [lambda i=i: fn(i) for i in range(n)]
+    if graph:
+        graphs = []
+        for i in range(n):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn(i)
+            graphs.append(g)
+        calls = [g.replay for g in graphs]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    calls[0]()
+    end.record()
+    end.synchronize()
+    iters = max(3, min(200, int(50 / max(start.elapsed_time(end), 1e-3))))
+    best = float("inf")
+    for _ in range(3):
+        start.record()
+        for i in range(iters):
+            calls[i % n]()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / iters)
+    return best
+
+
+@contextmanager
+def kernel_env(value: str):
+    before = os.environ.get("TURBOKV_ATTENTION_KERNEL")
+    os.environ["TURBOKV_ATTENTION_KERNEL"] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TURBOKV_ATTENTION_KERNEL"]
+        else:
+            os.environ["TURBOKV_ATTENTION_KERNEL"] = before
+
+
+def sdpa_baselines(q, ks, vs, starts, padded, n, graph) -> dict[str, float]:
+    """ms of flash and cuDNN on the fp16 caches (nan where the backend refuses the shape)."""
+    sq, T = q.shape[2], ks[0].shape[2]
+    out = {}
+    if padded or sq not in (1, T):
+        # Bottom-right causal mask with each sequence's padding: (B, 1, Sq, T) booleans.
+        j = torch.arange(T, device="cuda")
+        qpos = T - sq + torch.arange(sq, device="cuda")
+        mask = (j[None, None, None, :] <= qpos[None, None, :, None]) & (j >= starts[:, None, None, None])
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION)):
+        if padded:
+            if name == "flash":
+                out[name] = float("nan")
+                continue
+            kw = {"attn_mask": mask}
+        elif sq == 1:
+            kw = {}
+        elif sq == T:
+            kw = {"is_causal": True}
+        else:
+            kw = {"attn_mask": causal_lower_right(sq, T) if name == "flash" else mask}
+
+        def call(i, kw=kw):
+            return torch.nn.functional.scaled_dot_product_attention(q, ks[i], vs[i], enable_gqa=True, **kw)
+
+        try:
+            with sdpa_kernel(backend):
+                out[name] = time_ms(call, n, graph)
+        except RuntimeError:
+            out[name] = float("nan")
+    if padded:  # what transformers runs with a padding mask: SDPA's own choice of backend
+        out["masked"] = time_ms(
+            lambda i: torch.nn.functional.scaled_dot_product_attention(
+                q, ks[i], vs[i], attn_mask=mask, enable_gqa=True
+            ),
+            n,
+            graph,
+        )
+    return out
+
+
+def shape_rows(B, T, sq, padded, fmts, read_gbs):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, HQ, sq, D, device="cuda", dtype=torch.float16, generator=g)
+    lengths = torch.full((B,), T, device="cuda", dtype=torch.int64)
+    starts = torch.tensor([b * T // (2 * B) if padded else 0 for b in range(B)], device="cuda")
+    n = copies_for(B * HKV * T * D * 4)
+    ks = [torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g) for _ in range(n)]
+    vs = [torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g) for _ in range(n)]
+    graph = sq < ops.PREFILL_SDPA_MIN_QUERIES
+    base = sdpa_baselines(q, ks, vs, starts, padded, n, graph)
+    best = min(v for v in base.values() if v == v)
+    spans = list(zip(starts.tolist(), lengths.tolist(), strict=True))
+    rows = [(name, ms, None) for name, ms in base.items()]
+    for fmt in fmts:
+        kr, vr = auto_rotation(fmt, D, "k"), auto_rotation(fmt, D, "v")
+        kc = [turbokv.quantize(k, fmt, kr, check_finite=False) for k in ks]
+        vc = [turbokv.quantize(v, fmt, vr, check_finite=False) for v in vs]
+        nbytes = kc[0].numel() + vc[0].numel()
+        kw = dict(k_format=fmt, v_format=fmt, k_rot=kr, v_rot=vr)
+
+        def fused(i, kc=kc, vc=vc, kw=kw):
+            return turbokv.attention(q, kc[i], vc[i], lengths, starts if padded else None, **kw)
+
+        def deq(i, kc=kc, vc=vc, fmt=fmt, kr=kr, vr=vr):
+            return ops._dequantized_sdpa(q, kc[i], vc[i], spans, ((fmt, kr), (fmt, vr)), D**-0.5, True)
+
+        t_fused = float("nan")
+        if B * sq * T <= MAX_FUSED_WORK:
+            with kernel_env("spec"):
+                t_fused = time_ms(fused, n, graph)
+        t_deq = time_ms(deq, n, graph=False) if sq >= 16 or fmt == "q4_0" else float("nan")
+        t_auto = t_deq if sq >= ops.PREFILL_SDPA_MIN_QUERIES else t_fused
+        rows.append((fmt, t_fused, (t_deq, t_auto, nbytes / read_gbs / 1e6, best)))
+        del kc, vc
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,4,8")
+    ap.add_argument("--contexts", default="4096,32768,131072")
+    ap.add_argument("--queries", default="1,2,4,8,16,64,256,512,2048,whole")
+    ap.add_argument("--formats", default="f16,q8_0,q4_0,turbo4,turbo3")
+    ap.add_argument("--padding", default="no,yes")
+    args = ap.parse_args()
+    fmts = args.formats.split(",")
+    read_gbs = read_bandwidth()
+    print(f"turbokv bench_prefill, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"read bandwidth (torch.sum of 4 GiB): {read_gbs:.0f} GB/s; Hq {HQ}, Hkv {HKV}, d {D}, f16 queries")
+    print(f"auto: the fused kernel below {ops.PREFILL_SDPA_MIN_QUERIES} queries, dequantize + SDPA from there\n")
+    print(
+        f"{'B':>2} {'T':>7} {'Sq':>6} {'pad':>3} {'path':<7} {'ms':>9} {'deq+SDPA':>9} {'auto':>9}"
+        f" {'limit':>8} {'auto vs best':>12}"
+    )
+    for b in (int(x) for x in args.batches.split(",")):
+        for t in (int(x) for x in args.contexts.split(",")):
+            for qs in args.queries.split(","):
+                sq = t if qs == "whole" else int(qs)
+                for padded in (p == "yes" for p in args.padding.split(",")):
+                    if sq > t or (padded and b == 1) or b * sq * t / (2 if sq == t else 1) > MAX_WORK:
+                        continue
+                    for name, ms, extra in shape_rows(b, t, sq, padded, fmts, read_gbs):
+                        head = f"{b:>2} {t:>7} {qs:>6} {'yes' if padded else 'no':>3} {name:<7} {ms:>9.4f}"
+                        if extra is None:
+                            print(head)
+                        else:
+                            deq, auto, limit, best = extra
+                            print(f"{head} {deq:>9.4f} {auto:>9.4f} {limit:>8.4f} {best / auto:>11.2f}x")
+                    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
