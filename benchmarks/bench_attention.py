@@ -40,24 +40,30 @@ class Timing(NamedTuple):
     steady: float
 
 
+def warm_calls(fn, n_bufs: int, graph: bool) -> list:
+    """fn(i) for each of n_bufs inputs as zero-argument calls, after warm-up calls; graph: each
+    captured once in a CUDA graph, the calls its replays."""
+    for i in range(3):
+        fn(i % n_bufs)
+    torch.cuda.synchronize()
+    if not graph:
+        return [lambda i=i: fn(i) for i in range(n_bufs)]
+    graphs = []
+    for i in range(n_bufs):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn(i)
+        graphs.append(g)
+    return [g.replay for g in graphs]
+
+
 def bench_ms(fn, n_bufs: int, iters: int = 50, graph: bool = True) -> Timing:
     """Median of `iters` single timed calls (CUDA events), and the best mean of 5 bursts of
     `iters` back-to-back calls, cycling over n_bufs inputs.
 
     graph: capture fn(i) once per input in a CUDA graph and time the replays.
     """
-    for i in range(3):
-        fn(i % n_bufs)
-    torch.cuda.synchronize()
-    calls = [lambda i=i: fn(i) for i in range(n_bufs)]
-    if graph:
-        graphs = []
-        for i in range(n_bufs):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn(i)
-            graphs.append(g)
-        calls = [g.replay for g in graphs]
+    calls = warm_calls(fn, n_bufs, graph)
     times = []
     for i in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

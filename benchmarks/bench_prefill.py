@@ -29,7 +29,7 @@ import os
 from contextlib import contextmanager
 
 import torch
-from bench_attention import copies_for, read_bandwidth
+from bench_attention import copies_for, read_bandwidth, warm_calls
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
@@ -47,18 +47,7 @@ MAX_FUSED_WORK = 1 << 29
 def time_ms(fn, n: int, graph: bool) -> float:
     """Mean ms per call over back-to-back calls cycling over n inputs, best of three bursts
     sized to about 50 ms of work each; graph: each input's call captured in a CUDA graph."""
-    for i in range(2):
-        fn(i % n)
-    torch.cuda.synchronize()
-    calls = [lambda i=i: fn(i) for i in range(n)]
-    if graph:
-        graphs = []
-        for i in range(n):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn(i)
-            graphs.append(g)
-        calls = [g.replay for g in graphs]
+    calls = warm_calls(fn, n, graph)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     calls[0]()
