@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-transformers = __import__("pytest").importorskip("transformers", reason="transformers is needed for the cache tests")
+transformers = pytest.importorskip("transformers", reason="transformers is needed for the cache tests")
 
 COMMON = dict(
     vocab_size=96,
@@ -68,6 +69,44 @@ def phi3():
     return transformers.Phi3ForCausalLM(cfg)  # head dim 96
 
 
+def _linear_attention(**kw):
+    """Gated-DeltaNet linear attention sizes shared by Qwen3.5 and Qwen3-Next."""
+    return dict(
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=32, linear_value_head_dim=32, **kw
+    )
+
+
+HYBRID = dict(COMMON, num_hidden_layers=4)  # three linear-attention layers, then full attention
+
+
+def qwen3_5():
+    cfg = transformers.Qwen3_5TextConfig(
+        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64, **_linear_attention(**HYBRID)
+    )
+    return transformers.Qwen3_5ForCausalLM(cfg)
+
+
+def qwen3_next():
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64)
+    cfg = transformers.Qwen3NextConfig(
+        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64, **moe, **_linear_attention(**HYBRID)
+    )
+    return transformers.Qwen3NextForCausalLM(cfg)
+
+
+def lfm2():
+    kw = {k: v for k, v in HYBRID.items() if k != "intermediate_size"}
+    cfg = transformers.Lfm2Config(
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        block_ff_dim=128,
+        layer_types=["conv", "full_attention", "conv", "full_attention"],
+        **kw,
+    )
+    return transformers.Lfm2ForCausalLM(cfg)
+
+
 FAMILIES = {
     "llama64": llama,
     "llama128": lambda: llama(128),
@@ -75,11 +114,30 @@ FAMILIES = {
     "mistral": mistral,
     "gemma3": gemma3,
     "phi3": phi3,
+    "qwen3_5": qwen3_5,
+    "qwen3_next": qwen3_next,
+    "lfm2": lfm2,
 }
+# Hybrid families: linear-attention or conv layers beside the attention layers.
+HYBRIDS = ("qwen3_5", "qwen3_next", "lfm2")
+
+
+def attention_layers(model) -> int:
+    """How many layers of the model hold attention K/V."""
+    cfg = model.config.get_text_config()
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    return sum(t in ("full_attention", "sliding_attention") for t in types)
 
 
 def build(name: str, seed: int = 0):
+    import turbokv.cache
+
+    if name in HYBRIDS and not turbokv.cache.STATE_LAYER_TYPES:
+        pytest.skip(f"transformers {transformers.__version__} has no linear-attention cache layers")
     torch.manual_seed(seed)
-    model = FAMILIES[name]().eval()
+    try:
+        model = FAMILIES[name]().eval()
+    except AttributeError as e:  # a family this transformers does not have
+        pytest.skip(f"transformers {transformers.__version__}: {e}")
     model.set_attn_implementation("sdpa")
     return model

@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 from conftest import device_params
-from hf_models import FAMILIES, build, transformers
+from hf_models import FAMILIES, attention_layers, build, transformers
 
 import turbokv
 from turbokv.hf import turbokv_attention
@@ -48,7 +48,7 @@ def test_f16_with_rotation_equals_dynamic_cache(device, family, patched, gen):
     if patched:
         with turbokv.patch(model):
             out = greedy(model, ids, f16_cache(model))
-        assert turbokv_attention.calls - calls == model.config.num_hidden_layers * MAX_NEW  # the fused op ran
+        assert turbokv_attention.calls - calls == attention_layers(model) * MAX_NEW  # the fused op ran
     else:
         out = greedy(model, ids, f16_cache(model))
         assert turbokv_attention.calls == calls
@@ -200,8 +200,12 @@ def test_unsupported_inputs_are_named(gen):
     model.config.model_type = "deepseek_v3"
     with pytest.raises(ValueError, match="model: got model_type 'deepseek_v3'"):
         turbokv.patch(model)
-    cfg = transformers.LlamaConfig(num_hidden_layers=2, layer_types=["full_attention", "linear_attention"])
-    with pytest.raises(ValueError, match=r"layer_types\[1\]: got 'linear_attention'"):
+    # A layer with both a recurrent state and attention K/V (Falcon-H1's): not supported, named.
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, layer_types=["full_attention", "hybrid"])
+    with pytest.raises(ValueError, match=r"layer_types\[1\]: got 'hybrid'"):
+        turbokv.TurboCache(cfg)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, layer_types=["linear_attention", "conv"])
+    with pytest.raises(ValueError, match="expected some attention layers"):
         turbokv.TurboCache(cfg)
     layer = turbokv.TurboLayer(turbokv.cache.SideSpec("turbo3"), turbokv.cache.SideSpec("turbo3"))
     with pytest.raises(ValueError, match="MLA"):
@@ -310,3 +314,41 @@ def test_cache_kwargs_follows_the_models_forward():
     marker = object()
     assert turbokv.hf.cache_kwargs(Before(), marker) == {"past_key_values": marker}
     assert turbokv.hf.cache_kwargs(After(), marker) == {"cache": marker}
+
+
+# ---------------------------------------------------------------- hybrid models
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next", "lfm2"])
+def test_hybrid_keeps_transformers_state_layers(family, gen):
+    """Linear-attention / conv layers keep transformers' own cache layer (what DynamicCache builds);
+    the attention layers are compressed: a left-padded batch, a second turn on the same cache and a
+    static cache give DynamicCache's tokens, patched, and the byte counts cover attention only."""
+    model = build(family)
+    ref_cache = transformers.DynamicCache(config=model.config)
+    cache = f16_cache(model)
+    kinds = [type(a) is type(b) for a, b in zip(cache.layers, ref_cache.layers, strict=True)]
+    n_attn = attention_layers(model)
+    assert kinds.count(False) == n_attn and len(cache.turbo_layers) == n_attn
+    ids, mask = left_padded(gen)
+    ref = greedy(model, ids, ref_cache, mask)
+    with turbokv.patch(model):
+        calls = turbokv_attention.calls
+        out = greedy(model, ids, cache, mask)
+        assert turbokv_attention.calls - calls == n_attn * MAX_NEW
+        static = greedy(model, ids, static_cache(model), mask)
+    assert torch.equal(out.sequences, ref.sequences) and torch.equal(static.sequences, ref.sequences)
+    tokens = cache.get_seq_length()
+    assert tokens == out.sequences.shape[1] - 1
+    d = cache.turbo_layers[0].head_dim
+    assert cache.f16_nbytes() == n_attn * 3 * model.config.num_key_value_heads * tokens * d * 2 * 2
+    assert f"{len(cache.layers) - n_attn} with transformers' state layers" in repr(cache)
+    # The next turn of a chat continues on the same caches.
+    extra, kw = prompt(gen, 1, 4), dict(max_new_tokens=4, do_sample=False)
+    r_cache, t_cache = transformers.DynamicCache(config=model.config), f16_cache(model)
+    r1 = model.generate(ids[:1], past_key_values=r_cache, **kw)
+    with turbokv.patch(model):
+        t1 = model.generate(ids[:1], past_key_values=t_cache, **kw)
+        t2 = model.generate(torch.cat([t1, extra], 1), past_key_values=t_cache, **kw)
+    r2 = model.generate(torch.cat([r1, extra], 1), past_key_values=r_cache, **kw)
+    assert torch.equal(t1, r1) and torch.equal(t2, r2)

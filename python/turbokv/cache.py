@@ -18,6 +18,11 @@ batch size legitimately.
 Sliding-window layers are compressed too and keep every token; the window is
 applied inside attention (the stock masks apply it on the fallback path).
 
+Hybrid models (linear attention, conv or state-space layers between the attention layers:
+Qwen3.5, Qwen3-Next, LFM2, ...): those layers hold a recurrent or conv state, no per-token
+K/V; TurboCache keeps transformers' own cache layer for them, as DynamicCache builds it, and
+compresses the attention layers.
+
 Static capacity (``max_cache_len=N``): buffers are allocated once at N tokens, the
 token count lives in a device tensor, and ``update`` does no host syncs and no
 data-dependent shapes, so ``generate()`` can compile the decode step (CUDA graphs),
@@ -30,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import transformers.cache_utils as hf_cache
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from turbokv import formats, ops
@@ -37,6 +43,11 @@ from turbokv.rotation import Rotation, auto_rotation
 
 ROTATE_CHOICES = ("auto", "on", "off")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+# Layer types with no per-token K/V, whose cache layer transformers builds (a recurrent or conv
+# state): what this transformers' DynamicCache maps them to. Layers that hold both such a state
+# and attention K/V ("hybrid") are not among them.
+_HF_LAYERS = getattr(hf_cache, "DYNAMIC_LAYER_TYPE_MAPPING", {})
+STATE_LAYER_TYPES = tuple(t for t in ("linear_attention", "conv") if t in _HF_LAYERS)
 NEW_BATCH_HINT = "a new batch needs cache.reset() or a new TurboCache"
 
 
@@ -405,13 +416,27 @@ def _layer_types(config, n_layers: int) -> list[str]:
     )
     if len(types) < n_layers:
         raise ValueError(f"config.layer_types: got {len(types)} entries, expected num_hidden_layers={n_layers} of them")
+    known = SUPPORTED_LAYER_TYPES + STATE_LAYER_TYPES
     for i, kind in enumerate(types[:n_layers]):
-        if kind not in SUPPORTED_LAYER_TYPES:
+        if kind not in known:
             raise ValueError(
-                f"config.layer_types[{i}]: got {kind!r}, expected one of {SUPPORTED_LAYER_TYPES} "
-                "(TurboCache compresses attention layers only)"
+                f"config.layer_types[{i}]: got {kind!r}, expected one of {known} (TurboCache compresses attention "
+                "layers and keeps transformers' cache layer for linear-attention and conv layers)"
             )
+    if not any(kind in SUPPORTED_LAYER_TYPES for kind in types[:n_layers]):
+        raise ValueError(f"config.layer_types: got {sorted(set(types[:n_layers]))}, expected some attention layers")
     return list(types[:n_layers])
+
+
+def _state_layer(kind: str, config, max_cache_len: int | None):
+    """transformers' own cache layer for a layer of ``kind`` in STATE_LAYER_TYPES."""
+    mapping = hf_cache.DYNAMIC_LAYER_TYPE_MAPPING
+    if max_cache_len is not None:
+        mapping = getattr(hf_cache, "STATIC_LAYER_TYPE_MAPPING", mapping)
+    cls = mapping[kind]
+    # As transformers' get_layer_types_and_kwargs: some models keep several conv states a layer.
+    states = getattr(config, "number_of_conv_states", None)
+    return cls(number_of_states=states) if states is not None else cls()
 
 
 class TurboCache(Cache):
@@ -458,6 +483,9 @@ class TurboCache(Cache):
         _check_max_cache_len(max_cache_len)
         layers = []
         for i, kind in enumerate(_layer_types(config, n)):
+            if kind in STATE_LAYER_TYPES:
+                layers.append(_state_layer(kind, config, max_cache_len))
+                continue
             kf, vf = k, v
             if i < keep_first or i >= n - keep_last:
                 kf = vf = keep_format
@@ -477,7 +505,18 @@ class TurboCache(Cache):
                 f"layer_idx: got {layer_idx}, expected 0 <= layer_idx < {n}: this TurboCache has {n} layers and the "
                 "model has more; build the cache from the model's config"
             )
-        return self.layers[layer_idx]
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, TurboLayer):
+            raise ValueError(
+                f"layer_idx: got {layer_idx}, a {type(layer).__name__} (the config's layer type there holds no "
+                "attention K/V); build the cache from the model's config"
+            )
+        return layer
+
+    @property
+    def turbo_layers(self) -> list[TurboLayer]:
+        """The attention layers (those that hold packed K/V)."""
+        return [layer for layer in self.layers if isinstance(layer, TurboLayer)]
 
     def bind_fused(self, layer_idx: int, model_layers: int) -> TurboLayer:
         """Called by patch()'s pre-hook on attention module ``layer_idx`` of a model of ``model_layers``
@@ -499,27 +538,30 @@ class TurboCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes of packed K/V held for the valid tokens, all layers."""
-        return sum(layer.nbytes() for layer in self.layers)
+        return sum(layer.nbytes() for layer in self.turbo_layers)
 
     def f16_nbytes(self) -> int:
         """What the same tokens would take in an f16 cache."""
         total = 0
-        for layer in self.layers:
+        for layer in self.turbo_layers:
             if layer.is_initialized:
                 b, h = layer.k_packed.shape[:2]
                 total += b * h * layer.length * layer.head_dim * 2 * 2
         return total
 
     def __repr__(self) -> str:
-        specs = sorted({(lay.k_spec.format, lay.v_spec.format) for lay in self.layers})
+        turbo = self.turbo_layers
+        specs = sorted({(lay.k_spec.format, lay.v_spec.format) for lay in turbo})
         desc = ", ".join(f"k={kf} v={vf}" for kf, vf in specs)
         tokens = int(self.get_seq_length())
         nb, f16 = self.nbytes(), self.f16_nbytes()
         ratio = f"{nb / f16:.3f}x f16" if f16 else "empty"
-        d = next((lay.head_dim for lay in self.layers if lay.is_initialized), 0)
+        d = next((lay.head_dim for lay in turbo if lay.is_initialized), 0)
         bpv = ""
         if d:
-            kb = formats.bits_per_value(self.layers[0].k_spec.format, d)
-            vb = formats.bits_per_value(self.layers[0].v_spec.format, d)
-            bpv = f", {kb:.3f}/{vb:.3f} bits per value (layer 0 K/V)"
-        return f"TurboCache({len(self.layers)} layers, {desc}{bpv}, {tokens} tokens, {nb} bytes, {ratio})"
+            kb = formats.bits_per_value(turbo[0].k_spec.format, d)
+            vb = formats.bits_per_value(turbo[0].v_spec.format, d)
+            bpv = f", {kb:.3f}/{vb:.3f} bits per value (first attention layer K/V)"
+        state = len(self.layers) - len(turbo)
+        kept = f" ({state} with transformers' state layers)" if state else ""
+        return f"TurboCache({len(self.layers)} layers{kept}, {desc}{bpv}, {tokens} tokens, {nb} bytes, {ratio})"

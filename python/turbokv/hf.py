@@ -36,12 +36,25 @@ from transformers.masking_utils import (
 )
 
 from turbokv import ops
-from turbokv.cache import TurboCache, TurboLayer
+from turbokv.cache import STATE_LAYER_TYPES, TurboCache, TurboLayer
 
 NAME = "turbokv"
 # Families whose attention modules call the attention interface with K/V from
 # cache.update and the usual kwargs (scaling, sliding_window, softcap).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "gemma2", "phi3")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3_text",
+    "gemma3",
+    "gemma2",
+    "phi3",
+    # hybrids: linear-attention (Gated DeltaNet) or conv layers between attention layers
+    "qwen3_5_text",
+    "qwen3_next",
+    "lfm2",
+)
 CACHE_PARAMETERS = ("cache", "past_key_values")  # the attention forward's cache argument: 5.24, before
 _PREVIOUS = "_turbokv_previous_attn_implementation"
 _HOOKS = "_turbokv_hook_handles"
@@ -328,7 +341,13 @@ def _before_attention(module, args, kwargs, *, cache_index: int, model_layers: i
 
 
 def _add_hooks(model) -> list:
-    modules = _attention_modules(model)
+    # A hybrid model's linear-attention / conv modules take the cache too, for their state.
+    types = getattr(_text_config(model), "layer_types", None) or ()
+    modules = [
+        m
+        for m in _attention_modules(model)
+        if not (m.layer_idx < len(types) and types[m.layer_idx] in STATE_LAYER_TYPES)
+    ]
     if not modules:
         raise ValueError(
             f"model: found no attention module (a module with layer_idx whose forward takes one of {CACHE_PARAMETERS}) "
