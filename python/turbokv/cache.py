@@ -297,8 +297,14 @@ class TurboLayer(CacheLayerMixin):
             self.k_packed = self.v_packed = None
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Negative: drop that many tokens; positive (legacy): keep that many."""
-        keep = tokens_to_remove if tokens_to_remove >= 0 else self.length + tokens_to_remove
+        """Negative: drop that many tokens; 0: nothing; positive (legacy): keep that many.
+
+        Assisted generation calls ``crop(-rejected)`` every round, so ``crop(0)`` (every draft
+        token accepted) must keep the cache, as transformers' layers do.
+        """
+        if tokens_to_remove == 0:
+            return
+        keep = tokens_to_remove if tokens_to_remove > 0 else self.length + tokens_to_remove
         self.length = max(0, min(self.length, keep))
 
     # The three batch edits of beam search / contrastive decoding: the batch size that later
