@@ -73,13 +73,17 @@ at::Tensor attention_meta(const at::Tensor& q, const at::Tensor& k_cache, const 
                           const at::Tensor& lengths, const std::optional<at::Tensor>& starts, c10::string_view k_format,
                           int64_t k_rot_group, std::optional<int64_t> k_rot_seed, c10::string_view v_format,
                           int64_t v_rot_group, std::optional<int64_t> v_rot_seed, double scale, bool causal,
-                          int64_t window, double softcap) {
+                          int64_t window, double softcap, const std::optional<at::Tensor>& sinks) {
   if (symbolic({&q, &k_cache, &v_cache, &lengths})) {
     check_same_device(q, {{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&lengths, "lengths"}});
     if (starts.has_value()) check_device(*starts, q.device(), "starts");
+    if (sinks.has_value()) {
+      check_device(*sinks, q.device(), "sinks");
+      check_float_input(*sinks, "sinks");
+    }
   } else {
     check_attention(q, k_cache, v_cache, lengths, starts, std::string(k_format), k_rot_group, k_rot_seed,
-                    std::string(v_format), v_rot_group, v_rot_seed, scale, window, softcap);
+                    std::string(v_format), v_rot_group, v_rot_seed, scale, window, softcap, sinks);
   }
   return at::empty_like(q, at::MemoryFormat::Contiguous);  // (B, Hq, Sq, d), like q
 }

@@ -214,7 +214,7 @@ AttentionArgs check_attention(const at::Tensor& q, const at::Tensor& k_cache, co
                               const std::string& k_format, int64_t k_rot_group,
                               const std::optional<int64_t>& k_rot_seed, const std::string& v_format,
                               int64_t v_rot_group, const std::optional<int64_t>& v_rot_seed, double scale,
-                              int64_t window, double softcap) {
+                              int64_t window, double softcap, const std::optional<at::Tensor>& sinks) {
   check_float_input(q, "q");
   TORCH_CHECK_VALUE(q.dim() == 4, "q: got shape ", shape_str(q), ", expected (B, Hq, Sq, head_dim)");
   AttentionArgs a{q.size(0), q.size(1), 0, q.size(2), 0, q.size(3), 0, {}, {}};
@@ -238,7 +238,15 @@ AttentionArgs check_attention(const at::Tensor& q, const at::Tensor& k_cache, co
   TORCH_CHECK_VALUE(window >= 0, "window: got ", window, ", expected >= 0 (0 = no sliding window)");
   check_index_tensor(lengths, "lengths", {a.B}, q.device());
   if (starts.has_value()) check_index_tensor(*starts, "starts", {a.B}, q.device());
+  if (sinks.has_value()) check_sinks(*sinks, a.Hq, q.device());
   return a;
+}
+
+void check_sinks(const at::Tensor& sinks, int64_t Hq, const at::Device& device) {
+  check_float_input(sinks, "sinks");
+  check_device(sinks, device, "sinks");
+  TORCH_CHECK_VALUE(sinks.dim() == 1 && sinks.size(0) == Hq, "sinks: got shape ", shape_str(sinks), ", expected (", Hq,
+                    ",) (one logit per query head of q)");
 }
 
 void check_lengths(const at::Tensor& len_cpu, const at::Tensor& starts_cpu, int64_t T, int64_t Sq, bool causal) {

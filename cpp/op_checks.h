@@ -79,7 +79,9 @@ AttentionArgs check_attention(const at::Tensor& q, const at::Tensor& k_cache, co
                               const std::string& k_format, int64_t k_rot_group,
                               const std::optional<int64_t>& k_rot_seed, const std::string& v_format,
                               int64_t v_rot_group, const std::optional<int64_t>& v_rot_seed, double scale,
-                              int64_t window, double softcap);
+                              int64_t window, double softcap, const std::optional<at::Tensor>& sinks);
+// sinks: (Hq,) float32 / float16 / bfloat16 on q's device.
+void check_sinks(const at::Tensor& sinks, int64_t Hq, const at::Device& device);
 // Values of lengths / starts (CPU int64 copies).
 void check_lengths(const at::Tensor& len_cpu, const at::Tensor& starts_cpu, int64_t T, int64_t Sq, bool causal);
 

@@ -2,6 +2,7 @@
 // cpu/*.cpp and cuda/*.cu with TORCH_LIBRARY_IMPL; Python adds fake kernels
 // (python/turbokv/ops.py). Rotation of a side is (rot_group, rot_seed):
 // rot_group 0 = none, rot_seed None = plain Hadamard without sign diagonals.
+// attention's sinks: one logit per query head that joins the softmax denominator (no value).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -17,7 +18,7 @@ TORCH_LIBRARY(turbokv, m) {
   m.def(
       "attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, Tensor? starts, "
       "str k_format, int k_rot_group, int? k_rot_seed, str v_format, int v_rot_group, int? v_rot_seed, "
-      "float scale, bool causal, int window, float softcap) -> Tensor");
+      "float scale, bool causal, int window, float softcap, Tensor? sinks=None) -> Tensor");
 }
 
 #ifndef TURBOKV_WITH_CUDA

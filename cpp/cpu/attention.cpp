@@ -4,7 +4,8 @@
 // the GQA group's query heads x its queries, so each K/V tile is decoded once
 // and shared by all of them. Q is padded and rotated by the K side's rotation
 // (prologue), the scale folded in; the output is inverse-rotated by the V
-// side's rotation (epilogue). Online softmax in fp32.
+// side's rotation (epilogue). Online softmax in fp32. An attention sink (one logit per query
+// head, no value) only adds exp(sink - max) to a row's denominator, once, in the epilogue.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -32,6 +33,7 @@ struct Params {
   float scale, softcap;
   bool causal;
   int64_t window;
+  const float* sinks;  // (Hq,) or null
 };
 
 // NaN wins: max(NaN, x) = max(x, NaN) = NaN (std::max and fmaxf drop a NaN in one order or both).
@@ -132,12 +134,15 @@ void attend_task(const Params& P, const SideSpec& ks, const SideSpec& vs, const 
     }
   }
 
-  // Epilogue: normalise, inverse-rotate the V side, drop the padding.
+  // Epilogue: normalise, inverse-rotate the V side, drop the padding. A row that saw no key
+  // stays zeros, whatever its sink (the sink has no value); a NaN sink makes the sum NaN.
   for (int64_t r = 0; r < M; ++r) {
     float* a = acc + r * dpv;
-    scale(a, sm[r] > 0.0f ? 1.0f / sm[r] : 0.0f, dpv);
-    if (vs.rot_group) rotate_row<float>(a, dpv, vs.rot_group, vs.s1_ptr(), vs.s2_ptr(), true);
     const int g = static_cast<int>(r / nq);
+    if (P.sinks != nullptr && mx[r] != -std::numeric_limits<float>::infinity())
+      sm[r] += std::exp(P.sinks[h * P.G + g] - mx[r]);
+    scale(a, sm[r] == 0.0f ? 0.0f : 1.0f / sm[r], dpv);
+    if (vs.rot_group) rotate_row<float>(a, dpv, vs.rot_group, vs.s1_ptr(), vs.s2_ptr(), true);
     const int64_t i = i0 + r % nq;
     float* dst = out + (((b * P.Hq + h * P.G + g) * P.Sq) + i) * P.d;
     for (int j = 0; j < P.d; ++j) dst[j] = a[j];
@@ -148,19 +153,21 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
                          const at::Tensor& lengths, const std::optional<at::Tensor>& starts, c10::string_view k_format,
                          int64_t k_rot_group, std::optional<int64_t> k_rot_seed, c10::string_view v_format,
                          int64_t v_rot_group, std::optional<int64_t> v_rot_seed, double scale, bool causal,
-                         int64_t window, double softcap) {
+                         int64_t window, double softcap, const std::optional<at::Tensor>& sinks) {
   TORCH_CHECK_VALUE(q.device().is_cpu(), "q: got device ", q.device(), ", expected cpu for this kernel");
   const AttentionArgs a =
       check_attention(q, k_cache, v_cache, lengths, starts, std::string(k_format), k_rot_group, k_rot_seed,
-                      std::string(v_format), v_rot_group, v_rot_seed, scale, window, softcap);
+                      std::string(v_format), v_rot_group, v_rot_seed, scale, window, softcap, sinks);
   const at::Tensor len = lengths.to(at::kLong).contiguous();
   const at::Tensor st = starts.has_value() ? starts->to(at::kLong).contiguous() : at::zeros({a.B}, len.options());
   check_lengths(len, st, a.T, a.Sq, causal);
   const int64_t* lp = len.const_data_ptr<int64_t>();
   const int64_t* sp = st.const_data_ptr<int64_t>();
   const SideSpec &ks = a.ks, &vs = a.vs;
-  Params P{a.B,    a.Hq,  a.Hkv, a.Sq, a.T, a.d, a.G, static_cast<float>(scale), static_cast<float>(softcap),
-           causal, window};
+  Params P{a.B,    a.Hq,   a.Hkv,  a.Sq, a.T, a.d, a.G, static_cast<float>(scale), static_cast<float>(softcap),
+           causal, window, nullptr};
+  const at::Tensor sinks_f32 = sinks.has_value() ? sinks->to(at::kFloat).contiguous() : at::Tensor();
+  if (sinks.has_value()) P.sinks = sinks_f32.const_data_ptr<float>();
 
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   const at::Tensor kc = k_cache.contiguous(), vc = v_cache.contiguous();

@@ -12,7 +12,8 @@
 //    padded, rotated (K side) and scaled in shared memory (prologue); K/V tiles are dequantised
 //    element-parallel into shared memory and never un-rotated; online softmax.
 // Each writes unnormalised partial outputs + (max, sum) to a workspace; then
-//  merge: one block per query row combines the splits (log-sum-exp), normalises,
+//  merge: one block per query row combines the splits (log-sum-exp), adds the attention
+//     sink's exp(sink - max) to the denominator when sinks are given, normalises,
 //     inverse-rotates (V side) and drops the padding (epilogue).
 // Long prompts (Sq >= PREFILL_SDPA_MIN_QUERIES) do not come here: the Python op dequantizes
 // and calls SDPA's flash / cuDNN kernels, which are faster at that shape (ops.py).
@@ -220,12 +221,13 @@ __global__ void __launch_bounds__(kMergeThreads)
                          : lane_rotation<8>(vs, true);
   wait_for_producer_grid();  // launched early (see attention_cuda)
   const int64_t row = blockIdx.x;
+  const float* sink = P.sinks ? P.sinks + (row / P.Sq) % P.Hq : nullptr;
   if (err != nullptr && threadIdx.x == 0 && row % (P.Hq * P.Sq) == 0)
     check_lengths_in_graph(P, row / (P.Hq * P.Sq), err);
   if (vs.dp % 4 == 0)
-    merge_row<4>(part_o, part_ml, row, rows_total, nsplit, vs.dp, buf, buf + vs.dp);
+    merge_row<4>(part_o, part_ml, row, rows_total, nsplit, vs.dp, sink, buf, buf + vs.dp);
   else
-    merge_row<1>(part_o, part_ml, row, rows_total, nsplit, vs.dp, buf, buf + vs.dp);
+    merge_row<1>(part_o, part_ml, row, rows_total, nsplit, vs.dp, sink, buf, buf + vs.dp);
   __syncthreads();
   if (in_warp) {
     if (threadIdx.x >= 32) return;
@@ -395,11 +397,11 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
                           const at::Tensor& lengths, const std::optional<at::Tensor>& starts, c10::string_view k_format,
                           int64_t k_rot_group, std::optional<int64_t> k_rot_seed, c10::string_view v_format,
                           int64_t v_rot_group, std::optional<int64_t> v_rot_seed, double scale, bool causal,
-                          int64_t window, double softcap) {
+                          int64_t window, double softcap, const std::optional<at::Tensor>& sinks) {
   check_cuda(q, "q");
   const AttentionArgs a =
       check_attention(q, k_cache, v_cache, lengths, starts, std::string(k_format), k_rot_group, k_rot_seed,
-                      std::string(v_format), v_rot_group, v_rot_seed, scale, window, softcap);
+                      std::string(v_format), v_rot_group, v_rot_seed, scale, window, softcap, sinks);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor len = lengths.to(at::kLong).contiguous();
   at::Tensor st;
@@ -433,6 +435,9 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
   P.window = window;
   P.lengths = len.const_data_ptr<int64_t>();
   P.starts = starts.has_value() ? st.const_data_ptr<int64_t>() : nullptr;
+  // Sinks join only the merge's denominator: the partial kernels never read them.
+  const at::Tensor sinks_f32 = sinks.has_value() ? sinks->to(at::kFloat).contiguous() : at::Tensor();
+  P.sinks = sinks.has_value() ? sinks_f32.const_data_ptr<float>() : nullptr;
   const int sms = sm_count(q.device().index());
   const Path path = choose_path(a, ks, vs, q, k_cache, v_cache);
   // Tensor-core kernels: chunks of 8 (query, head) rows (RowChunk), every one over its keys.

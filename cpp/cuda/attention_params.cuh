@@ -17,6 +17,7 @@ struct AttnParams {
   int64_t window;
   const int64_t* lengths;
   const int64_t* starts;  // may be null
+  const float* sinks;     // (Hq,) attention sinks, or null; only the merge reads them
 };
 
 __host__ __device__ inline int rows_per_block(const AttnParams& P) { return P.G * P.nq; }

@@ -127,6 +127,7 @@ def attention(
     causal: bool = True,
     window: int = 0,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``q: (B, Hq, Sq, d)`` over packed caches ``(B, Hkv, T, row_bytes)``.
 
@@ -134,6 +135,9 @@ def attention(
     sits at position ``lengths[b] - Sq + i``; cache slots ``starts[b] <= j < lengths[b]``
     are valid (``starts`` skips left padding). ``window > 0`` keeps keys with
     ``qpos - j < window``; ``softcap > 0`` applies ``softcap * tanh(s / softcap)``.
+    ``sinks: (Hq,)`` (float32 / float16 / bfloat16; transformers' ``s_aux``) adds one logit per
+    query head to the softmax denominator, with no value: ``out = sum_j e^s_j v_j / (sum_j e^s_j
+    + e^sink)``; the sink is neither scaled nor softcapped.
     Returns ``(B, Hq, Sq, d)`` in q's dtype; rows with no valid key are zeros.
 
     Prefill on the GPU (Sq >= PREFILL_SDPA_MIN_QUERIES, f16/bf16, no window or softcap: a
@@ -143,19 +147,20 @@ def attention(
     from PREFILL_PER_SEQUENCE_MIN_QUERIES queries): there attention is
     compute-bound and those kernels' tensor-core pipelines win, while the dequantized copy is
     one pass over the keys. Same values as the op within rounding (it reads the same packed
-    cache); TURBOKV_ATTENTION_KERNEL other than auto forces the op.
+    cache); TURBOKV_ATTENTION_KERNEL other than auto forces the op, and so do sinks (SDPA
+    has no sink; the op's kernels add it where they normalise).
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     args = (k_format, k_rot.group, k_rot.seed, v_format, v_rot.group, v_rot.seed, scale, causal, window, softcap)
-    spans = _prefill_spans(q, k_cache, lengths, starts, causal, window, softcap)
+    spans = None if sinks is not None else _prefill_spans(q, k_cache, lengths, starts, causal, window, softcap)
     if spans is not None:
         # The op's shape / dtype / format checks (its meta kernel: no data, no launch) first.
         meta = [None if t is None else t.to("meta") for t in (q, k_cache, v_cache, lengths, starts)]
         _ops.attention(*meta, *args)
         sides = ((k_format, k_rot), (v_format, v_rot))
         return _dequantized_sdpa(q, k_cache, v_cache, spans, sides, scale, causal)
-    return _ops.attention(q, k_cache, v_cache, lengths, starts, *args)
+    return _ops.attention(q, k_cache, v_cache, lengths, starts, *args, sinks)
 
 
 # Fewer queries than this stay in the op's tensor-core kernels (memory-bound: they read the
