@@ -4,7 +4,9 @@
 Rows: f16; q8_0, q5_0, q4_1, q4_0 with and without rotation; turbo4, turbo3, turbo2;
 q8_0-K with turbo4-V and turbo3-V. Prints a markdown table (rows are flushed as they
 finish) with bits per value, compression ratio, PPL, mean KLD and same-top rate.
-Usage: python benchmarks/eval_table.py [--ctx 512] [--chunks 40] [--out table.md]
+Rows for calibrated policies (``--policy FILE``, repeatable) count their bits honestly: per-layer
+formats and the key offsets' storage at the evaluated length. ``--plot FILE`` draws the Pareto plot.
+Usage: python benchmarks/eval_table.py [--ctx 512] [--chunks 40] [--out table.md] [--policy P.json] [--plot p.png]
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from turbokv import formats
 from turbokv.eval import model as model_mod
 from turbokv.eval.runner import CacheSpec, Reference, default_text_path, evaluate, make_chunks
+from turbokv.eval.sweep import pareto
+from turbokv.policy import Policy
 
 # The rows behind the issue's targets come first (q4_0 with/without rotation, turbo4, turbo3).
 ROWS = [CacheSpec("f16", "f16", "off", "off"), CacheSpec("q8_0", "q8_0", "off", "off"), CacheSpec("q8_0", "q8_0")]
@@ -32,6 +36,9 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--out", default=None, help="also append the table to this file")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N rows (already measured)")
+    ap.add_argument("--policy", action="append", default=[], help="also a row for this policy file (repeatable)")
+    ap.add_argument("--only-policies", action="store_true", help="no fixed-format rows")
+    ap.add_argument("--plot", default=None, help="write the Pareto plot (bits per value vs mean KLD) here")
     args = ap.parse_args()
     model, tok = model_mod.load()
     chunks = make_chunks(tok, default_text_path().read_text(), args.ctx, args.chunks)
@@ -49,17 +56,28 @@ def main() -> None:
         print(line, flush=True)
     if out:
         out.write_text("\n".join(lines) + "\n")
-    for spec in ROWS[args.skip :]:
+    rows = [] if args.only_policies else ROWS[args.skip :]
+    rows = rows + [CacheSpec("policy", "policy", policy=p) for p in args.policy]
+    points = []
+    for spec in rows:
         s = evaluate(model, chunks, spec, ref, progress=False)
-        bpv = (formats.bits_per_value(spec.k, d) + formats.bits_per_value(spec.v, d)) / 2
+        if spec.policy:
+            bpv = Policy.load(spec.policy).bits_per_value(tokens=args.ctx)
+            k = v = Path(spec.policy).name
+        else:
+            bpv = (formats.bits_per_value(spec.k, d) + formats.bits_per_value(spec.v, d)) / 2
+            k, v = spec.k, spec.v
+        points.append((bpv, s.kld_mean, f"policy {k}" if spec.policy else f"{k}/{v} {spec.rotate_k}"))
         row = (
-            f"| {spec.k} | {spec.v} | {spec.rotate_k} | {bpv:.3f} | {16 / bpv:.2f}x | {s.ppl:.4f} | "
+            f"| {k} | {v} | {spec.rotate_k} | {bpv:.3f} | {16 / bpv:.2f}x | {s.ppl:.4f} | "
             f"{s.kld_mean:.5f} ± {s.kld_stderr:.5f} | {100 * s.same_top:.2f} % |"
         )
         print(row, flush=True)
         if out:
             with out.open("a") as f:
                 f.write(row + "\n")
+    if args.plot:
+        pareto(points, Path(args.plot), f"{model_mod.describe(model)}, {len(chunks)} x {args.ctx} tokens")
 
 
 if __name__ == "__main__":

@@ -197,9 +197,12 @@ def test_patch_is_idempotent_and_reversible():
 
 def test_unsupported_inputs_are_named(gen):
     model = build("llama64")
-    model.config.model_type = "deepseek_v3"
-    with pytest.raises(ValueError, match="model: got model_type 'deepseek_v3'"):
+    model.config.kv_lora_rank = 32  # as DeepSeek-V3's config says it
+    with pytest.raises(NotImplementedError, match=r"fused: multi-head latent attention \(MLA, kv_lora_rank\)"):
         turbokv.patch(model)
+    assert model.config._attn_implementation == "sdpa"  # refused before it touched the model
+    with pytest.raises(ValueError, match=r"config: got kv_lora_rank=32 \(llama\): multi-head latent attention"):
+        turbokv.TurboCache(model.config)
     # A layer with both a recurrent state and attention K/V (Falcon-H1's): not supported, named.
     cfg = transformers.LlamaConfig(num_hidden_layers=2, layer_types=["full_attention", "hybrid"])
     with pytest.raises(ValueError, match=r"layer_types\[1\]: got 'hybrid'"):

@@ -42,7 +42,7 @@ from turbokv import formats, ops
 from turbokv.rotation import Rotation, auto_rotation
 
 ROTATE_CHOICES = ("auto", "on", "off")
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 # Layer types with no per-token K/V, whose cache layer transformers builds (a recurrent or conv
 # state): what this transformers' DynamicCache maps them to. Layers that hold both such a state
 # and attention K/V ("hybrid") are not among them.
@@ -86,12 +86,23 @@ class TurboLayer(CacheLayerMixin):
 
     is_croppable = True
 
-    def __init__(self, k: SideSpec, v: SideSpec, sliding_window: int | None = None, max_cache_len: int | None = None):
+    def __init__(
+        self,
+        k: SideSpec,
+        v: SideSpec,
+        sliding_window: int | None = None,
+        max_cache_len: int | None = None,
+        chunk_size: int | None = None,
+    ):
         super().__init__()
         _check_max_cache_len(max_cache_len)
         self.k_spec, self.v_spec = k, v
         self.sliding_window = sliding_window
-        self.is_sliding = sliding_window is not None
+        # Chunked attention (Llama 4): a query sees the keys of its own chunk of chunk_size tokens, counted
+        # from each sequence's first valid token. Like a window, a mask over every token kept.
+        self.chunk_size = chunk_size
+        # As transformers' caches have it (chunked layers are sliding-window layers there): masks pick layers by it.
+        self.is_sliding = sliding_window is not None or chunk_size is not None
         self.max_cache_len = max_cache_len
         self.is_compileable = max_cache_len is not None
         # Set by TurboCache.bind_fused (patch()'s pre-hook on the attention module), consumed by
@@ -104,6 +115,10 @@ class TurboLayer(CacheLayerMixin):
         self.k_packed: torch.Tensor | None = None
         self.v_packed: torch.Tensor | None = None
         self.head_dim = 0
+        # Key offset (policy files, turbokv.policy): (Hkv, d) float32 subtracted from every key before it is
+        # stored. Exact for the fused scores (softmax ignores q·m, a per-query constant); the dequantized
+        # path adds it back. None: no shift.
+        self.k_offset: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ storage
 
@@ -226,6 +241,8 @@ class TurboLayer(CacheLayerMixin):
             if self.length + s > self.capacity:
                 self._alloc(b, h, max(2 * self.capacity, self.length + s))
             positions = torch.arange(self.length, self.length + s, device=self.device).expand(b, s)
+        if self.k_offset is not None:
+            key_states = key_states - self._k_offset_for(key_states)
         ops.cache_append(
             self.k_packed,
             self.v_packed,
@@ -254,8 +271,29 @@ class TurboLayer(CacheLayerMixin):
         n = self.capacity if self.is_compileable else self.length
         d = self.head_dim
         k = ops.dequantize(self.k_packed[:, :, :n], self.k_spec.format, d, self.k_rot, dtype=self.dtype)
+        if self.k_offset is not None:
+            k = k + self._k_offset_for(k)
         v = ops.dequantize(self.v_packed[:, :, :n], self.v_spec.format, d, self.v_rot, dtype=self.dtype)
         return k, v
+
+    def set_k_offset(self, offset: torch.Tensor | None) -> None:
+        """Shift the keys of this layer by ``offset`` ``(Hkv, d)`` (None: no shift); only while it holds no tokens."""
+        if self.is_initialized and self.length:
+            raise ValueError("offset: got a key offset for a layer that holds tokens; set it before the first update")
+        if offset is not None and offset.dim() != 2:
+            raise ValueError(f"offset: got shape {tuple(offset.shape)}, expected (kv_heads, head_dim)")
+        self.k_offset = None if offset is None else offset.detach().float().clone()
+
+    def _k_offset_for(self, keys: torch.Tensor) -> torch.Tensor:
+        """The offset as ``(1, Hkv, 1, d)`` in ``keys``' dtype and device; checks it fits ``(B, Hkv, S, d)`` keys."""
+        if self.k_offset.shape != (keys.shape[1], keys.shape[3]):
+            raise ValueError(
+                f"offset: got shape {tuple(self.k_offset.shape)}, expected (kv_heads, head_dim) = "
+                f"{(keys.shape[1], keys.shape[3])} of this layer's keys"
+            )
+        if self.k_offset.device != keys.device:
+            self.k_offset = self.k_offset.to(keys.device)
+        return self.k_offset.to(keys.dtype)[None, :, None, :]
 
     def lengths(self) -> torch.Tensor:
         """Valid tokens per sequence, ``(B,)`` int64 on the cache's device."""
@@ -416,22 +454,88 @@ def _check_overrides(overrides, n_layers: int) -> dict[int, tuple[str, str]]:
     return checked
 
 
+def _default_layer_type(config) -> str:
+    """Every layer's type for a config without ``layer_types``, as transformers infers it."""
+    if getattr(config, "sliding_window", None):
+        return "sliding_attention"
+    if getattr(config, "attention_chunk_size", None):
+        return "chunked_attention"
+    return "full_attention"
+
+
 def _layer_types(config, n_layers: int) -> list[str]:
-    types = getattr(config, "layer_types", None) or (
-        ["sliding_attention"] * n_layers if getattr(config, "sliding_window", None) else ["full_attention"] * n_layers
-    )
+    types = getattr(config, "layer_types", None) or [_default_layer_type(config)] * n_layers
     if len(types) < n_layers:
         raise ValueError(f"config.layer_types: got {len(types)} entries, expected num_hidden_layers={n_layers} of them")
     known = SUPPORTED_LAYER_TYPES + STATE_LAYER_TYPES
     for i, kind in enumerate(types[:n_layers]):
         if kind not in known:
             raise ValueError(
-                f"config.layer_types[{i}]: got {kind!r}, expected one of {known} (TurboCache compresses attention "
-                "layers and keeps transformers' cache layer for linear-attention and conv layers)"
+                f"config.layer_types[{i}]: got {kind!r}, expected one of {known} (TurboCache compresses full, "
+                "sliding-window and chunked attention layers and keeps transformers' cache layer for linear-attention "
+                "and conv layers)"
             )
     if not any(kind in SUPPORTED_LAYER_TYPES for kind in types[:n_layers]):
         raise ValueError(f"config.layer_types: got {sorted(set(types[:n_layers]))}, expected some attention layers")
     return list(types[:n_layers])
+
+
+def _chunk_size(config) -> int:
+    """``config.attention_chunk_size``, checked: chunked attention layers need it."""
+    size = getattr(config, "attention_chunk_size", None)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(
+            f"config.attention_chunk_size: got {size!r}, expected a positive int for its chunked_attention layers"
+        )
+    return size
+
+
+def chunked_layers(config) -> dict[int, int]:
+    """Chunked-attention layers (Llama 4) of ``config``: ``{layer: chunk size}``."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None) or [_default_layer_type(config)] * n
+    return {i: _chunk_size(config) for i, kind in enumerate(types[:n]) if kind == "chunked_attention"}
+
+
+def kv_sources(config) -> dict[int, int]:
+    """KV sharing (Gemma 3n, Gemma 4): ``{layer: the earlier layer whose K/V it reads}``; ``{}`` without sharing.
+
+    As transformers' models choose the source: ``config.kv_source_layers`` where the config names one per
+    layer; else each of the last ``num_kv_shared_layers`` layers reads the last earlier layer of its own type.
+    A shared layer computes no K/V and writes no cache: the model hands it what its source's ``update``
+    returned (``shared_kv_states``).
+    """
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = config.num_hidden_layers
+    named = getattr(config, "kv_source_layers", None)
+    if named is not None:
+        return {i: int(source) for i, source in enumerate(named[:n]) if source != i}
+    shared = getattr(config, "num_kv_shared_layers", None) or 0
+    if isinstance(shared, bool) or not isinstance(shared, int) or not 0 <= shared < n:
+        raise ValueError(
+            f"config.num_kv_shared_layers: got {shared!r}, expected 0 <= num_kv_shared_layers < {n} "
+            "(num_hidden_layers): some layer must compute the K/V the shared layers read"
+        )
+    types = getattr(config, "layer_types", None) or [_default_layer_type(config)] * n
+    first = n - shared
+    sources = {}
+    for i in range(first, n):
+        earlier = [j for j in range(first) if types[j] == types[i]]
+        if not earlier:
+            raise ValueError(
+                f"config.layer_types[{i}]: got {types[i]!r} for a KV-shared layer, expected a type that one of the "
+                f"first {first} layers has (the shared layer reads the last of them)"
+            )
+        sources[i] = earlier[-1]
+    return sources
+
+
+def _shared_layer():
+    """What transformers' DynamicCache holds for a KV-shared layer (its DummyLayer), or None where it drops
+    those layers (transformers before DummyLayer: the shared layers are the last ones there)."""
+    cls = getattr(hf_cache, "DYNAMIC_LAYER_TYPE_MAPPING", {}).get("dummy")
+    return None if cls is None else cls()
 
 
 def _state_layer(kind: str, config, max_cache_len: int | None):
@@ -480,15 +584,36 @@ class TurboCache(Cache):
             raise TypeError(
                 f"config: got {_type_name(config)} with num_hidden_layers={n!r}, expected a transformers model config"
             )
-        if getattr(config, "num_kv_shared_layers", 0):
-            raise ValueError("config: KV sharing between layers (num_kv_shared_layers) is not supported by TurboCache")
+        if getattr(config, "kv_lora_rank", None):
+            # DeepSeek-V2/V3 and relatives cache a compressed latent and a rope key, not per-head K/V:
+            # refused here rather than at the first update (or not at all where the widths happen to match).
+            raise ValueError(
+                f"config: got kv_lora_rank={config.kv_lora_rank} ({getattr(config, 'model_type', '?')}): "
+                "multi-head latent attention (MLA) is not supported by TurboCache"
+            )
+        sources = kv_sources(config)
         k, v, keep_format = _check_format("k", k), _check_format("v", v), _check_format("keep_format", keep_format)
         rotate_k, rotate_v = _check_rotate("rotate_k", rotate_k), _check_rotate("rotate_v", rotate_v)
         overrides = _check_overrides(overrides, n)
+        for i in sorted(set(overrides) & set(sources)):
+            raise ValueError(
+                f"overrides: got layer index {i}, a KV-shared layer (it reads layer {sources[i]}'s cache and holds "
+                f"none); set the format of layer {sources[i]}"
+            )
         keep_first, keep_last = _check_int("keep_first", keep_first, 0, n), _check_int("keep_last", keep_last, 0, n)
         _check_max_cache_len(max_cache_len)
         layers = []
         for i, kind in enumerate(_layer_types(config, n)):
+            if i in sources:  # transformers' placeholder, or nothing where its DynamicCache drops the last layers
+                shared = _shared_layer()
+                if shared is None and sorted(sources) != list(range(n - len(sources), n)):
+                    raise ValueError(
+                        f"config: KV-shared layers {sorted(sources)}, expected the last layers (this transformers "
+                        "has no placeholder cache layer for shared layers elsewhere)"
+                    )
+                if shared is not None:
+                    layers.append(shared)
+                continue
             if kind in STATE_LAYER_TYPES:
                 layers.append(_state_layer(kind, config, max_cache_len))
                 continue
@@ -497,12 +622,15 @@ class TurboCache(Cache):
                 kf = vf = keep_format
             kf, vf = overrides.get(i, (kf, vf))
             window = getattr(config, "sliding_window", None) if kind == "sliding_attention" else None
-            layers.append(
-                TurboLayer(
-                    SideSpec(kf, rotate_k), SideSpec(vf, rotate_v), sliding_window=window, max_cache_len=max_cache_len
-                )
-            )
+            chunk = _chunk_size(config) if kind == "chunked_attention" else None
+            specs = SideSpec(kf, rotate_k), SideSpec(vf, rotate_v)
+            layers.append(TurboLayer(*specs, sliding_window=window, max_cache_len=max_cache_len, chunk_size=chunk))
         super().__init__(layers=layers)
+        self.num_model_layers = n
+        self.kv_sources = sources
+        # What save() records, so that load() can check a file against a model's config.
+        self.layer_types = _layer_types(config, n)
+        self.model_type = getattr(config, "model_type", None)
 
     def _layer(self, layer_idx: int) -> TurboLayer:
         if not 0 <= layer_idx < len(self.layers):
@@ -528,12 +656,17 @@ class TurboCache(Cache):
         """Called by patch()'s pre-hook on attention module ``layer_idx`` of a model of ``model_layers``
         layers: the layer's next ``update`` returns the packed buffers (the module reads them through
         turbokv's attention function). Returns that layer.
+
+        A KV-shared layer (:func:`kv_sources`) writes nothing: it is handed its source layer's packed
+        buffers, so the source layer is returned and no update is announced.
         """
-        if model_layers != len(self.layers):
+        if model_layers != self.num_model_layers:
             raise ValueError(
-                f"cache: this TurboCache has {len(self.layers)} layers, the model has {model_layers} "
+                f"cache: this TurboCache has {self.num_model_layers} layers, the model has {model_layers} "
                 "(num_hidden_layers); build the cache from the model's config"
             )
+        if layer_idx in self.kv_sources:
+            return self._layer(self.kv_sources[layer_idx])
         layer = self._layer(layer_idx)
         layer.fused_next = True
         return layer
@@ -568,6 +701,53 @@ class TurboCache(Cache):
             kb = formats.bits_per_value(turbo[0].k_spec.format, d)
             vb = formats.bits_per_value(turbo[0].v_spec.format, d)
             bpv = f", {kb:.3f}/{vb:.3f} bits per value (first attention layer K/V)"
-        state = len(self.layers) - len(turbo)
+        shared = len(self.kv_sources)
+        state = self.num_model_layers - len(turbo) - shared
         kept = f" ({state} with transformers' state layers)" if state else ""
-        return f"TurboCache({len(self.layers)} layers{kept}, {desc}{bpv}, {tokens} tokens, {nb} bytes, {ratio})"
+        kept += f" ({shared} KV-shared, reading other layers' cache)" if shared else ""
+        return f"TurboCache({self.num_model_layers} layers{kept}, {desc}{bpv}, {tokens} tokens, {nb} bytes, {ratio})"
+
+    # ------------------------------------------------------------------ saving and loading (cache_io.py)
+
+    def save(self, path) -> None:
+        """Write this cache to ``path`` (safetensors, no pickle) for :meth:`load`; see turbokv.cache_io."""
+        from turbokv import cache_io
+
+        cache_io.save(self, path)
+
+    @classmethod
+    def load(cls, path, config, device="cpu", max_cache_len: int | None = None, **expected) -> TurboCache:
+        """The cache saved at ``path``, for a model of ``config``, on ``device``; checks the file against
+        the config (and the formats / rotations named in ``expected``); see turbokv.cache_io.load."""
+        from turbokv import cache_io
+
+        return cache_io.load(path, config, device=device, max_cache_len=max_cache_len, **expected)
+
+    # ------------------------------------------------------------------ calibrated policies (policy.py)
+
+    @classmethod
+    def from_policy(cls, config, path, max_cache_len: int | None = None) -> TurboCache:
+        """A cache laid out by the policy file at ``path`` (``turbokv calibrate``): per layer and side a
+        format and rotation, and key offsets. Checks the policy against ``config`` (layers, KV heads,
+        head dim, model type; offsets refused with softcapping); ``ValueError`` naming what differs."""
+        from turbokv.policy import Policy, check_against
+
+        policy = Policy.load(path)
+        check_against(policy, config)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        types = _layer_types(text, policy.num_layers)
+        for i, (kind, lp) in enumerate(zip(types, policy.layers, strict=True)):
+            if (lp is None) != (kind in STATE_LAYER_TYPES):
+                want = "null" if kind in STATE_LAYER_TYPES else "formats"
+                raise ValueError(f"policy: layers[{i}] got {lp!r}, expected {want} for a {kind} layer")
+        first = next(lp for lp in policy.layers if lp is not None)
+        cache = cls(text, k=first.k, v=first.v, max_cache_len=max_cache_len)
+        for i, lp in enumerate(policy.layers):
+            if lp is None:
+                continue
+            layer = cache.layers[i]
+            layer.k_spec, layer.v_spec = SideSpec(lp.k, lp.rotate_k), SideSpec(lp.v, lp.rotate_v)
+            if lp.k_offset:
+                layer.set_k_offset(policy.k_offsets[i])
+        cache.policy = policy
+        return cache

@@ -33,6 +33,38 @@ def _prepare(args):
     return model, chunks, ref
 
 
+def _calibrate(args) -> None:
+    from turbokv import calibrate
+    from turbokv.eval import model as model_mod
+    from turbokv.eval.runner import make_chunks
+
+    model, tok = model_mod.load(args.model)
+    text = Path(args.text).read_text() if args.text else calibrate.calibration_text()
+    ids = make_chunks(tok, text, args.ctx, args.chunks)
+    source = args.text or "pydoc_data.topics"
+    print(f"model: {model_mod.describe(model)}; calibration text: {source} ({len(ids)} chunks of {args.ctx} tokens)")
+    measured = calibrate.measure_sensitivity(
+        model,
+        ids,
+        args.formats.split(",") if args.formats else calibrate.DEFAULT_FORMATS,
+        not args.no_offsets,
+        args.measure,
+        progress=not args.no_progress,
+    )
+    budgets = [float(b) for b in args.bits.split(",")]
+    out = Path(args.out)
+    for bits in budgets:
+        info = {"model": str(args.model or "default"), "calibration_text": source}
+        policy = calibrate.policy_for(measured, bits, args.tokens, info)
+        path = out if len(budgets) == 1 else out.with_name(f"{out.stem}-{bits:g}{out.suffix}")
+        policy.save(path)
+        pairs = " ".join(f"{lp.k}/{lp.v}" for lp in policy.layers if lp is not None)
+        print(
+            f"wrote {path}: {policy.info['bits_per_value']:.4f} bits per value at {args.tokens} tokens, "
+            f"predicted KLD {policy.info['predicted_kld']:.5f}\n  K/V per layer: {pairs}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="turbokv", description="KV-cache compression for PyTorch and transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--rotate", choices=ROTATE, default="auto", help="rotation policy for both sides")
     ev.add_argument("--rotate-k", choices=ROTATE, default=None)
     ev.add_argument("--rotate-v", choices=ROTATE, default=None)
+    ev.add_argument("--policy", default=None, help="a policy file from `turbokv calibrate` (replaces --k/--v)")
     ev.add_argument("--json", default=None, help="also write the summary as JSON to this file ('-' = stdout)")
     _add_model_args(ev)
     _add_text_args(ev)
@@ -58,6 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--out", default="sweep-out", help="output folder for sweep.csv and heatmap PNGs")
     _add_model_args(sw)
     _add_text_args(sw)
+
+    ca = sub.add_parser("calibrate", help="per-layer K/V formats for a bits budget from measured sensitivity")
+    ca.add_argument(
+        "--bits", required=True, help="mean bits per K/V value, e.g. 3.5; several: 3.5,4.5 (-3.5.json, ...)"
+    )
+    ca.add_argument("--out", default="policy.json", help="policy file to write (offsets go beside it, .safetensors)")
+    ca.add_argument("--formats", default=None, help="candidate formats, comma-separated (default: turbo2..q8_0)")
+    ca.add_argument("--measure", choices=("probe", "all"), default="probe", help="formats measured end to end")
+    ca.add_argument("--no-offsets", action="store_true", help="do not shift keys by their calibrated mean")
+    ca.add_argument("--tokens", type=int, default=512, help="context length the offsets' bits are counted at")
+    _add_model_args(ca)
+    ca.add_argument("--text", default=None, help="calibration text file (default: Python's pydoc topics)")
+    ca.add_argument("--ctx", type=int, default=512, help="tokens per calibration chunk (default 512)")
+    ca.add_argument("--chunks", type=int, default=2, help="calibration chunks (default 2)")
+    ca.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
     qd = sub.add_parser("quant-demo", help="quantize synthetic K/V with every format and print the errors")
     qd.add_argument("--tokens", type=int, default=2048)
@@ -71,12 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         from turbokv import synthetic_demo
 
         synthetic_demo.main(args.tokens)
+    elif args.command == "calibrate":
+        _calibrate(args)
     elif args.command == "eval":
         from turbokv.eval.metrics import format_summary
         from turbokv.eval.runner import CacheSpec, evaluate
 
         model, chunks, ref = _prepare(args)
-        spec = CacheSpec(args.k, args.v, args.rotate_k or args.rotate, args.rotate_v or args.rotate)
+        spec = CacheSpec(args.k, args.v, args.rotate_k or args.rotate, args.rotate_v or args.rotate, args.policy)
         summary = evaluate(model, chunks, spec, ref, progress=not args.no_progress)
         print(format_summary(spec.label, summary))
         if args.json:
@@ -86,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                     "v": spec.v,
                     "rotate_k": spec.rotate_k,
                     "rotate_v": spec.rotate_v,
+                    "policy": spec.policy,
                     "ctx": args.ctx,
                     "chunks": len(chunks),
                     **summary.as_dict(),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 
 import torch
 from transformers import AttentionInterface
@@ -31,30 +32,15 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import (
     AttentionMaskInterface,
     causal_mask_function,
+    chunked_causal_mask_function,
     sdpa_mask,
     sliding_window_causal_mask_function,
 )
 
-from turbokv import ops
-from turbokv.cache import STATE_LAYER_TYPES, TurboCache, TurboLayer
+from turbokv import hf_checks, ops
+from turbokv.cache import STATE_LAYER_TYPES, TurboCache, TurboLayer, chunked_layers, kv_sources
 
 NAME = "turbokv"
-# Families whose attention modules call the attention interface with K/V from
-# cache.update and the usual kwargs (scaling, sliding_window, softcap).
-SUPPORTED_MODEL_TYPES = (
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma3_text",
-    "gemma3",
-    "gemma2",
-    "phi3",
-    # hybrids: linear-attention (Gated DeltaNet) or conv layers between attention layers
-    "qwen3_5_text",
-    "qwen3_next",
-    "lfm2",
-)
 CACHE_PARAMETERS = ("cache", "past_key_values")  # the attention forward's cache argument: 5.24, before
 _PREVIOUS = "_turbokv_previous_attn_implementation"
 _HOOKS = "_turbokv_hook_handles"
@@ -141,26 +127,38 @@ def turbokv_mask(attention_mask: torch.Tensor | None = None, **kwargs) -> torch.
 
 
 def _causal_mask(
-    query: torch.Tensor, starts: torch.Tensor | None, sizes: tuple, window: int | None, allow_skip: bool
+    query: torch.Tensor,
+    starts: torch.Tensor | None,
+    sizes: tuple,
+    window: int | None,
+    allow_skip: bool,
+    chunk: int | None = None,
 ) -> torch.Tensor | None:
     """Transformers' mask for plain K/V of a non-TurboCache cache, from left-padding starts.
 
     ``sizes``: ``(q_offset, kv_length, kv_offset)`` of the cache before this call's update.
-    None where SDPA's ``is_causal`` does the same (``allow_skip``).
+    ``chunk``: a chunked-attention layer's chunk size (chunks counted from each sequence's first
+    valid token, as transformers counts them). None where SDPA's ``is_causal`` does the same (``allow_skip``).
     """
     q_offset, kv_length, kv_offset = sizes
     padding = None
     if starts is not None:
-        padding = torch.arange(kv_offset + kv_length, device=query.device) >= starts[:, None].to(query.device)
+        starts = starts.to(query.device)
+        padding = torch.arange(kv_offset + kv_length, device=query.device) >= starts[:, None]
+    if chunk:
+        pad = torch.zeros(query.shape[0], dtype=torch.int64, device=query.device) if starts is None else starts
+        mask_function = chunked_causal_mask_function(chunk, pad)
+    else:
+        mask_function = sliding_window_causal_mask_function(window) if window else causal_mask_function
     return sdpa_mask(
         batch_size=query.shape[0],
         q_length=query.shape[2],
         kv_length=kv_length,
         q_offset=q_offset,
         kv_offset=kv_offset,
-        mask_function=sliding_window_causal_mask_function(window) if window else causal_mask_function,
+        mask_function=mask_function,
         attention_mask=padding,
-        local_size=window or None,
+        local_size=chunk or window or None,
         allow_is_causal_skip=allow_skip,
         device=query.device,
     )
@@ -215,6 +213,51 @@ def _stock_attention(module, query, key, value, attention_mask, scaling, softcap
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)[0]
 
 
+def _chunk_cuts(first: int, end: int, pads: list[int], chunk: int) -> list[int]:
+    """Positions that split queries ``first <= i < end`` into runs lying in one chunk of every sequence:
+    ``first``, ``end`` and each chunk start ``pad + k * chunk`` (k >= 0) of each sequence in between."""
+    cuts = {first, end}
+    for pad in set(pads):
+        k = max(0, (first - pad) // chunk + 1)  # the first chunk that starts after `first`
+        cuts.update(range(pad + k * chunk, end, chunk))
+    return sorted(cuts)
+
+
+def _fused_attention(query: torch.Tensor, layer: TurboLayer, starts: torch.Tensor | None, **kwargs) -> torch.Tensor:
+    """``turbokv.attention`` of ``query (B, Hq, Sq, d)`` over ``layer``'s packed K/V, ``(B, Hq, Sq, d)``.
+
+    ``starts``: each sequence's first valid slot (left padding) or None. A chunked layer (Llama 4) is the
+    same op with a later start: a query at position i sees keys j <= i of its own chunk, chunks counted
+    from the sequence's first valid token (as transformers' chunked mask counts them). One call per run
+    of queries inside one chunk of every sequence: a decode step is one call on the device (no host sync);
+    a prompt splits at chunk boundaries (one host sync for the padding).
+    """
+    lengths = layer.lengths()
+    starts = None if starts is None else starts.to(lengths.device)
+    op_args = dict(
+        k_format=layer.k_spec.format, v_format=layer.v_spec.format, k_rot=layer.k_rot, v_rot=layer.v_rot, **kwargs
+    )
+    k, v, chunk = layer.k_packed, layer.v_packed, layer.chunk_size
+    if not chunk:
+        return ops.attention(query, k, v, lengths, starts, **op_args)
+    pad = torch.zeros_like(lengths) if starts is None else starts
+
+    def chunk_start(position) -> torch.Tensor:  # the start of the chunk holding `position`, never before `pad`
+        return pad + torch.div(position - pad, chunk, rounding_mode="floor").clamp(min=0) * chunk
+
+    sq = query.shape[2]
+    if sq == 1:
+        return ops.attention(query, k, v, lengths, chunk_start(lengths - 1), **op_args)
+    end = layer.length
+    first = end - sq
+    cuts = _chunk_cuts(first, end, pad.tolist(), chunk)
+    outs = [
+        ops.attention(query[:, :, a - first : e - first], k, v, torch.full_like(lengths, e), chunk_start(a), **op_args)
+        for a, e in itertools.pairwise(cuts)
+    ]
+    return torch.cat(outs, dim=2)
+
+
 def turbokv_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -227,18 +270,22 @@ def turbokv_attention(
     softcap: float | None = None,
     turbokv_layer: TurboLayer | None = None,
     turbokv_mask_sizes: tuple | None = None,
+    turbokv_chunk: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention of a patched module: fused over its TurboCache layer, else stock SDPA.
 
     ``query``: ``(B, Hq, Sq, d)``; ``key``/``value``: the layer's packed buffers when the
     module's pre-hook bound a TurboCache layer (``turbokv_layer``), else the plain
-    ``(B, Hkv, T, d)`` K/V of another cache (``turbokv_mask_sizes`` from the hook).
+    ``(B, Hkv, T, d)`` K/V of another cache (``turbokv_mask_sizes`` and, for a chunked-attention
+    layer, ``turbokv_chunk`` from the hook).
     ``attention_mask``: what :func:`turbokv_mask` returned. Returns ``(B, Sq, Hq, d)`` as
     transformers' attention functions do.
     """
     if dropout:
         raise ValueError(f"dropout: got {dropout}, expected 0.0 (turbokv attention is for inference)")
+    if kwargs:  # what transformers passes through: refused by name where it would change the math
+        hf_checks.check_call_kwargs(module, kwargs)
     if turbokv_layer is None and turbokv_mask_sizes is None:
         raise RuntimeError(
             f"turbokv attention: {type(module).__name__} was not bound to a cache; "
@@ -247,32 +294,24 @@ def turbokv_attention(
     mask = _mask_argument(attention_mask)
     if turbokv_layer is None:  # another cache's plain K/V
         if mask is None or mask.dim() == 1:
-            mask = _causal_mask(query, mask, turbokv_mask_sizes, sliding_window, allow_skip=not softcap)
+            mask = _causal_mask(
+                query, mask, turbokv_mask_sizes, sliding_window, allow_skip=not softcap, chunk=turbokv_chunk
+            )
         return _stock_attention(module, query, key, value, mask, scaling, softcap), None
     layer = turbokv_layer
-    if key is not layer.k_packed:
+    if key is not layer.k_packed or value is not layer.v_packed:
         raise RuntimeError(
-            f"turbokv attention: key is not the packed buffer of cache layer {module.layer_idx}; "
-            "the cache's update must run between the module's pre-hook and its attention"
+            f"turbokv attention: {'key' if key is not layer.k_packed else 'value'} is not the packed buffer of "
+            f"cache layer {module.layer_idx}; the cache's update must run between the module's pre-hook and its "
+            "attention, and the module must pass the K/V it returns to the attention function unchanged"
         )
     if mask is not None and mask.dim() == 4:  # not left padding: the full mask over dequantized K/V
         k, v = layer.dequantized()
         return _stock_attention(module, query, k, v, mask, scaling, softcap), None
-    out = ops.attention(
-        query,
-        layer.k_packed,
-        layer.v_packed,
-        layer.lengths(),
-        mask,
-        k_format=layer.k_spec.format,
-        v_format=layer.v_spec.format,
-        k_rot=layer.k_rot,
-        v_rot=layer.v_rot,
-        scale=scaling,
-        causal=True,
-        window=int(sliding_window or 0),
-        softcap=float(softcap or 0.0),
-    )
+    # A sliding layer's window: the module's argument, else the cache layer's (from the config, as the
+    # model's mask applies it): Phi-MoE passes none to the attention function and relies on its mask.
+    window = int(sliding_window or layer.sliding_window or 0)
+    out = _fused_attention(query, layer, mask, scale=scaling, window=window, softcap=float(softcap or 0.0))
     if not torch.compiler.is_compiling():
         turbokv_attention.calls += 1
     return out.transpose(1, 2).contiguous(), None
@@ -323,13 +362,27 @@ def _mask_sizes(cache, layer_idx: int, q_length: int) -> tuple:
     return q_offset, kv_length, kv_offset
 
 
-def _before_attention(module, args, kwargs, *, cache_index: int, model_layers: int):
+def _before_attention(
+    module,
+    args,
+    kwargs,
+    *,
+    cache_index: int,
+    model_layers: int,
+    chunk: int | None,
+    source: int | None,
+    source_sizes: dict,
+):
     """Forward pre-hook of a patched attention module: binds it to this call's cache layer.
 
     Passes the binding to the attention function through the module's kwargs (the supported
     families forward them to the attention interface), so no state outlives the call but the
     layer's "next update is fused" flag, which that update consumes. Traced by torch.compile
     like the rest of the forward.
+
+    KV sharing with another cache: a shared layer (``source``: the layer it reads) gets its source's
+    K/V as that layer's update returned them, after the update, so it takes the mask sizes its
+    source's hook saw earlier in the same forward (``source_sizes``, written by source layers only).
     """
     cache = next((kwargs[p] for p in CACHE_PARAMETERS if p in kwargs), None)
     if cache is None and len(args) > cache_index:
@@ -337,7 +390,13 @@ def _before_attention(module, args, kwargs, *, cache_index: int, model_layers: i
     if isinstance(cache, TurboCache):
         return args, {**kwargs, "turbokv_layer": cache.bind_fused(module.layer_idx, model_layers)}
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    return args, {**kwargs, "turbokv_mask_sizes": _mask_sizes(cache, module.layer_idx, hidden.shape[1])}
+    if source is not None:
+        sizes = source_sizes[source]
+    else:
+        sizes = _mask_sizes(cache, module.layer_idx, hidden.shape[1])
+        if module.layer_idx in source_sizes:
+            source_sizes[module.layer_idx] = sizes
+    return args, {**kwargs, "turbokv_mask_sizes": sizes, "turbokv_chunk": chunk}
 
 
 def _add_hooks(model) -> list:
@@ -353,10 +412,22 @@ def _add_hooks(model) -> list:
             f"model: found no attention module (a module with layer_idx whose forward takes one of {CACHE_PARAMETERS}) "
             f"in {type(model).__name__}"
         )
-    model_layers = _text_config(model).num_hidden_layers
+    reason = hf_checks.config_refusal(_text_config(model))
+    reason = reason or next(filter(None, map(hf_checks.module_refusal, modules)), None)
+    if reason:
+        raise NotImplementedError(
+            f"model: turbokv.patch cannot run the attention of {type(model).__name__} fused: {reason}; "
+            "use TurboCache without patch() (it gives the model's own attention dequantized K/V)"
+        )
+    config = _text_config(model)
+    chunks, sources = chunked_layers(config), kv_sources(config)
+    source_sizes = dict.fromkeys(sources.values())  # one dict per model, shared by its hooks
+    hook = functools.partial(_before_attention, model_layers=config.num_hidden_layers, source_sizes=source_sizes)
     return [
         m.register_forward_pre_hook(
-            functools.partial(_before_attention, cache_index=_cache_index(m), model_layers=model_layers),
+            functools.partial(
+                hook, cache_index=_cache_index(m), chunk=chunks.get(m.layer_idx), source=sources.get(m.layer_idx)
+            ),
             with_kwargs=True,
         )
         for m in modules
@@ -398,16 +469,15 @@ def patch(model):
     """Make ``model`` run turbokv's fused attention on a TurboCache. Idempotent and reversible.
 
     Use as ``with turbokv.patch(model): ...`` or ``model = turbokv.patch(model)`` then
-    ``turbokv.unpatch(model)``. Raises ``ValueError`` for unsupported model families.
-    Other caches keep working on a patched model (transformers' SDPA on their tensors).
+    ``turbokv.unpatch(model)``. Other caches keep working on a patched model (transformers'
+    SDPA on their tensors).
+
+    Accepts any model whose attention modules pass the K/V of ``cache.update`` untouched to
+    transformers' attention interface and are causal, with no more than turbokv implements
+    (turbokv.hf_checks); raises ``NotImplementedError`` naming what else a model does (sinks,
+    MLA, cross-attention, a module that reads its K/V itself, ...) and leaves it unpatched.
     """
     model = model._model if isinstance(model, _Patched) else model
-    model_type = getattr(_text_config(model), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model: got model_type {model_type!r}, expected one of {SUPPORTED_MODEL_TYPES} "
-            "(other families may route attention differently; use TurboCache without patch() for them)"
-        )
     register()
     if not hasattr(model, _PREVIOUS):
         hooks = _add_hooks(model)

@@ -46,9 +46,12 @@ class CacheSpec:
     v: str
     rotate_k: str = "auto"
     rotate_v: str = "auto"
+    policy: str | None = None  # a policy file (turbokv calibrate): its per-layer formats replace k / v
 
     @property
     def label(self) -> str:
+        if self.policy:
+            return f"policy {Path(self.policy).name}"
         rot = self.rotate_k if self.rotate_k == self.rotate_v else f"{self.rotate_k}/{self.rotate_v}"
         return f"K {self.k} / V {self.v} (rotation {rot})"
 
@@ -69,7 +72,10 @@ def make_chunks(tokenizer, text: str, ctx: int, n_chunks: int) -> torch.Tensor:
 @torch.no_grad()
 def scored_logprobs(model, chunk: torch.Tensor, spec: CacheSpec) -> torch.Tensor:
     """Log-probabilities ``(ctx - ctx//2, vocab)`` predicting the second half of ``chunk``."""
-    cache = turbokv.TurboCache(model.config, k=spec.k, v=spec.v, rotate_k=spec.rotate_k, rotate_v=spec.rotate_v)
+    if spec.policy:
+        cache = turbokv.TurboCache.from_policy(model.config, spec.policy)
+    else:
+        cache = turbokv.TurboCache(model.config, k=spec.k, v=spec.v, rotate_k=spec.rotate_k, rotate_v=spec.rotate_v)
     with turbokv.patch(model):
         logits = model(chunk[None].to(model.device), **cache_kwargs(model, cache)).logits[0]
     first = chunk.numel() // 2

@@ -58,7 +58,39 @@ def run(model, chunks, ref: Reference, k_formats, v_formats, rotations, out_dir:
         w.writeheader()
         w.writerows(rows)
     heatmaps(rows, k_formats, v_formats, rotations, out_dir)
+    points = [((r["k_bpv"] + r["v_bpv"]) / 2, r["kld_mean"], f"{r['k']}/{r['v']} {r['rotate']}") for r in rows]
+    pareto(points, out_dir / "pareto.png")
     return rows
+
+
+def pareto(points: list[tuple[float, float, str]], path: Path, title: str = "bits per value vs mean KLD") -> None:
+    """Scatter of ``(bits per value, mean KLD, label)`` points, KLD on a log scale, the Pareto front drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [p for p in points if p[1] > 0]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for bpv, kld, label in points:
+        ax.scatter(bpv, kld, s=18, color="tab:red" if label.startswith("policy") else "tab:blue")
+        ax.annotate(label, (bpv, kld), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    front, best = [], float("inf")
+    for bpv, kld, _ in sorted(points):
+        if kld < best:
+            front.append((bpv, kld))
+            best = kld
+    if front:
+        ax.plot(*zip(*front, strict=True), color="gray", lw=0.8, ls="--", label="Pareto front")
+        ax.legend(fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per value (K and V, scales and offsets counted)")
+    ax.set_ylabel("mean KLD vs f16 cache")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 def heatmaps(rows, k_formats, v_formats, rotations, out_dir: Path) -> None:

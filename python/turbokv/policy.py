@@ -1,0 +1,175 @@
+"""Cache policies: per layer and side a format and rotation, plus per-head key offsets.
+
+A policy is what ``turbokv calibrate`` writes and ``TurboCache.from_policy`` reads: a JSON
+file (human-readable: formats, rotations, bits, how it was calibrated) and, when key offsets
+are kept, a safetensors file beside it holding them (``k_offsets``: ``(layers, kv_heads,
+head_dim)`` float32; a layer without an offset has zeros there and ``"k_offset": false``).
+
+Key offsets are exact shifts: softmax ignores a per-query constant, so storing ``k - m``
+instead of ``k`` leaves every attention score's softmax unchanged (``q·(k - m) = q·k - q·m``)
+while the quantizer no longer has to cover the keys' common component ``m``. They are not
+exact under logit softcapping (tanh is not shift-invariant): a policy with offsets is refused
+for such a config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from turbokv import formats
+
+VERSION = 1
+ROTATE_CHOICES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class LayerPolicy:
+    """One attention layer: K and V format and rotation, and whether its keys are shifted."""
+
+    k: str
+    v: str
+    rotate_k: str = "auto"
+    rotate_v: str = "auto"
+    k_offset: bool = False
+
+
+@dataclass
+class Policy:
+    """Per-layer formats for one model shape; ``k_offsets``: ``(layers, kv_heads, head_dim)`` or None.
+
+    ``layers[i]`` is None for a layer that holds no attention K/V (a hybrid model's linear-attention
+    or conv layers). ``info`` records how the policy was made (bits, budget, calibration text, ...).
+    """
+
+    model_type: str | None
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    layers: list[LayerPolicy | None]
+    k_offsets: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    def bits_per_value(self, tokens: int | None = None) -> float:
+        """Mean stored bits per K/V value over the attention layers; with ``tokens``, the offsets'
+        storage (one fp16 vector per layer and KV head) spread over that many tokens is counted too."""
+        attn = [lp for lp in self.layers if lp is not None]
+        bits = sum(
+            formats.bits_per_value(lp.k, self.head_dim) + formats.bits_per_value(lp.v, self.head_dim) for lp in attn
+        )
+        if tokens:
+            bits += sum(16.0 / tokens for lp in attn if lp.k_offset)
+        return bits / (2 * len(attn))
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path`` (JSON) and, with offsets, ``path`` with suffix ``.safetensors``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        offsets = None
+        if self.k_offsets is not None and any(lp is not None and lp.k_offset for lp in self.layers):
+            offsets = path.with_suffix(".safetensors")
+            save_file({"k_offsets": self.k_offsets.float().contiguous()}, str(offsets))
+        payload = {
+            "turbokv_policy": VERSION,
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "offsets_file": offsets.name if offsets else None,
+            "bits_per_value": round(self.bits_per_value(), 4),
+            "layers": [None if lp is None else asdict(lp) for lp in self.layers],
+            "info": self.info,
+        }
+        path.write_text(json.dumps(payload, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        """Read a policy file; ``ValueError`` naming the field for anything malformed."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"policy: got {path}, expected an existing policy JSON file")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"policy: {path} is not JSON ({e})") from e
+        if not isinstance(raw, dict) or raw.get("turbokv_policy") != VERSION:
+            got = raw.get("turbokv_policy") if isinstance(raw, dict) else type(raw).__name__
+            raise ValueError(f"policy: {path} has turbokv_policy={got!r}, expected {VERSION}")
+        for key in ("num_layers", "num_kv_heads", "head_dim"):
+            if not isinstance(raw.get(key), int) or raw[key] < 1:
+                raise ValueError(f"policy: {key} got {raw.get(key)!r}, expected a positive int")
+        layers = raw.get("layers")
+        if not isinstance(layers, list) or len(layers) != raw["num_layers"]:
+            n = len(layers) if isinstance(layers, list) else layers
+            raise ValueError(f"policy: layers got {n!r} entries, expected num_layers={raw['num_layers']}")
+        parsed = [None if entry is None else _layer(i, entry) for i, entry in enumerate(layers)]
+        offsets = None
+        if raw.get("offsets_file"):
+            from safetensors.torch import load_file
+
+            file = path.parent / raw["offsets_file"]
+            if not file.exists():
+                raise FileNotFoundError(
+                    f"policy: offsets_file got {file}, which does not exist (keep it beside {path})"
+                )
+            offsets = load_file(str(file))["k_offsets"]
+            want = (raw["num_layers"], raw["num_kv_heads"], raw["head_dim"])
+            if tuple(offsets.shape) != want:
+                raise ValueError(f"policy: k_offsets got shape {tuple(offsets.shape)}, expected {want}")
+        if offsets is None and any(lp is not None and lp.k_offset for lp in parsed):
+            raise ValueError("policy: layers ask for k_offset but offsets_file is missing")
+        return cls(
+            raw.get("model_type"),
+            raw["num_layers"],
+            raw["num_kv_heads"],
+            raw["head_dim"],
+            parsed,
+            offsets,
+            raw.get("info") or {},
+        )
+
+
+def _layer(i: int, entry) -> LayerPolicy:
+    if not isinstance(entry, dict):
+        raise ValueError(f"policy: layers[{i}] got {entry!r}, expected an object with k, v formats")
+    unknown = set(entry) - {"k", "v", "rotate_k", "rotate_v", "k_offset"}
+    if unknown:
+        raise ValueError(f"policy: layers[{i}] got unknown keys {sorted(unknown)}")
+    for side in ("k", "v"):
+        if entry.get(side) not in formats.FORMATS:
+            raise ValueError(
+                f"policy: layers[{i}].{side} got {entry.get(side)!r}, expected one of {sorted(formats.FORMATS)}"
+            )
+    for side in ("rotate_k", "rotate_v"):
+        if entry.get(side, "auto") not in ROTATE_CHOICES:
+            raise ValueError(f"policy: layers[{i}].{side} got {entry.get(side)!r}, expected one of {ROTATE_CHOICES}")
+    if not isinstance(entry.get("k_offset", False), bool):
+        raise ValueError(f"policy: layers[{i}].k_offset got {entry.get('k_offset')!r}, expected true or false")
+    return LayerPolicy(**entry)
+
+
+def check_against(policy: Policy, config) -> None:
+    """Raise ``ValueError`` naming what differs between ``policy`` and a model ``config``."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = config.num_hidden_layers
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for what, got, want in (
+        ("num_layers", policy.num_layers, n),
+        ("num_kv_heads", policy.num_kv_heads, heads),
+        ("head_dim", policy.head_dim, head_dim),
+    ):
+        if got != want:
+            raise ValueError(f"policy: {what} got {got}, expected the config's {want}; calibrate for this model")
+    mt = getattr(config, "model_type", None)
+    if policy.model_type is not None and mt is not None and policy.model_type != mt:
+        raise ValueError(f"policy: model_type got {policy.model_type!r}, expected the config's {mt!r}")
+    if getattr(config, "attn_logit_softcapping", None) and any(lp is not None and lp.k_offset for lp in policy.layers):
+        raise ValueError(
+            "policy: k_offset is not exact with attention logit softcapping (config.attn_logit_softcapping); "
+            "calibrate with --no-offsets for this model"
+        )

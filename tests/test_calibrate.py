@@ -1,0 +1,180 @@
+"""Calibrated policies: the policy file, TurboCache.from_policy, exact key shifts, and calibrate itself.
+
+Tiny random-weight models (tests/hf_models.py), CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="transformers is needed for the cache tests")
+import hf_models  # noqa: E402
+
+import turbokv  # noqa: E402
+from turbokv import calibrate, formats  # noqa: E402
+from turbokv.cache import TurboCache  # noqa: E402
+from turbokv.hf import cache_kwargs  # noqa: E402
+from turbokv.policy import LayerPolicy, Policy  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    return hf_models.llama().eval()
+
+
+def _policy(config, k="f16", v="f16", offsets=None) -> Policy:
+    n, heads, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    layers = [LayerPolicy(k, v, k_offset=offsets is not None) for _ in range(n)]
+    return Policy(config.model_type, n, heads, d, layers, offsets)
+
+
+def test_policy_round_trip(tmp_path, llama):
+    offsets = torch.randn(3, 2, 64)
+    p = _policy(llama.config, "q4_0", "turbo3", offsets)
+    p.layers[1] = LayerPolicy("q8_0", "turbo4", rotate_k="off", k_offset=True)
+    p.info = {"budget_bits": 4.0}
+    p.save(tmp_path / "p.json")
+    assert (tmp_path / "p.safetensors").exists()
+    q = Policy.load(tmp_path / "p.json")
+    assert q.layers == p.layers and q.info == p.info and q.model_type == "llama"
+    assert torch.equal(q.k_offsets, offsets)
+    cache = TurboCache.from_policy(llama.config, tmp_path / "p.json")
+    got = [(lay.k_spec.format, lay.v_spec.format, lay.k_spec.rotate) for lay in cache.layers]
+    assert got == [("q4_0", "turbo3", "auto"), ("q8_0", "turbo4", "off"), ("q4_0", "turbo3", "auto")]
+    assert torch.equal(cache.layers[2].k_offset, offsets[2])
+
+
+def test_policy_bits_count_offsets():
+    p = Policy("llama", 2, 1, 64, [LayerPolicy("q4_0", "turbo3", k_offset=True), LayerPolicy("q8_0", "q8_0")])
+    plain = (4.5 + 3.25 + 8.5 + 8.5) / 4
+    assert p.bits_per_value() == pytest.approx(plain)
+    assert p.bits_per_value(tokens=512) == pytest.approx(plain + 16 / 512 / 4)  # one layer's K offset
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda raw: raw.update(num_layers=4), "layers got 3 entries"),
+        (lambda raw: raw.update(turbokv_policy=99), "turbokv_policy=99"),
+        (lambda raw: raw["layers"][0].update(k="q3_x"), r"layers\[0\]\.k got 'q3_x'"),
+        (lambda raw: raw["layers"][2].update(rotate_v="maybe"), r"layers\[2\]\.rotate_v got 'maybe'"),
+        (lambda raw: raw["layers"][1].update(k_offset=True), "offsets_file is missing"),
+        (lambda raw: raw.update(head_dim=32), "head_dim got 32, expected the config's 64"),
+        (lambda raw: raw.update(model_type="qwen3"), "model_type got 'qwen3'"),
+    ],
+)
+def test_from_policy_errors(tmp_path, llama, edit, message):
+    _policy(llama.config, "q4_0", "q4_0").save(tmp_path / "p.json")
+    raw = json.loads((tmp_path / "p.json").read_text())
+    edit(raw)
+    (tmp_path / "p.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=message):
+        TurboCache.from_policy(llama.config, tmp_path / "p.json")
+
+
+def test_from_policy_missing_files(tmp_path, llama):
+    with pytest.raises(FileNotFoundError, match="expected an existing policy"):
+        TurboCache.from_policy(llama.config, tmp_path / "none.json")
+    _policy(llama.config, offsets=torch.zeros(3, 2, 64)).save(tmp_path / "p.json")
+    (tmp_path / "p.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="offsets_file"):
+        TurboCache.from_policy(llama.config, tmp_path / "p.json")
+
+
+def test_offsets_refused_with_softcapping(tmp_path):
+    model = hf_models.gemma3()
+    cfg = model.config
+    p = Policy(cfg.model_type, 3, 1, 256, [LayerPolicy("q8_0", "q8_0", k_offset=True)] * 3, torch.zeros(3, 1, 256))
+    p.save(tmp_path / "p.json")
+    with pytest.raises(ValueError, match="softcapping"):
+        TurboCache.from_policy(cfg, tmp_path / "p.json")
+
+
+def _cache(config, path, k, offsets, max_cache_len=None):
+    _policy(config, k, k, offsets).save(path)
+    return TurboCache.from_policy(config, path, max_cache_len=max_cache_len)
+
+
+@torch.no_grad()
+def test_key_shift_is_exact_in_fused_attention(tmp_path, llama):
+    """f16 storage: shifted keys give the same tokens as unshifted ones, fused and dequantized; a large
+    shift with q8_0 storage stays within quantization error of the unshifted q8_0 cache."""
+    ids = torch.randint(1, 96, (1, 12))
+    offsets = 3.0 * torch.randn(3, 2, 64)
+    run = {}
+    for name, k, off, fused, static in [
+        ("f16", "f16", None, True, None),
+        ("f16 shifted", "f16", offsets, True, None),
+        ("f16 shifted, static", "f16", offsets, True, 32),
+        ("f16 shifted, dequantized", "f16", offsets, False, None),
+    ]:
+        cache = _cache(llama.config, tmp_path / f"{len(run)}.json", k, off, static)
+        kw = dict(max_new_tokens=10, do_sample=False, **cache_kwargs(llama, cache))
+        if fused:
+            with turbokv.patch(llama):
+                run[name] = llama.generate(ids, **kw)
+        else:
+            run[name] = llama.generate(ids, **kw)
+    assert torch.equal(run["f16"], run["f16 shifted"])
+    assert torch.equal(run["f16"], run["f16 shifted, static"])
+    assert torch.equal(run["f16"], run["f16 shifted, dequantized"])
+
+    def logits(k, off):
+        cache = _cache(llama.config, tmp_path / "l.json", k, off)
+        with turbokv.patch(llama):
+            return llama(ids, **cache_kwargs(llama, cache)).logits
+
+    exact = logits("f16", None)
+    plain, shifted = logits("q8_0", None), logits("q8_0", offsets)
+    assert (shifted - exact).abs().max() < 10 * (plain - exact).abs().max() + 1e-3
+
+
+def test_knapsack_is_optimal():
+    """choose() against brute force on a small table."""
+    torch.manual_seed(1)
+    fmts = ("turbo2", "turbo3", "q4_0", "q8_0")
+    table = {
+        (i, s): {f: float(torch.rand(())) / formats.bits_per_value(f, 64) for f in fmts} for i in range(3) for s in "kv"
+    }
+    for bits in (2.5, 3.5, 5.0):
+        chosen, total = calibrate.choose(table, 64, bits)
+        best = min(
+            sum(table[s][f] for s, f in zip(sorted(table), combo, strict=True))
+            for combo in itertools.product(fmts, repeat=len(table))
+            if sum(formats.bits_per_value(f, 64) for f in combo) / len(table) <= bits
+        )
+        assert total == pytest.approx(best)
+        assert sum(formats.bits_per_value(f, 64) for f in chosen.values()) / len(table) <= bits
+    with pytest.raises(ValueError, match="expected at least 2.250"):
+        calibrate.choose(table, 64, 2.0)
+
+
+def test_calibrate_tiny_model(tmp_path, llama):
+    torch.manual_seed(0)
+    ids = torch.randint(1, 96, (1, 32))
+    measured = calibrate.measure_sensitivity(llama, ids, ("turbo2", "turbo4", "q8_0"))
+    assert set(measured["table"]) == {(i, s) for i in range(3) for s in "kv"}
+    for row in measured["table"].values():  # more bits, less predicted damage
+        assert row["turbo2"] > row["turbo4"] > row["q8_0"] >= 0
+    low, high = (calibrate.policy_for(measured, b, tokens=32) for b in (3.0, 6.0))
+    assert low.bits_per_value(32) <= 3.0 and high.bits_per_value(32) <= 6.0
+    assert high.info["predicted_kld"] < low.info["predicted_kld"]
+    offsets = torch.stack([measured["k_offsets"][i] for i in range(3)])
+    assert torch.allclose(low.k_offsets, offsets)
+    low.save(tmp_path / "low.json")
+    cache = TurboCache.from_policy(llama.config, tmp_path / "low.json")
+    with turbokv.patch(llama):
+        llama(ids, **cache_kwargs(llama, cache))
+    assert cache.get_seq_length() == 32
+
+
+def test_pareto_plot(tmp_path):
+    from turbokv.eval.sweep import pareto
+
+    pareto([(4.5, 0.042, "q4_0/q4_0 on"), (3.5, 0.07, "policy p-3.5.json"), (16.0, 0.0, "f16")], tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
