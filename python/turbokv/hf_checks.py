@@ -163,7 +163,7 @@ def forward_refusal(cls: type) -> str | None:
             if not (_interface_argument(node, parents, calls) or _passed_on(node, parents, names)):
                 return (
                     f"uses the cached {node.id} other than as an argument of the attention interface "
-                    f"({ast.get_source_segment(source, parents.get(node, node))})"
+                    f"({ast.get_source_segment(source, parents.get(node, node)).splitlines()[0].rstrip('(')})"
                 )
     return None
 
