@@ -6,6 +6,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/attention_kernel.h"
+
 TORCH_LIBRARY(turbokv, m) {
   m.def("hadamard(Tensor x, int group, int? seed, bool inverse) -> Tensor");
   m.def("quantize(Tensor x, str format, int rot_group, int? rot_seed) -> Tensor");
@@ -28,13 +30,38 @@ TORCH_LIBRARY(turbokv, m) {
 #define TURBOKV_CUDA_ARCHS ""
 #endif
 
-// The Python module is empty but for build facts: importing it loads this
-// shared object, and the static registrations above reach the dispatcher.
+// The Python module holds build facts and what the kernels chose at run time; importing it
+// loads this shared object, and the static registrations above reach the dispatcher.
+
+// A C++ exception (a failed check) as a Python ValueError / RuntimeError.
+template <typename F>
+static PyObject* guarded(F&& f) {
+  try {
+    return f();
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  }
+  return nullptr;
+}
+
+// cpu_isa() -> "avx2" | "baseline" | "native": the copy of the CPU attention kernel this
+// process runs (cpu/attention_kernel.h).
+static PyObject* cpu_isa(PyObject*, PyObject*) {
+  return guarded([] { return PyUnicode_FromString(turbokv::cpu::attention_isa()); });
+}
+
+static PyMethodDef turbokv_methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS,
+     "The copy of the CPU attention kernel this process runs: avx2, baseline, native."},
+    {nullptr, nullptr, 0, nullptr}};
+
 static PyModuleDef turbokv_module = {PyModuleDef_HEAD_INIT,
                                      "_C",
                                      "turbokv native ops (see torch.ops.turbokv)",
                                      -1,
-                                     nullptr,
+                                     turbokv_methods,
                                      nullptr,
                                      nullptr,
                                      nullptr,

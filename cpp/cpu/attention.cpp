@@ -1,152 +1,60 @@
-// CPU attention over packed K/V caches, entirely in the rotated domain.
-//
-// One task = (sequence b, KV head h, chunk of queries). The task's rows are
-// the GQA group's query heads x its queries, so each K/V tile is decoded once
-// and shared by all of them. Q is padded and rotated by the K side's rotation
-// (prologue), the scale folded in; the output is inverse-rotated by the V
-// side's rotation (epilogue). Online softmax in fp32. An attention sink (one logit per query
-// head, no value) only adds exp(sink - max) to a row's denominator, once, in the epilogue.
+// CPU attention over packed K/V caches: the op's checks, the split into tasks (one per
+// sequence, KV head and chunk of queries) over ATen's thread pool, and the choice of the
+// kernel copy that runs them (attention_kernel.h: baseline, or AVX2+FMA where the CPU has it).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
-#include <utility>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "../op_checks.h"
-#include "decode.h"
-#include "rows.h"
-#include "simd.h"
-#include "turbokv/fwht.h"
+#include "attention_kernel.h"
 
 namespace turbokv::cpu {
 namespace {
 
-constexpr int kTile = 32;         // keys decoded per tile
 constexpr int kRowsPerTask = 64;  // query rows (heads x queries) per task, at least one query
 
-struct Params {
-  int64_t B, Hq, Hkv, Sq, T, d;
-  int G;  // query heads per KV head
-  float scale, softcap;
-  bool causal;
-  int64_t window;
-  const float* sinks;  // (Hq,) or null
-};
-
-// NaN wins: max(NaN, x) = max(x, NaN) = NaN (std::max and fmaxf drop a NaN in one order or both).
-inline float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
-
-// Tile slots [v0, v1) (of the tile's nt, starting at cache slot t0) that query i sees: valid
-// (start <= j < len), causal (j <= its position) and inside the window. An interval.
-std::pair<int, int> visible(const Params& P, int64_t len, int64_t start, int64_t i, int64_t t0, int nt) {
-  const int64_t qpos = len - P.Sq + i;
-  int64_t lo = start, hi = len;
-  if (P.causal) hi = std::min(hi, qpos + 1);
-  if (P.window > 0) lo = std::max(lo, qpos - P.window + 1);
-  const int64_t v0 = std::clamp<int64_t>(lo - t0, 0, nt), v1 = std::clamp<int64_t>(hi - t0, 0, nt);
-  return {static_cast<int>(v0), static_cast<int>(std::max(v0, v1))};
+// Whether this CPU runs the AVX2+FMA+F16C copy (the OS saves the AVX registers, too: the
+// compiler runtime's check includes that).
+bool cpu_has_avx2() {
+#if defined(TURBOKV_CPU_AVX2_COPY)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
 }
 
-void attend_task(const Params& P, const SideSpec& ks, const SideSpec& vs, const float* q, const uint8_t* kc,
-                 const uint8_t* vc, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t len, int64_t start,
-                 float* out, std::vector<float>& ws) {
-  const int dpk = ks.layout.dp, dpv = vs.layout.dp;
-  const int64_t nq = i1 - i0;
-  const int64_t M = P.G * nq;
-  // Workspace on the heap (no large stack arrays): Q, acc, max, sum, K tile, V tile, scores.
-  ws.resize(M * dpk + M * dpv + 2 * M + kTile * dpk + kTile * dpv + M * kTile);
-  float* qr = ws.data();
-  float* acc = qr + M * dpk;
-  float* mx = acc + M * dpv;
-  float* sm = mx + M;
-  float* kt = sm + M;
-  float* vt = kt + kTile * dpk;
-  float* sc = vt + kTile * dpv;
+struct Kernel {
+  AttendTask fn;
+  const char* isa;
+};
 
-  // Prologue: rows ordered (head g, query i); rotate and scale Q once.
-  for (int g = 0; g < P.G; ++g) {
-    for (int64_t i = i0; i < i1; ++i) {
-      float* row = qr + (g * nq + (i - i0)) * dpk;
-      const float* src = q + (((b * P.Hq + h * P.G + g) * P.Sq) + i) * P.d;
-      for (int j = 0; j < P.d; ++j) row[j] = src[j];
-      for (int j = P.d; j < dpk; ++j) row[j] = 0.0f;
-      if (ks.rot_group) rotate_row<float>(row, dpk, ks.rot_group, ks.s1_ptr(), ks.s2_ptr(), false);
-      for (int j = 0; j < dpk; ++j) row[j] *= P.scale;
-    }
-  }
-  std::fill(acc, acc + M * dpv, 0.0f);
-  std::fill(mx, mx + M, -std::numeric_limits<float>::infinity());
-  std::fill(sm, sm + M, 0.0f);
-
-  // Key range any query of this chunk can see.
-  const int64_t qpos0 = len - P.Sq + i0, qpos1 = len - P.Sq + i1 - 1;
-  int64_t lo = start, hi = len;
-  if (P.causal) hi = std::min(hi, qpos1 + 1);
-  if (P.window > 0) lo = std::max(lo, qpos0 - P.window + 1);
-  const int64_t base = (b * P.Hkv + h) * P.T;
-
-  for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
-    const int nt = static_cast<int>(std::min<int64_t>(kTile, hi - t0));
-    for (int t = 0; t < nt; ++t) decode_row_fast(ks.layout, kc + (base + t0 + t) * ks.layout.row_bytes, kt + t * dpk);
-    bool any = false;
-    for (int64_t r = 0; r < M; ++r) {
-      const auto [v0, v1] = visible(P, len, start, i0 + r % nq, t0, nt);
-      float* s = sc + r * kTile;
-      // NaN-propagating max: a NaN score (a NaN query or key) makes the row NaN, as in SDPA.
-      float tile_max = -std::numeric_limits<float>::infinity();
-      for (int t = 0; t < nt; ++t) {
-        float v = -std::numeric_limits<float>::infinity();
-        if (t >= v0 && t < v1) {
-          v = dot(qr + r * dpk, kt + t * dpk, dpk);
-          if (P.softcap > 0.0f) v = P.softcap * std::tanh(v / P.softcap);
-        }
-        s[t] = v;
-        tile_max = nan_max(tile_max, v);
-      }
-      if (tile_max == -std::numeric_limits<float>::infinity()) {
-        for (int t = 0; t < nt; ++t) s[t] = 0.0f;
-        continue;
-      }
-      any = true;
-      const float m_new = nan_max(mx[r], tile_max);
-      const float alpha = std::exp(mx[r] - m_new);  // exp(-inf) = 0 on the first tile
-      mx[r] = m_new;
-      float sum = 0.0f;
-      for (int t = 0; t < nt; ++t) {
-        s[t] = std::exp(s[t] - m_new);
-        sum += s[t];
-      }
-      sm[r] = sm[r] * alpha + sum;
-      if (alpha != 1.0f) scale(acc + r * dpv, alpha, dpv);
-    }
-    if (!any) continue;
-    for (int t = 0; t < nt; ++t) decode_row_fast(vs.layout, vc + (base + t0 + t) * vs.layout.row_bytes, vt + t * dpv);
-    // Every visible slot's V counts, even at probability 0 (a NaN there makes the row NaN);
-    // slots the row cannot see never do, whatever their bytes.
-    for (int64_t r = 0; r < M; ++r) {
-      const auto [v0, v1] = visible(P, len, start, i0 + r % nq, t0, nt);
-      float* a = acc + r * dpv;
-      const float* s = sc + r * kTile;
-      for (int t = v0; t < v1; ++t) axpy(s[t], vt + t * dpv, a, dpv);
-    }
-  }
-
-  // Epilogue: normalise, inverse-rotate the V side, drop the padding. A row that saw no key
-  // stays zeros, whatever its sink (the sink has no value); a NaN sink makes the sum NaN.
-  for (int64_t r = 0; r < M; ++r) {
-    float* a = acc + r * dpv;
-    const int g = static_cast<int>(r / nq);
-    if (P.sinks != nullptr && mx[r] != -std::numeric_limits<float>::infinity())
-      sm[r] += std::exp(P.sinks[h * P.G + g] - mx[r]);
-    scale(a, sm[r] == 0.0f ? 0.0f : 1.0f / sm[r], dpv);
-    if (vs.rot_group) rotate_row<float>(a, dpv, vs.rot_group, vs.s1_ptr(), vs.s2_ptr(), true);
-    const int64_t i = i0 + r % nq;
-    float* dst = out + (((b * P.Hq + h * P.G + g) * P.Sq) + i) * P.d;
-    for (int j = 0; j < P.d; ++j) dst[j] = a[j];
-  }
+// The kernel copy attention runs, chosen once per process (attention_kernel.h).
+const Kernel& chosen_kernel() {
+  static const Kernel k = [] {
+    const char* env = std::getenv("TURBOKV_CPU_ISA");
+    const std::string want = env ? env : "auto";
+    TORCH_CHECK_VALUE(want == "auto" || want == "avx2" || want == "baseline", "TURBOKV_CPU_ISA: got '", want,
+                      "', expected auto, avx2 or baseline");
+#if defined(TURBOKV_CPU_AVX2_COPY)
+    const bool avx2 = cpu_has_avx2();
+    TORCH_CHECK_VALUE(want != "avx2" || avx2, "TURBOKV_CPU_ISA: got 'avx2', but this CPU lacks AVX2, FMA or F16C");
+    if (avx2 && want != "baseline") return Kernel{&avx2::attend_task, "avx2"};
+#else
+    TORCH_CHECK_VALUE(want != "avx2", "TURBOKV_CPU_ISA: got 'avx2', but this build has no AVX2 copy of the kernel ",
+                      "(not x86, or built with TURBOKV_NATIVE=ON)");
+#endif
+#if defined(TURBOKV_CPU_NATIVE)
+    return Kernel{&baseline::attend_task, "native"};  // the one copy, tuned for the build machine
+#else
+    return Kernel{&baseline::attend_task, "baseline"};
+#endif
+  }();
+  return k;
 }
 
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -164,8 +72,11 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   const int64_t* lp = len.const_data_ptr<int64_t>();
   const int64_t* sp = st.const_data_ptr<int64_t>();
   const SideSpec &ks = a.ks, &vs = a.vs;
-  Params P{a.B,    a.Hq,   a.Hkv,  a.Sq, a.T, a.d, a.G, static_cast<float>(scale), static_cast<float>(softcap),
-           causal, window, nullptr};
+  AttnShape P{a.B,    a.Hq,   a.Hkv,  a.Sq, a.T, a.d, a.G, static_cast<float>(scale), static_cast<float>(softcap),
+              causal, window, nullptr};
+  const AttnSide kside{ks.layout, ks.rot_group, ks.s1_ptr(), ks.s2_ptr()};
+  const AttnSide vside{vs.layout, vs.rot_group, vs.s1_ptr(), vs.s2_ptr()};
+  const AttendTask attend_task = chosen_kernel().fn;
   const at::Tensor sinks_f32 = sinks.has_value() ? sinks->to(at::kFloat).contiguous() : at::Tensor();
   if (sinks.has_value()) P.sinks = sinks_f32.const_data_ptr<float>();
 
@@ -179,11 +90,12 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   const uint8_t* vp = vc.const_data_ptr<uint8_t>();
   float* op = out.mutable_data_ptr<float>();
   at::parallel_for(0, P.B * P.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ws;
+    // Workspace on the heap (no large stack arrays), sized for the largest task.
+    std::vector<float> ws(attend_workspace(P.G * std::min(per_task, P.Sq), ks.layout.dp, vs.layout.dp));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % chunks, h = (task / chunks) % P.Hkv, b = task / (chunks * P.Hkv);
       const int64_t i0 = c * per_task, i1 = std::min(P.Sq, i0 + per_task);
-      attend_task(P, ks, vs, qp, kp, vp, b, h, i0, i1, lp[b], sp[b], op, ws);
+      attend_task(P, kside, vside, qp, kp, vp, b, h, i0, i1, lp[b], sp[b], op, ws.data());
     }
   });
   return out.to(q.scalar_type());
@@ -192,5 +104,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
 }  // namespace
 
 TORCH_LIBRARY_IMPL(turbokv, CPU, m) { m.impl("attention", &attention_cpu); }
+
+const char* attention_isa() { return chosen_kernel().isa; }
 
 }  // namespace turbokv::cpu

@@ -22,6 +22,8 @@ struct TurboTables {
   float four[256][2];        // turbo4: byte -> 2 centroids
 };
 
+inline namespace TURBOKV_CODEGEN {
+
 inline const TurboTables& turbo_tables(int g, int bits) {
   auto build = [](int g, int bits) {
     auto* t = new TurboTables();  // lives for the process, like the codebooks
@@ -128,4 +130,5 @@ inline void decode_row_fast(const RowLayout& L, const uint8_t* in, float* y) {
   }
 }
 
+}  // namespace TURBOKV_CODEGEN
 }  // namespace turbokv::cpu

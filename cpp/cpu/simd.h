@@ -1,7 +1,10 @@
 // Small vector kernels for the CPU attention loop. GCC does not vectorise a
 // float reduction without -ffast-math, so the AVX2/FMA paths are explicit;
-// the portable fallbacks keep other machines correct.
+// the portable fallbacks keep other machines correct. A portable build compiles
+// the attention kernel twice, with and without AVX2+FMA (attention_kernel.cpp).
 #pragma once
+
+#include "turbokv/host_device.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -9,6 +12,7 @@
 #endif
 
 namespace turbokv::cpu {
+inline namespace TURBOKV_CODEGEN {
 
 inline float dot(const float* __restrict a, const float* __restrict b, int n) {
   int j = 0;
@@ -50,4 +54,5 @@ inline void scale(float* __restrict y, float s, int n) {
   for (; j < n; ++j) y[j] *= s;
 }
 
+}  // namespace TURBOKV_CODEGEN
 }  // namespace turbokv::cpu

@@ -30,6 +30,8 @@ struct RowLayout {
   const float* midpoints = nullptr;
 };
 
+inline namespace TURBOKV_CODEGEN {
+
 // Returns a layout with fmt == -1 when d does not suit the format.
 inline RowLayout make_layout(int fmt, int d) {
   RowLayout L;
@@ -324,4 +326,5 @@ inline void decode_row(const RowLayout& L, const uint8_t* in, float* y) {
   }
 }
 
+}  // namespace TURBOKV_CODEGEN
 }  // namespace turbokv

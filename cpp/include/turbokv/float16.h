@@ -10,6 +10,8 @@
 
 namespace turbokv {
 
+inline namespace TURBOKV_CODEGEN {
+
 TKV_HD uint32_t f32_bits(float f) {
   uint32_t u;
   memcpy(&u, &f, sizeof(u));
@@ -69,4 +71,5 @@ TKV_HD uint16_t f32_to_bf16_bits(float f) {
 
 TKV_HD float bf16_bits_to_f32(uint16_t h) { return f32_from_bits(static_cast<uint32_t>(h) << 16); }
 
+}  // namespace TURBOKV_CODEGEN
 }  // namespace turbokv

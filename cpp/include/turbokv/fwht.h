@@ -9,6 +9,8 @@
 
 namespace turbokv {
 
+inline namespace TURBOKV_CODEGEN {
+
 // In place: x[0..n) <- H_n x / sqrt(n). inv_sqrt_n = float(1 / sqrt(double(n))).
 template <typename T>
 inline void fwht_inplace(T* x, int n, T inv_sqrt_n) {
@@ -42,4 +44,5 @@ inline void rotate_row(T* x, int len, int n, const float* s1, const float* s2, b
   }
 }
 
+}  // namespace TURBOKV_CODEGEN
 }  // namespace turbokv

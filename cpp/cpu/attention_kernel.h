@@ -1,0 +1,58 @@
+// The CPU attention kernel's interface: one task of attention.cpp's loop, compiled once per
+// instruction set (attention_kernel.cpp: a baseline copy, and on x86 one with AVX2+FMA+F16C)
+// and chosen at run time (attention.cpp). Plain structs and pointers only: the copies share no
+// inline code with the rest of the extension (see TURBOKV_CODEGEN in turbokv/host_device.h).
+#pragma once
+
+#include <cstdint>
+
+#include "turbokv/codec.h"
+
+namespace turbokv::cpu {
+
+constexpr int kAttnTile = 32;  // keys decoded per tile
+
+struct AttnShape {
+  int64_t B, Hq, Hkv, Sq, T, d;
+  int G;  // query heads per KV head
+  float scale, softcap;
+  bool causal;
+  int64_t window;
+  const float* sinks;  // (Hq,) or null: one logit per query head that joins the denominator, no value
+};
+
+struct AttnSide {
+  RowLayout layout;
+  int rot_group;         // 0: no rotation
+  const float *s1, *s2;  // sign diagonals, or null (unseeded)
+};
+
+// Floats of workspace attend_task needs for M = G x (i1 - i0) query rows.
+constexpr int64_t attend_workspace(int64_t M, int dpk, int dpv) {
+  return M * dpk + M * dpv + 2 * M + kAttnTile * dpk + kAttnTile * dpv + M * kAttnTile;
+}
+
+// Attention of queries [i0, i1) of sequence b against KV head h: rows are the group's query
+// heads x those queries. q: (B, Hq, Sq, d) f32; caches (B, Hkv, T, row_bytes); out like q.
+using AttendTask = void (*)(const AttnShape& P, const AttnSide& ks, const AttnSide& vs, const float* q,
+                            const uint8_t* kc, const uint8_t* vc, int64_t b, int64_t h, int64_t i0, int64_t i1,
+                            int64_t len, int64_t start, float* out, float* ws);
+
+namespace baseline {
+void attend_task(const AttnShape& P, const AttnSide& ks, const AttnSide& vs, const float* q, const uint8_t* kc,
+                 const uint8_t* vc, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t len, int64_t start,
+                 float* out, float* ws);
+}
+namespace avx2 {
+void attend_task(const AttnShape& P, const AttnSide& ks, const AttnSide& vs, const float* q, const uint8_t* kc,
+                 const uint8_t* vc, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t len, int64_t start,
+                 float* out, float* ws);
+}
+
+// The copy of the kernel attention runs: "avx2", "baseline", or "native" (a TURBOKV_NATIVE=ON
+// build has one copy, tuned for the build machine). Chosen once per process from the CPU;
+// TURBOKV_CPU_ISA = auto | avx2 | baseline overrides it (tests, benchmarks), and raises when it
+// names a copy this build or this CPU lacks.
+const char* attention_isa();
+
+}  // namespace turbokv::cpu
