@@ -7,6 +7,9 @@
 #include <torch/library.h>
 
 #include "cpu/attention_kernel.h"
+#if TURBOKV_WITH_CUDA
+#include "cuda/device_config.h"
+#endif
 
 TORCH_LIBRARY(turbokv, m) {
   m.def("hadamard(Tensor x, int group, int? seed, bool inverse) -> Tensor");
@@ -52,9 +55,30 @@ static PyObject* cpu_isa(PyObject*, PyObject*) {
   return guarded([] { return PyUnicode_FromString(turbokv::cpu::attention_isa()); });
 }
 
+// cuda_device_config(index) -> dict: what the CUDA kernels know and chose for that device
+// (cuda/device_config.h): capability, sms, smem_optin, smem_limit, kernel_arch, ptx_arch, pdl.
+static PyObject* cuda_device_config(PyObject*, PyObject* arg) {
+  const long index = PyLong_AsLong(arg);
+  if (index == -1 && PyErr_Occurred()) return nullptr;
+#if TURBOKV_WITH_CUDA
+  return guarded([index] {
+    const auto& c = turbokv::cuda::device_config(static_cast<int>(index));
+    return Py_BuildValue("{s:(ii),s:i,s:i,s:i,s:i,s:i,s:O}", "capability", c.major, c.minor, "sms", c.sms, "smem_optin",
+                         c.smem_optin, "smem_limit", turbokv::cuda::smem_limit(static_cast<int>(index)), "kernel_arch",
+                         c.kernel_arch, "ptx_arch", c.ptx_arch, "pdl", c.pdl ? Py_True : Py_False);
+  });
+#else
+  PyErr_SetString(PyExc_RuntimeError, "turbokv was built without its CUDA kernels");
+  return nullptr;
+#endif
+}
+
 static PyMethodDef turbokv_methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
      "The copy of the CPU attention kernel this process runs: avx2, baseline, native."},
+    {"cuda_device_config", cuda_device_config, METH_O,
+     "What the CUDA kernels chose for device `index`: capability, sms, smem_optin, smem_limit, kernel_arch, "
+     "ptx_arch, pdl."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef turbokv_module = {PyModuleDef_HEAD_INIT,

@@ -12,12 +12,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import cuda_ready
+from test_attention import run_budget
 
 import turbokv
 
 _C = turbokv.ops._C
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 AVX2_FLAGS = {"avx2", "fma", "f16c"}
+# Dynamic shared memory per block of smaller GPUs than the H100 / H200 (227 KiB).
+SMEM_SM86 = 99 * 1024  # sm_86, sm_89, sm_120
+SMEM_SM80 = 163 * 1024
 
 
 def cpu_flags() -> set[str]:
@@ -48,6 +54,7 @@ CHILD = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 import turbokv
+from test_attention import run_budget
 gen = torch.Generator().manual_seed(0)
 for kf, vf, d, sq in [("turbo3", "turbo3", 128, 1), ("q4_1", "q5_0", 96, 5), ("f16", "bf16", 64, 3),
                       ("turbo4", "q8_0", 256, 1)]:
@@ -76,3 +83,78 @@ def test_unknown_cpu_isa_is_refused():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "TURBOKV_CPU_ISA: got 'avx9', expected auto, avx2 or baseline" in out.stdout
+
+
+def need_cuda():
+    ok, why = cuda_ready()
+    if not ok:
+        pytest.skip(why)
+
+
+@pytest.mark.cuda
+def test_cuda_launch_choices_follow_the_device():
+    """PDL only where both the device and the kernel image are sm_90+; the image is one of the build's."""
+    need_cuda()
+    dev = torch.cuda.current_device()
+    c = _C.cuda_device_config(dev)
+    major, minor = torch.cuda.get_device_capability(dev)
+    assert c["capability"] == (major, minor)
+    assert c["sms"] == torch.cuda.get_device_properties(dev).multi_processor_count
+    assert c["pdl"] == (major >= 9 and c["ptx_arch"] >= 90)
+    built = _C.CUDA_ARCHS.split()
+    cubin = any(re.fullmatch(rf"sm_{c['kernel_arch']}[af]?", a) for a in built)
+    jit = any(re.fullmatch(rf"compute_{c['ptx_arch']}[af]?", a) for a in built)
+    assert cubin or jit, f"image sm_{c['kernel_arch']} / compute_{c['ptx_arch']} is not in {built}"
+    if cubin and c["kernel_arch"] >= 90:  # this device's own sm_90+ cubin: compiled with the griddepcontrol
+        assert c["pdl"]
+    optin = getattr(torch.cuda.get_device_properties(dev), "shared_memory_per_block_optin", None)
+    if optin is not None:
+        assert c["smem_optin"] == optin
+    print(f"cuda_device_config({dev}) = {c}, built {built}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("limit", [SMEM_SM86, SMEM_SM80])
+@pytest.mark.parametrize(
+    "fmt,d,T",
+    [("f16", 128, 1000), ("f16", 128, 9000), ("f16", 256, 300), ("q8_0", 256, 300), ("turbo3", 128, 300)],
+)
+@pytest.mark.parametrize("sq", [1, 4])
+def test_attention_within_a_smaller_gpus_shared_memory(monkeypatch, limit, fmt, d, T, sq, gen):
+    """With the shared memory of an sm_86 / sm_80 GPU, attention takes kernels that fit, and meets the budget."""
+    need_cuda()
+    monkeypatch.setenv("TURBOKV_SMEM_LIMIT", str(limit))
+    c = _C.cuda_device_config(torch.cuda.current_device())
+    assert c["smem_limit"] == min(limit, c["smem_optin"])
+    run_budget("cuda", gen, 2, 8, 2, T, d, sq, fmt, fmt, [T, T // 2])
+
+
+@pytest.mark.cuda
+def test_tiled_kernel_takes_fewer_queries_per_block_to_fit(monkeypatch, gen):
+    """f32 queries of head dim 256 (the tiled kernel): its 4 queries x 4 heads per block take 98 KiB;
+    with 90 KiB it takes 2 queries per block (81 KiB)."""
+    need_cuda()
+    monkeypatch.setenv("TURBOKV_SMEM_LIMIT", str(90 * 1024))
+    run_budget("cuda", gen, 2, 8, 2, 300, 256, 8, "q4_0", "turbo3", [300, 100], dtype=torch.float32)
+
+
+@pytest.mark.cuda
+def test_kernels_that_do_not_fit_are_refused_by_name(monkeypatch, gen):
+    need_cuda()
+    monkeypatch.setenv("TURBOKV_SMEM_LIMIT", str(SMEM_SM86))
+    # f16 rows of 128: the 3-stage specialised shape (102 KiB) gives way to the 2-stage one.
+    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "spec")
+    run_budget("cuda", gen, 1, 8, 2, 1000, 128, 1, "f16", "f16", [1000])
+    # f16 rows of 256 fit neither tensor-core kernel in 99 KiB.
+    for kernel in ("spec", "mma"):
+        monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
+        with pytest.raises(RuntimeError, match=f"KERNEL={kernel}.*shared memory.*{SMEM_SM86} bytes"):
+            run_budget("cuda", gen, 1, 8, 2, 300, 256, 1, "f16", "f16", [300])
+    # The tiled kernel with one query per block still needs 73 KiB at head dim 256.
+    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "tiled")
+    monkeypatch.setenv("TURBOKV_SMEM_LIMIT", str(32 * 1024))
+    with pytest.raises(RuntimeError, match=r"more than this GPU allows \(32768 bytes\)"):
+        run_budget("cuda", gen, 1, 8, 2, 300, 256, 1, "q4_0", "q4_0", [300], dtype=torch.float32)
+    monkeypatch.setenv("TURBOKV_SMEM_LIMIT", "lots")
+    with pytest.raises(ValueError, match="TURBOKV_SMEM_LIMIT: got 'lots'"):
+        run_budget("cuda", gen, 1, 8, 2, 300, 128, 1, "q4_0", "q4_0", [300])

@@ -293,9 +293,8 @@ int mma_blocks_per_sm(MmaKernel k, size_t smem, int device) {
   if (!opted_in[{k, device}]) {
     // The opt-in limit, once per kernel: one kernel serves several formats with different
     // shared-memory sizes, and a limit set for a smaller one would make a larger launch fail.
-    int optin = 0;
+    const int optin = device_config(device).smem_optin;
     cudaFuncAttributes attr{};
-    TKV_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     TKV_CUDA_CHECK(cudaFuncGetAttributes(&attr, k));  // static shared memory counts against the limit
     TKV_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         optin - static_cast<int>(attr.sharedSizeBytes)));
@@ -312,14 +311,27 @@ int mma_blocks_per_sm(MmaKernel k, size_t smem, int device) {
 // 16-key tiles per chunk: two when a chunk of K and V stays within 8 KiB.
 int mma_tiles(const DevSide& ks, const DevSide& vs) { return 32 * (ks.row_bytes + vs.row_bytes) <= 8192 ? 2 : 1; }
 
-// Why the tensor-core kernel (attention_mma.cuh) cannot run this call, or nullptr when it can.
-const char* mma_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
-                      const at::Tensor& kc, const at::Tensor& vc) {
+// Why neither tensor-core kernel (attention_mma.cuh, attention_spec.cuh) can run this call,
+// shared memory aside, or nullptr when they can.
+const char* tensor_core_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
+                              const at::Tensor& kc, const at::Tensor& vc) {
   if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) return "it is built for f16/bf16 queries";
   if ((a.G * a.Sq + 7) / 8 > 65535) return "it takes at most 65535 chunks of 8 (query, head) rows (the grid's z)";
   if (ks.dp != vs.dp || !mma_for_dp(1, ks.dp)) return "it is built for K and V rows of 64, 96, 128 or 256 values";
   if (reinterpret_cast<uintptr_t>(kc.const_data_ptr()) % 16 || reinterpret_cast<uintptr_t>(vc.const_data_ptr()) % 16)
     return "it needs 16-byte aligned cache tensors";
+  return nullptr;
+}
+
+constexpr const char* kNoSmem = "its shared memory for these rows exceeds the GPU's limit per block";
+
+// Why the tensor-core kernel (attention_mma.cuh) cannot run this call within `smem_max` bytes
+// of shared memory per block, or nullptr when it can.
+const char* mma_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
+                      const at::Tensor& kc, const at::Tensor& vc, int smem_max) {
+  if (const char* why = tensor_core_unfit(a, ks, vs, q, kc, vc)) return why;
+  if (mma_smem_bytes(MmaLayout(mma_tiles(ks, vs), ks.row_bytes, vs.row_bytes), ks.dp) > static_cast<size_t>(smem_max))
+    return kNoSmem;  // f16 / bf16 rows of 256 on GPUs of 99 KiB (sm_86, sm_89, sm_120)
   return nullptr;
 }
 
@@ -337,38 +349,60 @@ SpecKernel spec_for_dp(int fmt, int dp, bool long_keys) {
   }
 }
 
+// The format-specialised kernel for this call (fn null where none is built), in the shape that
+// fits `smem_max` bytes of shared memory per block where there is a choice: f16 rows of 128
+// have a 2-stage shape of 68 KiB beside the 3-stage one of 102 KiB, which sm_86 / sm_89 /
+// sm_120 (99 KiB) cannot hold.
+SpecKernel pick_spec(const AttentionArgs& a, const DevSide& ks, int smem_max) {
+  const auto get = [&](bool long_keys) {
+    return a.Sq == 1 ? spec_for_dp<false>(ks.fmt, ks.dp, long_keys) : spec_for_dp<true>(ks.fmt, ks.dp, long_keys);
+  };
+  const bool long_keys = a.T >= 8192;
+  const SpecKernel sk = get(long_keys);
+  if (sk.fn && sk.smem > smem_max) {
+    const SpecKernel other = get(!long_keys);
+    if (other.smem <= smem_max) return other;
+  }
+  return sk;
+}
+
 // Why the format-specialised tensor-core kernel cannot run this call, or nullptr when it can.
 const char* spec_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
-                       const at::Tensor& kc, const at::Tensor& vc) {
-  if (const char* why = mma_unfit(a, ks, vs, q, kc, vc)) return why;
+                       const at::Tensor& kc, const at::Tensor& vc, int smem_max) {
+  if (const char* why = tensor_core_unfit(a, ks, vs, q, kc, vc)) return why;
   if (ks.fmt != vs.fmt || !std::equal(std::begin(ks.cb), std::end(ks.cb), std::begin(vs.cb)))
     return "it is built for K and V in the same format (one codebook)";
-  if (!spec_for_dp<false>(ks.fmt, ks.dp, false).fn)
-    return "it is built for f16, q8_0, q4_0, turbo2, turbo3 and turbo4 rows of 64, 128 or 256 values";
-  if (ks.fmt == kFmt_turbo4)  // the decoder relies on c[15 - i] == -c[i]
+  const SpecKernel sk = pick_spec(a, ks, smem_max);
+  if (!sk.fn) return "it is built for f16, q8_0, q4_0, turbo2, turbo3 and turbo4 rows of 64, 128 or 256 values";
+  if (sk.smem > smem_max) return kNoSmem;  // f16 / q8_0 rows of 256 on GPUs of 99 KiB
+  if (ks.fmt == kFmt_turbo4)               // the decoder relies on c[15 - i] == -c[i]
     for (int i = 0; i < 16; ++i)
       if (ks.cb[i] != -ks.cb[15 - i] || vs.cb[i] != -vs.cb[15 - i])
         return "its turbo4 decoder needs a symmetric codebook";
   return nullptr;
 }
 
+// smem_max: dynamic shared memory per block on this device (smem_limit): the tensor-core
+// kernels that would exceed it are not chosen (GPUs of 99 KiB take the SIMT or tiled kernel
+// for f16 rows of 256, say), and a pinned one is an error.
 Path choose_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
-                 const at::Tensor& kc, const at::Tensor& vc) {
+                 const at::Tensor& kc, const at::Tensor& vc, int smem_max) {
   const char* env = std::getenv("TURBOKV_ATTENTION_KERNEL");
   const std::string want = env ? env : "auto";
-  const char* unfit = mma_unfit(a, ks, vs, q, kc, vc);
-  const char* spec_why = spec_unfit(a, ks, vs, q, kc, vc);
+  const char* unfit = mma_unfit(a, ks, vs, q, kc, vc, smem_max);
+  const char* spec_why = spec_unfit(a, ks, vs, q, kc, vc, smem_max);
   if (want == "spec") {
     TORCH_CHECK(
         !spec_why,
         "attention: TURBOKV_ATTENTION_KERNEL=spec, but the format-specialised tensor-core kernel cannot run this "
         "call: ",
-        spec_why);
+        spec_why, " (", smem_max, " bytes)");
     return Path::kSpec;
   }
   if (want == "mma") {
     TORCH_CHECK(!unfit,
-                "attention: TURBOKV_ATTENTION_KERNEL=mma, but the tensor-core kernel cannot run this call: ", unfit);
+                "attention: TURBOKV_ATTENTION_KERNEL=mma, but the tensor-core kernel cannot run this call: ", unfit,
+                " (", smem_max, " bytes)");
     return Path::kMma;
   }
   if (want == "simt") {
@@ -438,10 +472,18 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
   // Sinks join only the merge's denominator: the partial kernels never read them.
   const at::Tensor sinks_f32 = sinks.has_value() ? sinks->to(at::kFloat).contiguous() : at::Tensor();
   P.sinks = sinks.has_value() ? sinks_f32.const_data_ptr<float>() : nullptr;
-  const int sms = sm_count(q.device().index());
-  const Path path = choose_path(a, ks, vs, q, k_cache, v_cache);
+  const int device = q.device().index();
+  const int sms = sm_count(device);
+  const int smem_max = smem_limit(device);
+  const Path path = choose_path(a, ks, vs, q, k_cache, v_cache, smem_max);
   // Tensor-core kernels: chunks of 8 (query, head) rows (RowChunk), every one over its keys.
   if (path == Path::kMma || path == Path::kSpec) P.nqchunks = static_cast<int>((a.G * a.Sq + 7) / 8);
+  // Tiled kernel: fewer queries per block where their rows would not fit in shared memory.
+  if (path == Path::kTiled) {
+    while (P.nq > 1 && partial_smem(rows_per_block(P), ks.dp, vs.dp) > static_cast<size_t>(smem_max))
+      P.nq = (P.nq + 1) / 2;
+    P.nqchunks = static_cast<int>((a.Sq + P.nq - 1) / P.nq);
+  }
   const int64_t blocks = a.B * a.Hkv * P.nqchunks;
   MmaKernel mma = nullptr;
   size_t mma_smem = 0;
@@ -451,8 +493,7 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
     int tk = 0;
     if (path == Path::kSpec) {
       // Decode takes the build without the per-row masking of several query positions.
-      sk = a.Sq == 1 ? spec_for_dp<false>(ks.fmt, ks.dp, /*long_keys=*/a.T >= 8192)
-                     : spec_for_dp<true>(ks.fmt, ks.dp, /*long_keys=*/a.T >= 8192);
+      sk = pick_spec(a, ks, smem_max);
       mma = sk.fn;
       mma_smem = static_cast<size_t>(sk.smem);
       tk = sk.tk;
@@ -462,7 +503,7 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
       mma = mma_for_dp(nt, ks.dp, /*multi=*/a.Sq > 1);
       mma_smem = mma_smem_bytes(MmaLayout(nt, ks.row_bytes, vs.row_bytes), ks.dp);
     }
-    const int per_sm = mma_blocks_per_sm(mma, mma_smem, q.device().index());
+    const int per_sm = mma_blocks_per_sm(mma, mma_smem, device);
     const int64_t max_split = std::max<int64_t>(1, (a.T + 4 * tk - 1) / (4 * tk));
     // Rounded down: one block more than a wave runs alone after it and doubles the time.
     P.nsplit =
@@ -483,8 +524,8 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
   at::Tensor out = at::empty({a.B, a.Hq, a.Sq, a.d}, q.options());
   const at::Tensor qc = q.contiguous();
   const size_t smem = path == Path::kTiled ? partial_smem(rows_per_block(P), ks.dp, vs.dp) : 0;
-  TORCH_CHECK(smem <= 227 * 1024, "attention: ", rows_per_block(P), " rows x head_dim ", a.d,
-              " need more shared memory than a block has (", smem, " bytes)");
+  TORCH_CHECK(smem <= static_cast<size_t>(smem_max), "attention: ", rows_per_block(P), " rows x head_dim ", a.d,
+              " need ", smem, " bytes of shared memory per block, more than this GPU allows (", smem_max, " bytes)");
   auto stream = c10::cuda::getCurrentCUDAStream();
   clear_stale_error();
   const int fast_e = path == Path::kSimt ? decode_fast_path(a, ks, vs, k_cache, v_cache) : 0;
@@ -506,8 +547,8 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
     }
     TKV_CUDA_CHECK(cudaGetLastError());
     // The merge may launch while the partial kernel still runs (programmatic dependent
-    // launch, sm_90+; it waits for the partials before reading them): no launch gap
-    // between the two, which is several us of a decode step.
+    // launch, sm_90+ with sm_90+ kernels: DeviceConfig::pdl; it waits for the partials before
+    // reading them): no launch gap between the two, which is several us of a decode step.
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(static_cast<unsigned>(rows_total));
     cfg.blockDim = dim3(kMergeThreads);
@@ -516,7 +557,7 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
     cudaLaunchAttribute early{};
     early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     early.val.programmaticStreamSerializationAllowed = 1;
-    if (compute_major(q.device().index()) >= 9) {
+    if (device_config(device).pdl) {
       cfg.attrs = &early;
       cfg.numAttrs = 1;
     }

@@ -15,6 +15,7 @@
 #include <iterator>
 
 #include "../op_checks.h"
+#include "device_config.h"
 #include "graph_errors.cuh"
 #include "turbokv/codec.h"
 #include "turbokv/signs.h"
@@ -94,10 +95,12 @@ __device__ __forceinline__ float nan_max(float a, float b) {
 // True when the current stream is capturing a CUDA graph: host syncs are not allowed then.
 inline bool capturing() { return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None; }
 
-// The first check of every CUDA op: its first tensor is a CUDA one, and no error is pending
-// from a CUDA graph's kernels (graph_errors.cuh).
+// The first check of every CUDA op: its first tensor is a CUDA one, the kernels have an image
+// for its device (device_config.h), and no error is pending from a CUDA graph's kernels
+// (graph_errors.cuh).
 inline void check_cuda(const at::Tensor& t, const char* arg) {
   TORCH_CHECK_VALUE(t.is_cuda(), arg, ": got device ", t.device(), ", expected a CUDA tensor for this kernel");
+  (void)device_config(t.device().index());
   raise_graph_error();
 }
 
@@ -109,7 +112,8 @@ inline void clear_stale_error() { (void)cudaGetLastError(); }
 // Programmatic dependent launch (sm_90 and newer): a kernel that leaves partial results lets
 // the kernel that consumes them launch while it still runs (the consumer's blocks take SMs
 // as they free up, instead of after a launch gap), and the consumer waits for the whole
-// producer grid and its memory before its first read. No-ops on older GPUs.
+// producer grid and its memory before its first read. Compiled out below sm_90, where the
+// host launches without the early-launch attribute (DeviceConfig::pdl).
 __device__ __forceinline__ void launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -138,18 +142,7 @@ __device__ __forceinline__ int64_t load_before_copies(const int64_t* p) {
   } while (0)
 
 // Streaming multiprocessors of a device (sizes grids of resident blocks).
-inline int sm_count(int device) {
-  int sms = 0;
-  TKV_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
-
-// Compute capability major version of a device (9 on the H100 / H200).
-inline int compute_major(int device) {
-  int major = 0;
-  TKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major;
-}
+inline int sm_count(int device) { return device_config(device).sms; }
 
 // PTX prmt: __byte_perm ignores bit 3 of each selector nibble (the hardware's sign-replicate
 // mode), which costs a mask (LOP3 & 0x7777) before every table lookup. Every selector here
