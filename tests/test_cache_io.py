@@ -64,7 +64,7 @@ def greedy(model, ids, mask, cache, **kw):
 def assert_same_generation(out, ref, exact: bool):
     """Same tokens; logits bit-equal (same device: the same bytes through the same kernels) or close
     (another device: tokens generated after the load are quantized by that device's kernels)."""
-    assert torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(out.sequences.cpu(), ref.sequences.cpu())
     for a, b in zip(out.scores, ref.scores, strict=True):
         if exact:
             assert torch.equal(a, b)

@@ -48,16 +48,15 @@ def f16_cache(model) -> turbokv.TurboCache:
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("patched", [False, True])
-def test_device_map_split_cpu_cuda(patched, tmp_path):
+def test_device_map_split_cpu_cuda(patched):
     """Layers 0-1 on the CPU, layer 2 and the head on cuda:0: each TurboLayer on its layer's device, the same
     tokens as the single-device run."""
     ok, why = cuda_ready()
     if not ok:
         pytest.skip(why)
-    pytest.importorskip("accelerate", reason="device_map needs accelerate")
+    accelerate = pytest.importorskip("accelerate", reason="device_map needs accelerate")
     model = build("llama64")
     ref = greedy(model, transformers.DynamicCache(config=model.config), prompts())
-    model.save_pretrained(tmp_path)
     device_map = {
         "model.embed_tokens": "cpu",
         "model.rotary_emb": "cpu",
@@ -67,7 +66,11 @@ def test_device_map_split_cpu_cuda(patched, tmp_path):
         "model.norm": 0,
         "lm_head": 0,
     }
-    split = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, device_map=device_map, dtype=torch.float32)
+    # As from_pretrained(device_map=...) dispatches, but with main_device="cpu" so that the CPU layers run on
+    # the CPU (from_pretrained would offload them: weights moved to the GPU for each call).
+    split = accelerate.dispatch_model(
+        model, device_map, main_device="cpu", skip_keys=list(model._skip_keys_device_placement or [])
+    )
     split.eval().set_attn_implementation("sdpa")
     cache = f16_cache(split)
     calls = turbokv_attention.calls

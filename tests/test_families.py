@@ -35,7 +35,7 @@ EXPECTED = {
     "exaone4": "equal",
     "ernie4_5": "equal",
     "hunyuan_v1_dense": "equal",
-    "gpt_oss": "patch refused: attention sinks (s_aux)",
+    "gpt_oss": "equal",
     "llama4_text": "equal",
     "gemma3n_text": "equal",
     "deepseek_v3": "refused: multi-head latent attention (MLA)",
@@ -94,7 +94,7 @@ class _Module(torch.nn.Module):
 @pytest.mark.parametrize(
     ("kwargs", "named"),
     [
-        ({"s_aux": torch.zeros(4)}, r"s_aux: got a tensor of shape \(4,\).*attention sinks"),
+        ({"sinks": torch.zeros(4)}, r"sinks: got a tensor of shape \(4,\).*attention sinks"),
         ({"is_causal": False}, "is_causal: got False.*non-causal"),
         ({"cu_seq_lens_q": torch.zeros(3)}, "cu_seq_lens_q.*packed"),
         ({"position_bias": torch.zeros(1)}, "position_bias.*position bias"),

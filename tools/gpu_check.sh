@@ -14,7 +14,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 t0=$(date +%s)
 TURBOKV_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 echo "build: $(($(date +%s) - t0)) s"
-python3 -c "import turbokv; print('WITH_CUDA', turbokv._C.WITH_CUDA, turbokv._C.CUDA_ARCHS, 'native cuda', turbokv.native_loaded('cuda'))"
+python3 -c "import turbokv; print('WITH_CUDA', turbokv._C.WITH_CUDA, turbokv._C.CUDA_ARCHS, 'native cuda', turbokv.native_loaded('cuda'), turbokv._C.cuda_device_config(0))"
 kexpr=${1:-}
 python3 -m pytest -q -rs -m cuda ${kexpr:+-k "$kexpr"} tests 2>&1 | tee "$out/pytest_cuda.log" | tail -40
 shift || true

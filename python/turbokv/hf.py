@@ -189,27 +189,34 @@ def _mask_argument(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 # ---------------------------------------------------------------------- attention
 
 
-def _softcapped_attention(query, key, value, attention_mask, scaling, softcap) -> torch.Tensor:
-    """Eager attention with ``softcap * tanh(s / softcap)`` scores (SDPA has no softcap), ``(B, Sq, Hq, d)``."""
+def _eager_attention(query, key, value, attention_mask, scaling, softcap, sinks=None) -> torch.Tensor:
+    """Eager attention, ``(B, Sq, Hq, d)``, for what SDPA lacks: ``softcap * tanh(s / softcap)`` scores
+    and attention sinks (``sinks: (Hq,)``, one logit column that joins the softmax and is dropped after it)."""
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scale
-    scores = softcap * torch.tanh(scores / softcap)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     elif attention_mask is not None:
         scores = scores + attention_mask
+    if sinks is not None:
+        column = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, column], dim=-1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if sinks is not None:
+        probs = probs[..., :-1]
     return torch.matmul(probs, value).transpose(1, 2).contiguous()
 
 
-def _stock_attention(module, query, key, value, attention_mask, scaling, softcap) -> torch.Tensor:
+def _stock_attention(module, query, key, value, attention_mask, scaling, softcap, sinks=None) -> torch.Tensor:
     """What the unpatched model computes on plain ``(B, Hkv, T, d)`` K/V with a 4D (or no) mask."""
     if not torch.compiler.is_compiling():
         turbokv_attention.fallback_calls += 1
-    if softcap:
-        return _softcapped_attention(query, key, value, attention_mask, scaling, softcap)
+    if softcap or sinks is not None:
+        return _eager_attention(query, key, value, attention_mask, scaling, softcap, sinks)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)[0]
 
 
@@ -268,6 +275,7 @@ def turbokv_attention(
     scaling: float | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     turbokv_layer: TurboLayer | None = None,
     turbokv_mask_sizes: tuple | None = None,
     turbokv_chunk: int | None = None,
@@ -295,9 +303,14 @@ def turbokv_attention(
     if turbokv_layer is None:  # another cache's plain K/V
         if mask is None or mask.dim() == 1:
             mask = _causal_mask(
-                query, mask, turbokv_mask_sizes, sliding_window, allow_skip=not softcap, chunk=turbokv_chunk
+                query,
+                mask,
+                turbokv_mask_sizes,
+                sliding_window,
+                allow_skip=not softcap and s_aux is None,
+                chunk=turbokv_chunk,
             )
-        return _stock_attention(module, query, key, value, mask, scaling, softcap), None
+        return _stock_attention(module, query, key, value, mask, scaling, softcap, s_aux), None
     layer = turbokv_layer
     if key is not layer.k_packed or value is not layer.v_packed:
         raise RuntimeError(
@@ -307,11 +320,11 @@ def turbokv_attention(
         )
     if mask is not None and mask.dim() == 4:  # not left padding: the full mask over dequantized K/V
         k, v = layer.dequantized()
-        return _stock_attention(module, query, k, v, mask, scaling, softcap), None
+        return _stock_attention(module, query, k, v, mask, scaling, softcap, s_aux), None
     # A sliding layer's window: the module's argument, else the cache layer's (from the config, as the
     # model's mask applies it): Phi-MoE passes none to the attention function and relies on its mask.
     window = int(sliding_window or layer.sliding_window or 0)
-    out = _fused_attention(query, layer, mask, scale=scaling, window=window, softcap=float(softcap or 0.0))
+    out = _fused_attention(query, layer, mask, scale=scaling, window=window, softcap=float(softcap or 0.0), sinks=s_aux)
     if not torch.compiler.is_compiling():
         turbokv_attention.calls += 1
     return out.transpose(1, 2).contiguous(), None

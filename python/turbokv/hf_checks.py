@@ -22,7 +22,7 @@ import inspect
 import textwrap
 
 # Keyword arguments of the interface call that turbokv's attention implements.
-IMPLEMENTED = frozenset({"dropout", "scaling", "sliding_window", "softcap"})
+IMPLEMENTED = frozenset({"dropout", "scaling", "sliding_window", "softcap", "s_aux"})
 # Passed through to every attention function, with no effect on attention over the cache.
 HARMLESS = frozenset(
     {
@@ -49,7 +49,6 @@ ONLY_AT = {
 }
 # Known keyword arguments turbokv does not implement, and the feature each one is.
 FEATURES = {
-    "s_aux": "attention sinks",
     "sinks": "attention sinks",
     "attention_chunk_size": "chunked attention",
     "position_bias": "a position bias added to the scores",
