@@ -124,9 +124,17 @@ def _layer_types(default: list[str], n: int) -> list[str]:
     return [kinds[i % len(kinds)] for i in range(n)]
 
 
+def _has(config, name: str) -> bool:
+    """``hasattr`` for configs whose per-layer attributes (Gemma 4) raise on global access."""
+    try:
+        return hasattr(config, name)
+    except Exception:
+        return name in config.to_dict()
+
+
 def _small_kwargs(cls) -> dict:
     default = cls()
-    kw = {k: v for k, v in SMALL.items() if hasattr(default, k)}
+    kw = {k: v for k, v in SMALL.items() if _has(default, k)}
     if getattr(default, "kv_lora_rank", None):  # MLA: the head dim is the rope part's, one latent for all heads
         kw.pop("head_dim", None)
         kw.pop("num_key_value_heads", None)

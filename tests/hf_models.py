@@ -107,6 +107,16 @@ def lfm2():
     return transformers.Lfm2ForCausalLM(cfg)
 
 
+def _family(model_type: str):
+    """A family of tests/family_configs.py (every causal-LM family, built small) by its model type."""
+    import family_configs
+
+    family = next((f for f in family_configs.families() if f.model_type == model_type), None)
+    if family is None:
+        raise AttributeError(f"no causal-LM family {model_type!r}")
+    return family_configs.build(family)
+
+
 FAMILIES = {
     "llama64": llama,
     "llama128": lambda: llama(128),
@@ -117,16 +127,19 @@ FAMILIES = {
     "qwen3_5": qwen3_5,
     "qwen3_next": qwen3_next,
     "lfm2": lfm2,
+    # hybrid layers (attention and a mamba mixer in one layer), and MoE layers with no attention
+    "falcon_h1": lambda: _family("falcon_h1"),
+    "nemotron_h": lambda: _family("nemotron_h"),
 }
-# Hybrid families: linear-attention or conv layers beside the attention layers.
-HYBRIDS = ("qwen3_5", "qwen3_next", "lfm2")
+# Hybrid families: linear-attention, conv or MoE layers beside the attention layers, or in the same layer.
+HYBRIDS = ("qwen3_5", "qwen3_next", "lfm2", "falcon_h1", "nemotron_h")
 
 
 def attention_layers(model) -> int:
     """How many layers of the model hold attention K/V."""
     cfg = model.config.get_text_config()
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    return sum(t in ("full_attention", "sliding_attention") for t in types)
+    return sum(t in ("full_attention", "sliding_attention", "hybrid", "hybrid_sliding") for t in types)
 
 
 def build(name: str, seed: int = 0):

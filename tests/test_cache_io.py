@@ -149,6 +149,17 @@ def test_hybrid_state_layers_are_saved(family, static, gen, tmp_path):
     assert_same_generation(out, ref, exact=True)
 
 
+def test_hybrid_layers_are_refused_by_save(gen, tmp_path):
+    """A hybrid layer (attention K/V and a mamba state in one layer: Falcon-H1) has no entry in the file
+    format yet: save refuses it by name rather than write a file that would lose the state."""
+    model = build("falcon_h1")  # head dim 16: f16 storage
+    ids, mask = inputs(gen)
+    cache = prefill(model, ids, mask, make_cache(model, "f16", "f16", None))
+    with pytest.raises(NotImplementedError, match=r"layers \[0, 1, 2, 3\] are hybrid"):
+        cache.save(tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()
+
+
 def test_load_with_another_capacity(gen, tmp_path):
     """A dynamic file loads as a static cache of max_cache_len tokens, a static one into a larger
     capacity; a capacity below the saved tokens is refused."""

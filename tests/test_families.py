@@ -38,11 +38,16 @@ EXPECTED = {
     "gpt_oss": "equal",
     "llama4_text": "equal",
     "gemma3n_text": "equal",
+    "gemma4_text": "equal",  # KV sharing; the KV-shared layers see only the last queries
+    "gemma4": "equal",  # the multimodal wrapper: patch() switches the language model only
     "deepseek_v3": "refused: multi-head latent attention (MLA)",
     "diffllama": "patch refused: uses the cached value_states",
     "doge": "patch refused: uses the cached value_states",
     "jetmoe": "patch refused: uses the cached key_states",
-    "falcon_h1": "refused: got 'hybrid'",
+    "falcon_h1": "equal",
+    "nemotron_h": "equal",
+    # Zamba's one attention module serves every hybrid layer and takes layer_idx as a call argument
+    "zamba": "equal",
     "qwen3_5_text": "equal",
     "qwen3_next": "equal",
     "lfm2": "equal",

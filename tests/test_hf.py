@@ -95,6 +95,19 @@ def test_quantized_patched_equals_unpatched(device, family, k, v, gen):
         torch.testing.assert_close(a, b, rtol=0, atol=5e-2 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("family", ["falcon_h1", "qwen3_5"])
+def test_hybrid_beam_search_equals_dynamic_cache(family, gen):
+    """Beam search reorders the attention K/V and the recurrent states together (a hybrid layer holds both):
+    f16 beams equal DynamicCache's, patched."""
+    model = build(family)
+    ids, mask = left_padded(gen)
+    kw = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    ref = model.generate(ids, past_key_values=transformers.DynamicCache(config=model.config), **kw)
+    with turbokv.patch(model):
+        out = model.generate(ids, past_key_values=f16_cache(model), **kw)
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("patched", [False, True])
 def test_beam_search_and_sampling_run(patched, gen):
     model = build("llama64")
@@ -203,9 +216,9 @@ def test_unsupported_inputs_are_named(gen):
     assert model.config._attn_implementation == "sdpa"  # refused before it touched the model
     with pytest.raises(ValueError, match=r"config: got kv_lora_rank=32 \(llama\): multi-head latent attention"):
         turbokv.TurboCache(model.config)
-    # A layer with both a recurrent state and attention K/V (Falcon-H1's): not supported, named.
-    cfg = transformers.LlamaConfig(num_hidden_layers=2, layer_types=["full_attention", "hybrid"])
-    with pytest.raises(ValueError, match=r"layer_types\[1\]: got 'hybrid'"):
+    # A layer type turbokv does not know (DeepSeek-V4's compressed attention): named.
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, layer_types=["full_attention", "compressed_sparse_attention"])
+    with pytest.raises(ValueError, match=r"layer_types\[1\]: got 'compressed_sparse_attention'"):
         turbokv.TurboCache(cfg)
     cfg = transformers.LlamaConfig(num_hidden_layers=2, layer_types=["linear_attention", "conv"])
     with pytest.raises(ValueError, match="expected some attention layers"):
@@ -322,7 +335,7 @@ def test_cache_kwargs_follows_the_models_forward():
 # ---------------------------------------------------------------- hybrid models
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next", "lfm2"])
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next", "lfm2", "falcon_h1", "nemotron_h"])
 def test_hybrid_keeps_transformers_state_layers(family, gen):
     """Linear-attention / conv layers keep transformers' own cache layer (what DynamicCache builds);
     the attention layers are compressed: a left-padded batch, a second turn on the same cache and a
@@ -345,7 +358,10 @@ def test_hybrid_keeps_transformers_state_layers(family, gen):
     assert tokens == out.sequences.shape[1] - 1
     d = cache.turbo_layers[0].head_dim
     assert cache.f16_nbytes() == n_attn * 3 * model.config.num_key_value_heads * tokens * d * 2 * 2
-    assert f"{len(cache.layers) - n_attn} with transformers' state layers" in repr(cache)
+    state = sum(kind in turbokv.cache.STATE_LAYER_TYPES for kind in cache.layer_types)
+    hybrid = sum(kind in turbokv.cache.HYBRID_LAYER_TYPES for kind in cache.layer_types)
+    assert (f"({state} with transformers' state layers)" in repr(cache)) == bool(state)
+    assert (f"({hybrid} hybrid, with a recurrent state" in repr(cache)) == bool(hybrid)
     # The next turn of a chat continues on the same caches.
     extra, kw = prompt(gen, 1, 4), dict(max_new_tokens=4, do_sample=False)
     r_cache, t_cache = transformers.DynamicCache(config=model.config), f16_cache(model)

@@ -48,6 +48,10 @@ SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attenti
 # and attention K/V ("hybrid") are not among them.
 _HF_LAYERS = getattr(hf_cache, "DYNAMIC_LAYER_TYPE_MAPPING", {})
 STATE_LAYER_TYPES = tuple(t for t in ("linear_attention", "conv") if t in _HF_LAYERS)
+# Layers that hold both (Falcon-H1, Zamba: attention and a mamba mixer side by side): TurboHybridLayer.
+HYBRID_LAYER_TYPES = {t: window for t, window in (("hybrid", False), ("hybrid_sliding", True)) if t in _HF_LAYERS}
+# Layers with no attention and no state (MoE / MLP blocks of Nemotron-H): transformers' placeholder layer.
+NO_CACHE_LAYER_TYPES = ("moe", "mlp") if "dummy" in _HF_LAYERS else ()
 NEW_BATCH_HINT = "a new batch needs cache.reset() or a new TurboCache"
 
 
@@ -387,6 +391,70 @@ class TurboLayer(CacheLayerMixin):
         return f"TurboLayer(k={self.k_spec.format}, v={self.v_spec.format}, tokens={self.length})"
 
 
+if HYBRID_LAYER_TYPES:
+
+    class TurboHybridLayer(TurboLayer, hf_cache.LinearAttentionLayer):
+        """A layer with attention and a linear-attention / mamba state side by side (transformers'
+        ``"hybrid"`` / ``"hybrid_sliding"`` layer types): packed K/V as a :class:`TurboLayer`, the conv and
+        recurrent states as transformers' ``LinearAttentionLayer`` keeps them (uncompressed: they are
+        small and fixed-size). Cache methods that take a layer's state (``update_conv_state``,
+        ``has_previous_state``, ...) see it as the linear-attention layer it also is.
+        """
+
+        def __init__(self, k: SideSpec, v: SideSpec, number_of_states: int = 1, **kwargs):
+            TurboLayer.__init__(self, k, v, **kwargs)
+            hf_cache.LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+        # The state is compileable unless it records its past (assisted generation); the K/V when static.
+        @property
+        def is_compileable(self) -> bool:
+            return self._static and not getattr(self, "record_past", False)
+
+        @is_compileable.setter
+        def is_compileable(self, value: bool) -> None:
+            self._static = value
+
+        def lazy_initialization(self, *args, **kwargs) -> None:
+            # update() passes (key_states, value_states); the state updates pass keywords only.
+            if args:
+                TurboLayer.lazy_initialization(self, *args, **kwargs)
+                return
+            device = self.device
+            hf_cache.LinearAttentionLayer.lazy_initialization(self, **kwargs)
+            states = kwargs.get("conv_states")
+            if device is not None and states is not None:  # the attention side set self.device first
+                self.cumulative_length_linear = self.cumulative_length_linear.to(states.device)
+
+        def reset(self) -> None:
+            hf_cache.LinearAttentionLayer.reset(self)
+            TurboLayer.reset(self)
+
+        def crop(self, tokens_to_remove: int) -> None:
+            hf_cache.LinearAttentionLayer.crop(self, tokens_to_remove)
+            TurboLayer.crop(self, tokens_to_remove)
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            hf_cache.LinearAttentionLayer.reorder_cache(self, beam_idx)
+            TurboLayer.reorder_cache(self, beam_idx)
+
+        def offload(self):
+            hf_cache.LinearAttentionLayer.offload(self)
+            TurboLayer.offload(self)
+
+        def prefetch(self):
+            hf_cache.LinearAttentionLayer.prefetch(self)
+            TurboLayer.prefetch(self)
+
+        def get_seq_length(self) -> int:
+            return TurboLayer.get_seq_length(self)
+
+        def get_max_length(self) -> int:
+            return TurboLayer.get_max_length(self)
+
+        def __repr__(self) -> str:
+            return f"TurboHybridLayer(k={self.k_spec.format}, v={self.v_spec.format}, tokens={self.length})"
+
+
 # ---------------------------------------------------------------------- argument checks
 
 
@@ -467,7 +535,7 @@ def _layer_types(config, n_layers: int) -> list[str]:
     types = getattr(config, "layer_types", None) or [_default_layer_type(config)] * n_layers
     if len(types) < n_layers:
         raise ValueError(f"config.layer_types: got {len(types)} entries, expected num_hidden_layers={n_layers} of them")
-    known = SUPPORTED_LAYER_TYPES + STATE_LAYER_TYPES
+    known = SUPPORTED_LAYER_TYPES + tuple(HYBRID_LAYER_TYPES) + STATE_LAYER_TYPES + NO_CACHE_LAYER_TYPES
     for i, kind in enumerate(types[:n_layers]):
         if kind not in known:
             raise ValueError(
@@ -475,7 +543,7 @@ def _layer_types(config, n_layers: int) -> list[str]:
                 "sliding-window and chunked attention layers and keeps transformers' cache layer for linear-attention "
                 "and conv layers)"
             )
-    if not any(kind in SUPPORTED_LAYER_TYPES for kind in types[:n_layers]):
+    if not any(kind in SUPPORTED_LAYER_TYPES or kind in HYBRID_LAYER_TYPES for kind in types[:n_layers]):
         raise ValueError(f"config.layer_types: got {sorted(set(types[:n_layers]))}, expected some attention layers")
     return list(types[:n_layers])
 
@@ -617,14 +685,23 @@ class TurboCache(Cache):
             if kind in STATE_LAYER_TYPES:
                 layers.append(_state_layer(kind, config, max_cache_len))
                 continue
+            if kind in NO_CACHE_LAYER_TYPES:
+                layers.append(_HF_LAYERS["dummy"]())
+                continue
             kf, vf = k, v
             if i < keep_first or i >= n - keep_last:
                 kf = vf = keep_format
             kf, vf = overrides.get(i, (kf, vf))
-            window = getattr(config, "sliding_window", None) if kind == "sliding_attention" else None
+            sliding = kind == "sliding_attention" or HYBRID_LAYER_TYPES.get(kind, False)
+            window = getattr(config, "sliding_window", None) if sliding else None
             chunk = _chunk_size(config) if kind == "chunked_attention" else None
             specs = SideSpec(kf, rotate_k), SideSpec(vf, rotate_v)
-            layers.append(TurboLayer(*specs, sliding_window=window, max_cache_len=max_cache_len, chunk_size=chunk))
+            kw = dict(sliding_window=window, max_cache_len=max_cache_len, chunk_size=chunk)
+            if kind in HYBRID_LAYER_TYPES:
+                states = getattr(config, "number_of_conv_states", None)
+                layers.append(TurboHybridLayer(*specs, **kw, **({"number_of_states": states} if states else {})))
+            else:
+                layers.append(TurboLayer(*specs, **kw))
         super().__init__(layers=layers)
         self.num_model_layers = n
         self.kv_sources = sources
@@ -702,8 +779,12 @@ class TurboCache(Cache):
             vb = formats.bits_per_value(turbo[0].v_spec.format, d)
             bpv = f", {kb:.3f}/{vb:.3f} bits per value (first attention layer K/V)"
         shared = len(self.kv_sources)
-        state = self.num_model_layers - len(turbo) - shared
+        state = sum(kind in STATE_LAYER_TYPES for kind in self.layer_types)
+        hybrid = sum(kind in HYBRID_LAYER_TYPES for kind in self.layer_types)
+        none = sum(kind in NO_CACHE_LAYER_TYPES for kind in self.layer_types)
         kept = f" ({state} with transformers' state layers)" if state else ""
+        kept += f" ({hybrid} hybrid, with a recurrent state beside the attention)" if hybrid else ""
+        kept += f" ({none} without attention)" if none else ""
         kept += f" ({shared} KV-shared, reading other layers' cache)" if shared else ""
         return f"TurboCache({self.num_model_layers} layers{kept}, {desc}{bpv}, {tokens} tokens, {nb} bytes, {ratio})"
 

@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 
 import turbokv
 from turbokv import formats
-from turbokv.cache import STATE_LAYER_TYPES, SideSpec, TurboCache, TurboLayer
+from turbokv.cache import HYBRID_LAYER_TYPES, STATE_LAYER_TYPES, SideSpec, TurboCache, TurboLayer
 from turbokv.rotation import Rotation
 
 FORMAT_NAME = "turbokv-cache"
@@ -73,6 +73,12 @@ def save(cache: TurboCache, path: str | os.PathLike) -> None:
         raise ValueError(
             f"cache: layers {shifted} hold key offsets (a calibrated policy), which this file format does not "
             "store yet; save a cache built without offsets"
+        )
+    hybrid = [i for i, kind in enumerate(cache.layer_types) if kind in HYBRID_LAYER_TYPES]
+    if hybrid:
+        raise NotImplementedError(
+            f"cache: layers {hybrid} are hybrid (attention K/V and a recurrent state in one layer: Falcon-H1, "
+            "Zamba), which this file format does not store yet"
         )
     attention_length = next((lay.length for lay in cache.turbo_layers if lay.is_initialized), 0)
     tensors: dict[str, torch.Tensor] = {}

@@ -38,7 +38,15 @@ from transformers.masking_utils import (
 )
 
 from turbokv import hf_checks, ops
-from turbokv.cache import STATE_LAYER_TYPES, TurboCache, TurboLayer, chunked_layers, kv_sources
+from turbokv.cache import (
+    HYBRID_LAYER_TYPES,
+    NO_CACHE_LAYER_TYPES,
+    STATE_LAYER_TYPES,
+    TurboCache,
+    TurboLayer,
+    chunked_layers,
+    kv_sources,
+)
 
 NAME = "turbokv"
 CACHE_PARAMETERS = ("cache", "past_key_values")  # the attention forward's cache argument: 5.24, before
@@ -108,7 +116,7 @@ def is_left_padding(attention_mask: torch.Tensor, starts: torch.Tensor, valid_to
 def turbokv_mask(attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
     """Mask function paired with :func:`turbokv_attention`, called by transformers once per forward and mask type.
 
-    Returns None (no padding), the ``(B,)`` left-padding starts the fused op takes, or, for a
+    Returns None (no padding), the left-padding starts the fused op takes (int64, ``(B, 1, 1, 1)``), or, for a
     2D mask that is not exactly left padding, transformers' full ``(B, 1, Sq, kv_len)`` boolean
     mask (built by ``sdpa_mask`` from the same arguments), which sends the layers to the
     dequantize + SDPA path. The check is a host sync; while torch.compile traces or a CUDA graph
@@ -122,7 +130,9 @@ def turbokv_mask(attention_mask: torch.Tensor | None = None, **kwargs) -> torch.
         return attention_mask
     starts = left_padding_starts(attention_mask)
     if not _can_sync() or is_left_padding(attention_mask, starts, _valid_tokens(attention_mask, kwargs)):
-        return starts
+        # Shaped (B, 1, 1, 1) like a mask, so that a model slicing its masks' query or key dimension
+        # (Gemma 4 keeps only the last queries in its KV-shared layers) slices these starts to themselves.
+        return starts.view(-1, 1, 1, 1)
     return sdpa_mask(attention_mask=attention_mask.bool(), **{**kwargs, "allow_is_causal_skip": False})
 
 
@@ -165,12 +175,17 @@ def _causal_mask(
 
 
 def _mask_argument(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """None, ``(B,)`` starts or a 4D mask, as the attention function takes them.
+    """None, ``(B,)`` starts or a 4D boolean / additive mask, as the attention function takes them.
 
-    A 2D padding mask handed to the attention function directly (not through the mask function)
-    is taken only when it is left padding: without the cache's sizes no full mask can be built.
+    Starts come from :func:`turbokv_mask` as int64 ``(B, 1, 1, 1)`` (or ``(B,)``). A 2D padding mask handed
+    to the attention function directly (not through the mask function) is taken only when it is left
+    padding: without the cache's sizes no full mask can be built.
     """
-    if attention_mask is None or attention_mask.dim() in (1, 4):
+    if attention_mask is None or attention_mask.dim() == 1:
+        return attention_mask
+    if attention_mask.dim() == 4:
+        if attention_mask.dtype == torch.int64 and attention_mask.shape[1:] == (1, 1, 1):
+            return attention_mask.view(-1)
         return attention_mask
     if attention_mask.dim() != 2:
         raise ValueError(
@@ -315,8 +330,9 @@ def turbokv_attention(
     if key is not layer.k_packed or value is not layer.v_packed:
         raise RuntimeError(
             f"turbokv attention: {'key' if key is not layer.k_packed else 'value'} is not the packed buffer of "
-            f"cache layer {module.layer_idx}; the cache's update must run between the module's pre-hook and its "
-            "attention, and the module must pass the K/V it returns to the attention function unchanged"
+            f"cache layer {getattr(module, 'layer_idx', '')}; the cache's update must run between the module's "
+            "pre-hook and its attention, and the module must pass the K/V it returns to the attention function "
+            "unchanged"
         )
     if mask is not None and mask.dim() == 4:  # not left padding: the full mask over dequantized K/V
         k, v = layer.dequantized()
@@ -364,6 +380,28 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in found if not any(id(c) in ids for c in m.modules() if c is not m)]
 
 
+def _shared_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules that run at several layers and take the layer as a call argument (Zamba's one attention
+    block, shared by its hybrid layers): no int ``layer_idx`` attribute, a forward with ``layer_idx`` and
+    the cache. Innermost only."""
+
+    def takes_layer(m) -> bool:
+        try:
+            params = inspect.signature(m.forward).parameters
+        except (TypeError, ValueError):
+            return False
+        return "layer_idx" in params and _cache_index(m) is not None
+
+    found = [m for m in model.modules() if not isinstance(getattr(m, "layer_idx", None), int) and takes_layer(m)]
+    ids = {id(m) for m in found}
+    return [m for m in found if not any(id(c) in ids for c in m.modules() if c is not m)]
+
+
+def _layer_argument(module) -> int:
+    """Position of ``layer_idx`` among ``module.forward``'s parameters (a shared module's call argument)."""
+    return list(inspect.signature(module.forward).parameters).index("layer_idx")
+
+
 def _mask_sizes(cache, layer_idx: int, q_length: int) -> tuple:
     """``(q_offset, kv_length, kv_offset)`` of a non-TurboCache cache before this call's update."""
     if cache is None:
@@ -381,9 +419,10 @@ def _before_attention(
     kwargs,
     *,
     cache_index: int,
+    layer_argument: int | None,
     model_layers: int,
-    chunk: int | None,
-    source: int | None,
+    chunks: dict,
+    sources: dict,
     source_sizes: dict,
 ):
     """Forward pre-hook of a patched attention module: binds it to this call's cache layer.
@@ -396,30 +435,45 @@ def _before_attention(
     KV sharing with another cache: a shared layer (``source``: the layer it reads) gets its source's
     K/V as that layer's update returned them, after the update, so it takes the mask sizes its
     source's hook saw earlier in the same forward (``source_sizes``, written by source layers only).
+
+    ``layer_argument``: for a module shared by several layers, the position of its ``layer_idx`` argument
+    (the layer is the call's, not the module's).
     """
+    if layer_argument is None:
+        layer_idx = module.layer_idx
+    else:
+        layer_idx = kwargs["layer_idx"] if "layer_idx" in kwargs else args[layer_argument]
+    chunk, source = chunks.get(layer_idx), sources.get(layer_idx)
     cache = next((kwargs[p] for p in CACHE_PARAMETERS if p in kwargs), None)
     if cache is None and len(args) > cache_index:
         cache = args[cache_index]
     if isinstance(cache, TurboCache):
-        return args, {**kwargs, "turbokv_layer": cache.bind_fused(module.layer_idx, model_layers)}
+        return args, {**kwargs, "turbokv_layer": cache.bind_fused(layer_idx, model_layers)}
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     if source is not None:
         sizes = source_sizes[source]
     else:
-        sizes = _mask_sizes(cache, module.layer_idx, hidden.shape[1])
-        if module.layer_idx in source_sizes:
-            source_sizes[module.layer_idx] = sizes
+        sizes = _mask_sizes(cache, layer_idx, hidden.shape[1])
+        if layer_idx in source_sizes:
+            source_sizes[layer_idx] = sizes
     return args, {**kwargs, "turbokv_mask_sizes": sizes, "turbokv_chunk": chunk}
 
 
 def _add_hooks(model) -> list:
-    # A hybrid model's linear-attention / conv modules take the cache too, for their state.
+    # A hybrid model's linear-attention / conv / MoE layers take the cache too, for their state (or nothing),
+    # and so does the mamba mixer beside the attention of a hybrid layer (Falcon-H1): not attention modules.
     types = getattr(_text_config(model), "layer_types", None) or ()
-    modules = [
-        m
-        for m in _attention_modules(model)
-        if not (m.layer_idx < len(types) and types[m.layer_idx] in STATE_LAYER_TYPES)
-    ]
+
+    def kind(m) -> str | None:
+        return types[m.layer_idx] if m.layer_idx < len(types) else None
+
+    modules = [m for m in _attention_modules(model) if kind(m) not in STATE_LAYER_TYPES + NO_CACHE_LAYER_TYPES]
+    hybrid = {m.layer_idx for m in modules if kind(m) in HYBRID_LAYER_TYPES and hf_checks.calls_interface(m)}
+    shared = _shared_attention_modules(model)
+    if shared:  # Zamba: one attention block serves every hybrid layer, beside each layer's mamba mixer
+        hybrid |= {i for i, t in enumerate(types) if t in HYBRID_LAYER_TYPES}
+    modules = [m for m in modules if m.layer_idx not in hybrid or hf_checks.calls_interface(m)]
+    modules += shared
     if not modules:
         raise ValueError(
             f"model: found no attention module (a module with layer_idx whose forward takes one of {CACHE_PARAMETERS}) "
@@ -435,11 +489,17 @@ def _add_hooks(model) -> list:
     config = _text_config(model)
     chunks, sources = chunked_layers(config), kv_sources(config)
     source_sizes = dict.fromkeys(sources.values())  # one dict per model, shared by its hooks
-    hook = functools.partial(_before_attention, model_layers=config.num_hidden_layers, source_sizes=source_sizes)
+    hook = functools.partial(
+        _before_attention,
+        model_layers=config.num_hidden_layers,
+        chunks=chunks,
+        sources=sources,
+        source_sizes=source_sizes,
+    )
     return [
         m.register_forward_pre_hook(
             functools.partial(
-                hook, cache_index=_cache_index(m), chunk=chunks.get(m.layer_idx), source=sources.get(m.layer_idx)
+                hook, cache_index=_cache_index(m), layer_argument=_layer_argument(m) if m in shared else None
             ),
             with_kwargs=True,
         )
@@ -494,17 +554,36 @@ def patch(model):
     register()
     if not hasattr(model, _PREVIOUS):
         hooks = _add_hooks(model)
-        setattr(model, _PREVIOUS, model.config._attn_implementation)
+        key = _text_key(model)
+        previous = (key or "", _text_config(model)._attn_implementation)
+        setattr(model, _PREVIOUS, previous)
         setattr(model, _HOOKS, hooks)
-        model.set_attn_implementation(NAME)
+        _set_attention(model, key, NAME)
     return _Patched(model)
+
+
+def _text_key(model) -> str | None:
+    """The sub-config key of a multimodal model's language model (``"text_config"``); None for a language model.
+
+    patch() switches only that sub-model's attention: the vision / audio towers keep theirs (some have no
+    attention function but their own, and none of them reads the cache).
+    """
+    cfg, text = model.config, _text_config(model)
+    if text is cfg:
+        return None
+    return next((k for k in getattr(cfg, "sub_configs", {}) if getattr(cfg, k, None) is text), None)
+
+
+def _set_attention(model, key: str | None, implementation: str) -> None:
+    model.set_attn_implementation({key: implementation} if key else implementation)
 
 
 def unpatch(model):
     """Restore the attention implementation the model had before :func:`patch` and remove its hooks."""
     model = model._model if isinstance(model, _Patched) else model
     if hasattr(model, _PREVIOUS):
-        model.set_attn_implementation(getattr(model, _PREVIOUS))
+        key, previous = getattr(model, _PREVIOUS)
+        _set_attention(model, key or None, previous)
         for handle in getattr(model, _HOOKS, ()):
             handle.remove()
         delattr(model, _PREVIOUS)

@@ -36,6 +36,7 @@ HARMLESS = frozenset(
         "return_dict",
         "layer_idx",
         "seq_idx",
+        "labels",  # multimodal wrappers (Gemma 4) pass the loss labels through to every layer
     }
 )
 # Harmless at these values only: what they mean otherwise.
@@ -56,6 +57,7 @@ FEATURES = {
     "block_indices": "block-sparse attention",
 }
 INTERFACE = "ALL_ATTENTION_FUNCTIONS"
+NO_INTERFACE = f"does not call transformers' attention interface ({INTERFACE})"
 
 
 def feature(kwarg: str) -> str:
@@ -112,6 +114,12 @@ def module_refusal(module) -> str | None:
     return f"{name}.forward {problem}" if problem else None
 
 
+def calls_interface(module) -> bool:
+    """Whether ``module``'s forward calls transformers' attention interface (a hybrid layer's attention
+    module does; the mamba mixer beside it, which takes the cache too, does not)."""
+    return forward_refusal(type(module)) != NO_INTERFACE
+
+
 @functools.cache
 def forward_refusal(cls: type) -> str | None:
     """How ``cls.forward`` fails to hand the K/V of ``cache.update`` untouched to the attention interface.
@@ -139,16 +147,19 @@ def forward_refusal(cls: type) -> str | None:
         )
     ]
     if not calls:
-        return f"does not call transformers' attention interface ({INTERFACE})"
+        return NO_INTERFACE
     updates = [_update_targets(node) for node in ast.walk(tree) if isinstance(node, ast.Assign)]
     updates = [u for u in updates if u]
     if not updates:
         return "takes no K/V from cache.update(...) to pass to the attention interface"
+    # The pre-hook binds the cache layer of module.layer_idx, or of the call's layer_idx argument for a
+    # module shared by several layers (Zamba); HRM reuses a module for several slots it computes itself.
+    takes_layer = "layer_idx" in inspect.signature(cls.forward).parameters
+    own = {"self.layer_idx", "layer_idx"} if takes_layer else {"self.layer_idx"}
     for node in ast.walk(tree):
         slot = _update_slot(node)
-        if slot is not None and ast.unparse(slot) != "self.layer_idx":
-            # the pre-hook binds the cache layer of module.layer_idx (HRM reuses a module for several slots)
-            return f"updates cache layer {ast.unparse(slot)}, not its own self.layer_idx"
+        if slot is not None and ast.unparse(slot) not in own:
+            return f"updates cache layer {ast.unparse(slot)}, not its own {' or '.join(sorted(own))}"
     for call in calls:
         for kw in call.keywords:
             if kw.arg is not None and kw.arg not in IMPLEMENTED | HARMLESS | set(ONLY_AT) | {"attention_mask"}:
