@@ -279,12 +279,21 @@ def _turbo_tokens(model, ids, mask) -> _Greedy:
         raise
 
 
+def _reference_cache(model):
+    """DynamicCache, or the cache class of its own that a family's model takes (MiniMax)."""
+    if model.config.get_text_config().model_type == "minimax":
+        from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+        return MiniMaxCache()
+    return transformers.DynamicCache(config=model.config)
+
+
 def run(family: Family) -> Outcome:
     """Build ``family`` small and compare greedy tokens: DynamicCache + SDPA vs f16 + rotation TurboCache."""
     try:
         model = build(family)
         ids, mask = prompts()
-        ref = _generate(model, ids, mask, transformers.DynamicCache(config=model.config))
+        ref = _generate(model, ids, mask, _reference_cache(model))
     except Exception as e:
         return Outcome("not built", _first_line(e))
     try:

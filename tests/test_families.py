@@ -52,8 +52,8 @@ EXPECTED = {
     "qwen3_next": "equal",
     "lfm2": "equal",
     "granitemoehybrid": "equal",
-    # transformers' MiniMax takes only its own cache class: nothing to compare TurboCache with
-    "minimax": "not built: MiniMax uses cache of its own",
+    # transformers' MiniMax takes only its own cache class: TurboCache(config) builds one, compared with MiniMaxCache
+    "minimax": "equal",
 }
 
 

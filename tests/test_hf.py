@@ -108,6 +108,38 @@ def test_hybrid_beam_search_equals_dynamic_cache(family, gen):
     assert torch.equal(out, ref)
 
 
+def test_minimax_gets_a_cache_of_its_own_class(gen, tmp_path):
+    """MiniMax's model takes only a MiniMaxCache: TurboCache(config) of a MiniMax config is one, and beam
+    search on it (batch edits of the lightning-attention states and the packed K/V) gives the beams of a
+    MiniMaxCache that reorders its states too (transformers' own reorders only its attention layers, so its
+    beams continue from other beams' states), patched; crop and save refuse by name."""
+    from hf_models import _family
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    class Reordering(MiniMaxCache):
+        def reorder_cache(self, beam_idx):
+            super().reorder_cache(beam_idx)
+            self.linear_cache = [s if isinstance(s, list) else s.index_select(0, beam_idx) for s in self.linear_cache]
+
+    model = _family("minimax")
+    model.set_attn_implementation("sdpa")
+    cache = f16_cache(model)
+    assert isinstance(cache, MiniMaxCache) and isinstance(cache, turbokv.TurboCache)
+    ids, mask = left_padded(gen)
+    kw = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    ref = model.generate(ids, past_key_values=Reordering(), **kw)
+    with turbokv.patch(model):
+        out = model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(out, ref)
+    assert any(isinstance(state, torch.Tensor) for state in cache.linear_cache)
+    with pytest.raises(RuntimeError, match="crop: MiniMax"):
+        cache.crop(-1)
+    with pytest.raises(NotImplementedError, match="linear_cache"):
+        cache.save(tmp_path / "c.safetensors")
+    cache.reset()
+    assert cache.linear_cache == [] and cache.get_linear_cache(1) is None
+
+
 @pytest.mark.parametrize("patched", [False, True])
 def test_beam_search_and_sampling_run(patched, gen):
     model = build("llama64")

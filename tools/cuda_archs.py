@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The CUDA architectures turbokv's kernels are built for, as nvcc -gencode flags.
 
-CMakeLists.txt runs this at configure time; tools/check_cuda_compile.sh runs it with --wheel.
+CMakeLists.txt runs this at configure time; tools/check_cuda_compile.sh runs it (with --wheel when asked).
 The first of these that is given decides:
   1. --gencode FLAGS (CMake's TURBOKV_CUDA_GENCODE): nvcc flags used as they are;
   2. TORCH_CUDA_ARCH_LIST, in torch's syntax ("8.0;8.6;9.0a;12.0+PTX", spaces separate too):

@@ -633,6 +633,15 @@ class TurboCache(Cache):
     ``reset()`` starts over with any batch.
     """
 
+    def __new__(cls, config=None, *args, **kwargs):
+        # MiniMax's model takes only a cache of its own class: build the TurboCache that is one.
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if cls is TurboCache and getattr(text, "model_type", None) == "minimax":
+            from turbokv.cache_minimax import MiniMaxTurboCache
+
+            cls = MiniMaxTurboCache
+        return super().__new__(cls)
+
     def __init__(
         self,
         config,
@@ -702,7 +711,8 @@ class TurboCache(Cache):
                 layers.append(TurboHybridLayer(*specs, **kw, **({"number_of_states": states} if states else {})))
             else:
                 layers.append(TurboLayer(*specs, **kw))
-        super().__init__(layers=layers)
+        # Cache's own __init__, not the next class of the MRO: MiniMaxTurboCache puts MiniMaxCache there.
+        Cache.__init__(self, layers=layers)
         self.num_model_layers = n
         self.kv_sources = sources
         # What save() records, so that load() can check a file against a model's config.
