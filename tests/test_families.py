@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_configs import Family, families, run
+from family_configs import NOT_COMPARABLE, Family, families, run
 
 import turbokv
 from turbokv import hf_checks
+from turbokv.hf import cache_kwargs
 
 FAMILIES = families()
 
@@ -59,8 +60,8 @@ EXPECTED = {
 
 # Families turbokv gets wrong today (a bug to fix, kept visible): strict xfail, so a fix fails here too.
 KNOWN_WRONG = {
-    "hrm_text": "unpatched TurboCache: logits differ from the first token; HRM runs each attention module "
-    "for several cache slots (layer_idx + cycle_offset) and reads cache.is_initialized; not investigated",
+    name: f"not comparable: {why}; test_hrm_cache_slots_hold_what_dynamic_cache_holds checks TurboCache there"
+    for name, why in NOT_COMPARABLE.items()
 }
 
 
@@ -129,3 +130,33 @@ def test_refused_patch_leaves_the_model_as_it_was():
         turbokv.patch(model)
     assert model.config._attn_implementation == before
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_hrm_cache_slots_hold_what_dynamic_cache_holds():
+    """HRM writes cache slots layer_idx + cycle_offset (32 slots for 4 layers): an f16 TurboCache without
+    rotation gives, bit for bit, the logits of a DynamicCache that rounds K/V to float16, and holds the same
+    K/V in every slot. (Rotation moves the rounding, which HRM's recurrence amplifies: see KNOWN_WRONG.)"""
+    import family_configs
+    import transformers
+
+    family = next((f for f in FAMILIES if f.model_type == "hrm_text"), None)
+    if family is None:
+        pytest.skip(f"transformers {transformers.__version__} has no hrm_text")
+
+    class F16DynamicCache(transformers.DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            rounded = (t.to(torch.float16).to(t.dtype) for t in (key_states, value_states))
+            return super().update(*rounded, layer_idx, *args, **kwargs)
+
+    model = family_configs.build(family)
+    ids, mask = family_configs.prompts()
+    ref_cache = F16DynamicCache(config=model.config)
+    cache = turbokv.TurboCache(model.config, k="f16", v="f16", rotate_k="off", rotate_v="off")
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, **cache_kwargs(model, ref_cache)).logits
+        out = model(ids, attention_mask=mask, **cache_kwargs(model, cache)).logits
+    assert torch.equal(out, ref)
+    assert len(cache.layers) == model.config.num_hidden_layers == len(ref_cache.layers)
+    for slot, (a, b) in enumerate(zip(ref_cache.layers, cache.layers, strict=True)):
+        k, v = b.dequantized()
+        assert torch.equal(k, a.keys) and torch.equal(v, a.values), slot

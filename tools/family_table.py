@@ -20,7 +20,10 @@ HEADER = "| family (model_type) | outcome with f16 + rotation TurboCache vs Dyna
 
 def row(family: family_configs.Family, outcome: family_configs.Outcome) -> str:
     names = family.model_type + (f" (also {', '.join(family.aliases)})" if family.aliases else "")
-    text = family_configs.describe(outcome).replace("|", "\\|")
+    text = family_configs.describe(outcome)
+    if outcome.kind == "wrong" and family.model_type in family_configs.NOT_COMPARABLE:
+        text = "not comparable: " + family_configs.NOT_COMPARABLE[family.model_type]
+    text = text.replace("|", "\\|")
     return f"| {names} | {text} |"
 
 
