@@ -361,23 +361,31 @@ def register() -> None:
 # ---------------------------------------------------------------------- binding modules to caches
 
 
+def _parameters(module: torch.nn.Module) -> list[str]:
+    """Names of ``module.forward``'s parameters ([] where they cannot be read)."""
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
 def _cache_index(module: torch.nn.Module) -> int | None:
     """Positional index of the cache argument of ``module.forward`` (None: it takes none)."""
-    try:
-        params = list(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError):
-        return None
+    params = _parameters(module)
     return next((params.index(p) for p in CACHE_PARAMETERS if p in params), None)
+
+
+def _innermost(model: torch.nn.Module, keep) -> list[torch.nn.Module]:
+    """The modules of ``model`` that ``keep`` accepts and that hold no other such module."""
+    found = [m for m in model.modules() if keep(m)]
+    ids = {id(m) for m in found}
+    return [m for m in found if not any(id(c) in ids for c in m.modules() if c is not m)]
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Modules with an int ``layer_idx`` whose forward takes the cache, innermost only
     (a Gemma 3 decoder layer has both too; its attention module is the one that reads K/V)."""
-    found = [
-        m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and _cache_index(m) is not None
-    ]
-    ids = {id(m) for m in found}
-    return [m for m in found if not any(id(c) in ids for c in m.modules() if c is not m)]
+    return _innermost(model, lambda m: isinstance(getattr(m, "layer_idx", None), int) and _cache_index(m) is not None)
 
 
 def _shared_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -385,21 +393,15 @@ def _shared_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     block, shared by its hybrid layers): no int ``layer_idx`` attribute, a forward with ``layer_idx`` and
     the cache. Innermost only."""
 
-    def takes_layer(m) -> bool:
-        try:
-            params = inspect.signature(m.forward).parameters
-        except (TypeError, ValueError):
-            return False
-        return "layer_idx" in params and _cache_index(m) is not None
+    def shared(m) -> bool:
+        return not isinstance(getattr(m, "layer_idx", None), int) and "layer_idx" in _parameters(m)
 
-    found = [m for m in model.modules() if not isinstance(getattr(m, "layer_idx", None), int) and takes_layer(m)]
-    ids = {id(m) for m in found}
-    return [m for m in found if not any(id(c) in ids for c in m.modules() if c is not m)]
+    return _innermost(model, lambda m: shared(m) and _cache_index(m) is not None)
 
 
 def _layer_argument(module) -> int:
     """Position of ``layer_idx`` among ``module.forward``'s parameters (a shared module's call argument)."""
-    return list(inspect.signature(module.forward).parameters).index("layer_idx")
+    return _parameters(module).index("layer_idx")
 
 
 def _mask_sizes(cache, layer_idx: int, q_length: int) -> tuple:
