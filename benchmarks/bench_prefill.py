@@ -9,9 +9,10 @@ queries; the queries are the last Sq tokens (causal from the bottom right).
 Per shape, in one run on the same data:
 - SDPA on an fp16 cache with the same masking: flash (is_causal / CausalBias lower right; no
   padding mask possible) and cuDNN (is_causal, else an explicit mask), "best" the faster;
-- per format: the fused kernel (the op's tensor-core kernel, pinned), dequantize + SDPA
+- per format: the op's tensor-core kernels, pinned: "ms" the spec kernel (8 rows a block),
+  "flash" the flash kernel (64 rows a block, several queries only); dequantize + SDPA
   (turbokv's prefill shortcut), and "auto" (what turbokv.attention chooses: the shortcut for
-  Sq >= PREFILL_SDPA_MIN_QUERIES) against best;
+  Sq >= PREFILL_SDPA_MIN_QUERIES, else the op's own choice) against best;
 - "limit": the time to read the packed cache once at the read bandwidth of a large torch.sum
   measured in the run (memory-bound shapes cannot beat it).
 Times are the mean of back-to-back calls (best of three bursts) cycling over cache copies
@@ -40,8 +41,10 @@ from turbokv.rotation import auto_rotation
 HQ, HKV, D = 32, 8, 128
 # Work per shape (B x Sq x T, a causal whole prompt counted at half): larger shapes are skipped.
 MAX_WORK = 1 << 32
-# The fused kernel is timed up to this much work only (beyond, auto never takes it).
+# The spec kernel is timed up to this much work only (beyond, auto never takes it); the flash
+# kernel (64 rows a block) up to the second.
 MAX_FUSED_WORK = 1 << 29
+MAX_FLASH_WORK = 1 << 31
 
 
 def time_ms(fn, n: int, graph: bool) -> float:
@@ -145,13 +148,15 @@ def shape_rows(B, T, sq, padded, fmts, read_gbs):
         def deq(i, kc=kc, vc=vc, fmt=fmt, kr=kr, vr=vr):
             return ops._dequantized_sdpa(q, kc[i], vc[i], spans, ((fmt, kr), (fmt, vr)), D**-0.5, True)
 
-        t_fused = float("nan")
-        if B * sq * T <= MAX_FUSED_WORK:
-            with kernel_env("spec"):
-                t_fused = time_ms(fused, n, graph)
+        fused_ms = {}
+        for kernel, limit in (("spec", MAX_FUSED_WORK), ("flash", MAX_FLASH_WORK), ("auto", MAX_FLASH_WORK)):
+            fused_ms[kernel] = float("nan")
+            if B * sq * T <= limit and (kernel != "flash" or sq > 1):
+                with kernel_env(kernel):
+                    fused_ms[kernel] = time_ms(fused, n, graph)
         t_deq = time_ms(deq, n, graph=False) if sq >= 16 or fmt == "q4_0" else float("nan")
-        t_auto = t_deq if sq >= ops.PREFILL_SDPA_MIN_QUERIES else t_fused
-        rows.append((fmt, t_fused, (t_deq, t_auto, nbytes / read_gbs / 1e6, best)))
+        t_auto = t_deq if sq >= ops.PREFILL_SDPA_MIN_QUERIES else fused_ms["auto"]
+        rows.append((fmt, fused_ms["spec"], (fused_ms["flash"], t_deq, t_auto, nbytes / read_gbs / 1e6, best)))
         del kc, vc
     return rows
 
@@ -170,8 +175,8 @@ def main() -> None:
     print(f"read bandwidth (torch.sum of 4 GiB): {read_gbs:.0f} GB/s; Hq {HQ}, Hkv {HKV}, d {D}, f16 queries")
     print(f"auto: the fused kernel below {ops.PREFILL_SDPA_MIN_QUERIES} queries, dequantize + SDPA from there\n")
     print(
-        f"{'B':>2} {'T':>7} {'Sq':>6} {'pad':>3} {'path':<7} {'ms':>9} {'deq+SDPA':>9} {'auto':>9}"
-        f" {'limit':>8} {'auto vs best':>12}"
+        f"{'B':>2} {'T':>7} {'Sq':>6} {'pad':>3} {'path':<7} {'ms':>9} {'flash':>9} {'deq+SDPA':>9} {'auto':>9}"
+        f" {'limit':>8} {'auto vs best':>12} {'flash vs best':>13}"
     )
     for b in (int(x) for x in args.batches.split(",")):
         for t in (int(x) for x in args.contexts.split(",")):
@@ -185,8 +190,11 @@ def main() -> None:
                         if extra is None:
                             print(head)
                         else:
-                            deq, auto, limit, best = extra
-                            print(f"{head} {deq:>9.4f} {auto:>9.4f} {limit:>8.4f} {best / auto:>11.2f}x")
+                            flash, deq, auto, limit, best = extra
+                            print(
+                                f"{head} {flash:>9.4f} {deq:>9.4f} {auto:>9.4f} {limit:>8.4f} {best / auto:>11.2f}x"
+                                f" {best / flash:>12.2f}x"
+                            )
                     torch.cuda.empty_cache()
 
 

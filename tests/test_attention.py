@@ -237,7 +237,7 @@ def test_decode_kernels_agree_cuda(device, kf, vf, d, gen, monkeypatch):
     with pytest.raises(RuntimeError, match="SIMT decode kernel is built for one query per sequence"):
         torch.ops.turbokv.attention(q3, dev[1], dev[2], torch.tensor([300, 17, 3], device=device), *dev[4:])
     monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "fastest")
-    with pytest.raises(RuntimeError, match="got 'fastest', expected auto, spec, mma, simt or tiled"):
+    with pytest.raises(RuntimeError, match="got 'fastest', expected auto, flash, spec, mma, simt or tiled"):
         torch.ops.turbokv.attention(*dev)
 
 

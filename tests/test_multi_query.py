@@ -44,7 +44,8 @@ def test_multi_query_kernels_cuda(device, sq, hq, hkv, case, gen, monkeypatch):
     args = attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor(starts), kf, vf, kr, vr, **kw)
     dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     spec = kf == vf and kf in SPEC_FORMATS and d != 96
-    kernels = ["mma", "tiled", "auto"] + (["spec"] if spec else [])
+    flash = d != 96
+    kernels = ["mma", "tiled", "auto"] + (["spec"] if spec else []) + (["flash"] if flash else [])
     outs = {}
     for kernel in kernels:
         monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
@@ -55,9 +56,52 @@ def test_multi_query_kernels_cuda(device, sq, hq, hkv, case, gen, monkeypatch):
         assert outs[kernel].isfinite().all(), kernel
         err, _ = reference_errors(args, outs[kernel])
         assert err <= 2 * ref_err + 1e-6, f"{kernel}: error {err:.3e} > 2 x reference error {ref_err:.3e}"
-    assert torch.equal(outs["auto"], outs["spec" if spec else "mma"])
+    on_flash = flash and kf == vf == "f16" and (hq // hkv) * sq >= FLASH_MIN_ROWS
+    assert torch.equal(outs["auto"], outs["flash" if on_flash else "spec" if spec else "mma"])
     tiled = outs["tiled"].double()
-    torch.testing.assert_close(outs["mma"].double(), tiled, rtol=0, atol=4 * ref_err + 1e-6)
+    for kernel in ["mma"] + (["flash"] if flash else []):
+        torch.testing.assert_close(outs[kernel].double(), tiled, rtol=0, atol=4 * ref_err + 1e-6, msg=kernel)
+
+
+# attention.cu's kFlashMinRows: from this many (query, head) rows per KV head, auto takes the
+# flash kernel for several queries over f16 K and V.
+FLASH_MIN_ROWS = 32
+# The flash kernel over many key tiles and row chunks: every format on one side or the other,
+# whole prompts (Sq = T) left padded, chunks after a prefix, windows, softcap.
+FLASH_CASES = [
+    (128, "q4_0", "q4_0", torch.float16, 700, 700, {}),
+    (128, "turbo3", "turbo3", torch.bfloat16, 700, 130, {"window": 100}),
+    (128, "turbo4", "turbo2", torch.float16, 517, 200, {"softcap": 25.0}),
+    (64, "q5_0", "q5_1", torch.float16, 400, 400, {}),
+    (64, "q4_1", "q8_0", torch.bfloat16, 333, 70, {"causal": False}),
+    (256, "f16", "bf16", torch.float16, 300, 300, {}),
+    (256, "q8_0", "turbo3", torch.bfloat16, 260, 33, {"window": 64, "softcap": 30.0}),
+]
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("case", range(len(FLASH_CASES)))
+def test_flash_kernel_many_tiles_cuda(device, case, gen, monkeypatch):
+    """The flash kernel (64 rows a block, each K/V tile decoded once into shared memory) against
+    the reference and the tiled kernel: tiles of 32 / 64 keys cut by sequence ends, left padding
+    and the causal diagonal, 2 KV heads of 4 query heads, several blocks of rows."""
+    d, kf, vf, dtype, T, sq, kw = FLASH_CASES[case]
+    kr, vr = sides(kf, vf, d)
+    lengths, starts = [T, max(sq, T - 91), min(T, sq + 5)], [0, 37, 3]
+    kc, vc = make_cache(gen, 3, 2, T, d, kf, vf, kr, vr, scale=2.0)
+    q = torch.randn(3, 8, sq, d, generator=gen).to(dtype)
+    args = attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor(starts), kf, vf, kr, vr, **kw)
+    dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    outs = {}
+    for kernel in ("flash", "tiled"):
+        monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
+        poison_cuda_memory()
+        outs[kernel] = torch.ops.turbokv.attention(*dev).cpu()
+    _, ref_err = reference_errors(args, outs["tiled"])
+    err, _ = reference_errors(args, outs["flash"])
+    assert outs["flash"].isfinite().all()
+    assert err <= 2 * ref_err + 1e-6, f"flash: error {err:.3e} > 2 x reference error {ref_err:.3e}"
+    torch.testing.assert_close(outs["flash"].double(), outs["tiled"].double(), rtol=0, atol=4 * ref_err + 1e-6)
 
 
 # (Sq, lengths, starts, causal): a whole prompt, left padded, chunks after a cached prefix,

@@ -1,6 +1,8 @@
 // CUDA attention over packed K/V caches (decode, multi-query and prefill), in the rotated domain.
 //
-// Split-K flash attention in two launches, by one of four partial kernels (choose_path):
+// Split-K flash attention in two launches, by one of five partial kernels (choose_path):
+//  * flash (attention_flash.cuh): tensor cores, 64 (query, head) rows a block, each K/V tile
+//    decoded once into shared memory for all of them; f16 calls of many rows (kFlashMinRows).
 //  * spec (attention_spec.cuh): tensor cores, the format a template parameter; decode and
 //    multi-query calls. Keys are the M of the mma, 8 (query, head) rows of a KV head's group
 //    the N (RowChunk, one chunk per blockIdx.z), so each K/V chunk is decoded once per 8 rows.
@@ -28,6 +30,7 @@
 #include <tuple>
 
 #include "attention_decode.cuh"
+#include "attention_flash.cuh"
 #include "attention_merge.cuh"
 #include "attention_mma.cuh"
 #include "attention_spec.cuh"
@@ -264,9 +267,17 @@ int decode_fast_path(const AttentionArgs& a, const DevSide& ks, const DevSide& v
   return e;
 }
 
-// Which kernel runs a call. TURBOKV_ATTENTION_KERNEL = auto | spec | mma | simt | tiled (read
-// per call) pins one for tests and benchmarks; a pinned kernel that cannot run the call is an error.
-enum class Path { kTiled, kSimt, kMma, kSpec };
+// Which kernel runs a call. TURBOKV_ATTENTION_KERNEL = auto | flash | spec | mma | simt | tiled
+// (read per call) pins one for tests and benchmarks; a pinned kernel that cannot run the call is
+// an error.
+enum class Path { kTiled, kSimt, kMma, kSpec, kFlash };
+
+// From this many (query, head) rows per KV head and sequence, auto runs a call of several
+// queries with f16 K and V rows on the flash kernel. By measurement (benchmarks/RESULTS.md,
+// H200, 32k keys, G = 4): f16 Sq = 8 / 16 0.104 / 0.110 ms against the spec kernel's 0.115 /
+// 0.207. Packed formats stay on the spec kernel: its word-wide decoders in registers beat the
+// flash kernel's decode into shared memory a value at a time (q4_0 Sq = 16: 0.114 against 0.174).
+constexpr int kFlashMinRows = 32;
 
 MmaKernel mma_for_dp(int nt, int dp, bool multi = false) {
   switch (dp) {
@@ -335,6 +346,16 @@ const char* mma_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& 
   return nullptr;
 }
 
+// Why the flash kernel (attention_flash.cuh) cannot run this call, or nullptr when it can.
+const char* flash_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
+                        const at::Tensor& kc, const at::Tensor& vc, int smem_max) {
+  if (const char* why = tensor_core_unfit(a, ks, vs, q, kc, vc)) return why;
+  const FlashKernel fk = flash_kernel_for(ks.dp, ks.row_bytes, vs.row_bytes);
+  if (!fk.fn) return "it is built for K and V rows of 64, 128 or 256 values";
+  if (fk.smem > smem_max) return kNoSmem;
+  return nullptr;
+}
+
 template <bool kMulti>
 SpecKernel spec_for_dp(int fmt, int dp, bool long_keys) {
   switch (dp) {
@@ -391,6 +412,13 @@ Path choose_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, c
   const std::string want = env ? env : "auto";
   const char* unfit = mma_unfit(a, ks, vs, q, kc, vc, smem_max);
   const char* spec_why = spec_unfit(a, ks, vs, q, kc, vc, smem_max);
+  const char* flash_why = flash_unfit(a, ks, vs, q, kc, vc, smem_max);
+  if (want == "flash") {
+    TORCH_CHECK(!flash_why,
+                "attention: TURBOKV_ATTENTION_KERNEL=flash, but the flash kernel cannot run this call: ", flash_why,
+                " (", smem_max, " bytes)");
+    return Path::kFlash;
+  }
   if (want == "spec") {
     TORCH_CHECK(
         !spec_why,
@@ -412,7 +440,10 @@ Path choose_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, c
     return Path::kSimt;
   }
   if (want == "tiled") return Path::kTiled;
-  TORCH_CHECK(want == "auto", "TURBOKV_ATTENTION_KERNEL: got '", want, "', expected auto, spec, mma, simt or tiled");
+  TORCH_CHECK(want == "auto", "TURBOKV_ATTENTION_KERNEL: got '", want,
+              "', expected auto, flash, spec, mma, simt or tiled");
+  if (!flash_why && a.Sq > 1 && a.G * a.Sq >= kFlashMinRows && ks.fmt == kFmt_f16 && vs.fmt == kFmt_f16)
+    return Path::kFlash;
   if (!spec_why) return Path::kSpec;
   // By measurement (benchmarks/RESULTS.md, H100): the format-specialised kernel is the fastest
   // wherever it is built (taken above); of the generic ones, the tensor-core kernel wins where
@@ -478,6 +509,7 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
   const Path path = choose_path(a, ks, vs, q, k_cache, v_cache, smem_max);
   // Tensor-core kernels: chunks of 8 (query, head) rows (RowChunk), every one over its keys.
   if (path == Path::kMma || path == Path::kSpec) P.nqchunks = static_cast<int>((a.G * a.Sq + 7) / 8);
+  if (path == Path::kFlash) P.nqchunks = static_cast<int>((a.G * a.Sq + kFlashRows - 1) / kFlashRows);
   // Tiled kernel: fewer queries per block where their rows would not fit in shared memory.
   if (path == Path::kTiled) {
     while (P.nq > 1 && partial_smem(rows_per_block(P), ks.dp, vs.dp) > static_cast<size_t>(smem_max))
@@ -488,10 +520,16 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
   MmaKernel mma = nullptr;
   size_t mma_smem = 0;
   SpecKernel sk;
-  if (path == Path::kMma || path == Path::kSpec) {
-    // One wave of resident blocks, each warp with at least one chunk of keys.
+  if (path == Path::kMma || path == Path::kSpec || path == Path::kFlash) {
+    // One wave of resident blocks, each warp with at least one chunk of keys (tk keys each;
+    // the flash kernel's warps share each tile of tk keys: at least 4 tiles a split).
     int tk = 0;
-    if (path == Path::kSpec) {
+    if (path == Path::kFlash) {
+      const FlashKernel fk = flash_kernel_for(ks.dp, ks.row_bytes, vs.row_bytes);
+      mma = fk.fn;
+      mma_smem = static_cast<size_t>(fk.smem);
+      tk = fk.bn;
+    } else if (path == Path::kSpec) {
       // Decode takes the build without the per-row masking of several query positions.
       sk = pick_spec(a, ks, smem_max);
       mma = sk.fn;

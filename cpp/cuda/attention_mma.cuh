@@ -137,6 +137,23 @@ __device__ __forceinline__ void decode_n(const DevSide& s, const float* cb, cons
   for (int k = 0; k < N; ++k) out[k] = decode_at(s, cb, row, j0 + k);
 }
 
+// The two sides' codebooks (16 floats each) and turbo pair tables (256 float2 each: (c[a], c[b])
+// at a | b << bits) in shared memory, for decode_n; the caller synchronises before use.
+__device__ __forceinline__ void load_codebooks(const DevSide& ks, const DevSide& vs, float* cbk, float* cbv, float2* pk,
+                                               float2* pv) {
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid < 16) {
+    cbk[tid] = ks.cb[tid];
+    cbv[tid] = vs.cb[tid];
+  }
+  const bool tk = ks.family == static_cast<int>(Family::kTurbo), tv = vs.family == static_cast<int>(Family::kTurbo);
+  for (int i = tid; i < 256; i += blockDim.x) {  // turbo codebooks have at most 16 entries
+    const int nk = tk ? 1 << ks.bits : 1, nv = tv ? 1 << vs.bits : 1;
+    pk[i] = make_float2(ks.cb[i & (nk - 1)], ks.cb[(i >> (tk ? ks.bits : 0)) & (nk - 1)]);
+    pv[i] = make_float2(vs.cb[i & (nv - 1)], vs.cb[(i >> (tv ? vs.bits : 0)) & (nv - 1)]);
+  }
+}
+
 // Shared memory of one block: kMmaStages chunk buffers per warp (K then V bytes, each with
 // 32 bytes of slack for the 16-byte alignment of cp.async), reused by the final merge.
 struct MmaLayout {
@@ -162,13 +179,14 @@ __device__ __forceinline__ int stage_offset(const uint8_t* src, int row_bytes, i
   return static_cast<int>(reinterpret_cast<uintptr_t>(src + t0 * row_bytes) & 15u);
 }
 
-// Copies rows [t0, t1) of `src` (row_bytes each) into `dst`, 16 bytes per cp.async.
+// Copies rows [t0, t1) of `src` (row_bytes each) into `dst`, 16 bytes per cp.async, by `step`
+// threads (a warp, or a block), this one the `at`-th.
 __device__ __forceinline__ void stage_rows(uint8_t* dst, const uint8_t* src, int row_bytes, int64_t t0, int64_t t1,
-                                           int lane) {
+                                           int at, int step = 32) {
   const int off = stage_offset(src, row_bytes, t0);
   const uint8_t* a16 = src + t0 * row_bytes - off;
   const int n16 = (off + static_cast<int>(t1 - t0) * row_bytes + 15) / 16;
-  for (int i = lane; i < n16; i += 32) cp_async16(dst + 16 * i, a16 + 16 * i);
+  for (int i = at; i < n16; i += step) cp_async16(dst + 16 * i, a16 + 16 * i);
 }
 
 // ---- pieces shared by the tensor-core decode kernels (this one and attention_spec.cuh) ----
@@ -398,16 +416,7 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gr = lane >> 2, tg = lane & 3;
   const int split = blockIdx.x;
   const int64_t bh = blockIdx.y, b = bh / P.Hkv, h = bh % P.Hkv;
-  if (tid < 16) {
-    cbk[tid] = ks.cb[tid];
-    cbv[tid] = vs.cb[tid];
-  }
-  const bool tk = ks.family == static_cast<int>(Family::kTurbo), tv = vs.family == static_cast<int>(Family::kTurbo);
-  for (int i = tid; i < 256; i += blockDim.x) {  // turbo codebooks have at most 16 entries
-    const int nk = tk ? 1 << ks.bits : 1, nv = tv ? 1 << vs.bits : 1;
-    pk[i] = make_float2(ks.cb[i & (nk - 1)], ks.cb[(i >> (tk ? ks.bits : 0)) & (nk - 1)]);
-    pv[i] = make_float2(vs.cb[i & (nv - 1)], vs.cb[(i >> (tv ? vs.bits : 0)) & (nv - 1)]);
-  }
+  load_codebooks(ks, vs, cbk, cbv, pk, pv);
   const int64_t len = min(max(P.lengths[b], int64_t(0)), P.T);
   const int64_t start = P.starts ? min(max(P.starts[b], int64_t(0)), len) : 0;
   QueryRows<DP> queries;

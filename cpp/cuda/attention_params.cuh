@@ -22,14 +22,16 @@ struct AttnParams {
 
 __host__ __device__ inline int rows_per_block(const AttnParams& P) { return P.G * P.nq; }
 
-// The query rows of a tensor-core block (attention_mma.cuh, attention_spec.cuh): the (query,
-// head) pairs of one KV head's group, numbered query-major (r = i * G + g) and cut into chunks
-// of 8 (blockIdx.z), so that a chunk holds consecutive queries. One query per sequence (decode)
-// with G <= 8 is one chunk, its rows the group's heads.
-struct RowChunk {
-  static constexpr int kRows = 8;  // the N of mma.m16n8k16
-  int first, count;                // flat rows [first, first + count)
-  __device__ explicit RowChunk(const AttnParams& P)
+// The query rows of a tensor-core block: the (query, head) pairs of one KV head's group,
+// numbered query-major (r = i * G + g) and cut into chunks of kRowsOf (blockIdx.z), so that a
+// chunk holds consecutive queries. Chunks of 8 (RowChunk: the N of mma.m16n8k16, attention_mma.cuh
+// and attention_spec.cuh): one query per sequence (decode) with G <= 8 is one chunk, its rows the
+// group's heads. Chunks of 64 (attention_flash.cuh): 4 warps x the M of the mma.
+template <int kRowsOf>
+struct RowChunkOf {
+  static constexpr int kRows = kRowsOf;
+  int first, count;  // flat rows [first, first + count)
+  __device__ explicit RowChunkOf(const AttnParams& P)
       : first(kRows * static_cast<int>(blockIdx.z)),
         count(static_cast<int>(min(static_cast<int64_t>(kRows), P.G * P.Sq - kRows * blockIdx.z))) {}
   // Query (0..Sq-1) and head in the group of row n; rows past count: those of the last row.
@@ -54,6 +56,7 @@ struct RowChunk {
     return (P.causal && t1 - 1 > qpos(P, len, 0)) || (P.window > 0 && t0 < qpos(P, len, count - 1) - P.window + 1);
   }
 };
+using RowChunk = RowChunkOf<8>;
 
 // Whether the query at qpos sees the key at jpos (both inside the sequence's valid range).
 __device__ __forceinline__ bool sees(const AttnParams& P, int64_t qpos, int64_t jpos) {
