@@ -85,6 +85,37 @@ def test_unknown_cpu_isa_is_refused():
     assert "TURBOKV_CPU_ISA: got 'avx9', expected auto, avx2 or baseline" in out.stdout
 
 
+def cuda_archs(*args: str, arch_list: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    if arch_list is not None:
+        env["TORCH_CUDA_ARCH_LIST"] = arch_list
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(
+        [sys.executable, str(root / "tools" / "cuda_archs.py"), *args], env=env, capture_output=True, text=True
+    )
+
+
+def test_cuda_architectures_share_one_front_end_pass_per_code_path():
+    """The wheel list's six cubins come from three PTX: the kernels' device code has two paths
+    (__CUDA_ARCH__ below / from 900), and sm_90a its own; what nvcc is told to build is what the
+    list names."""
+    wheel = cuda_archs("--wheel").stdout.splitlines()
+    assert wheel[1] == "sm_80 sm_86 sm_89 sm_90a sm_100 sm_120 compute_80"
+    assert wheel[2].split() == [
+        "-gencode=arch=compute_80,code=[sm_80,sm_86,sm_89,compute_80]",
+        "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_90,code=[sm_100,sm_120]",
+    ]
+    own = cuda_archs(arch_list="8.9;12.0+PTX").stdout.splitlines()
+    assert own[2].split() == [
+        "-gencode=arch=compute_80,code=sm_89",
+        "-gencode=arch=compute_90,code=sm_120",
+        "-gencode=arch=compute_120,code=compute_120",
+    ]
+    old = cuda_archs(arch_list="7.5")
+    assert old.returncode == 1 and "got '7.5', the kernels need compute capability 8.0 or newer" in old.stderr
+
+
 def need_cuda():
     ok, why = cuda_ready()
     if not ok:

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Compile every CUDA source (a cubin per architecture, so that each one's ptxas errors show), so a
 # CUDA compile error fails CI even on a machine with no GPU and a CPU-only torch.
-#   bash tools/check_cuda_compile.sh           sm_80 and sm_90a: the kernels' two device-code paths
-#                                              (__CUDA_ARCH__ below 900: no PDL; 900 and up), as CI runs it
-#   bash tools/check_cuda_compile.sh --wheel   every architecture of the wheel list (tools/cuda_archs.py)
+#   bash tools/check_cuda_compile.sh           every architecture of the wheel list, as CI runs it
+#   bash tools/check_cuda_compile.sh --quick   sm_80 and sm_90a: the kernels' two device-code paths
+#                                              (__CUDA_ARCH__ below 900: no PDL; 900 and up)
 #   TORCH_CUDA_ARCH_LIST="8.6;12.0" bash tools/check_cuda_compile.sh   those
-# The whole wheel list (six cubins and the compute_80 PTX) is too slow for CI beside the tests: each
-# larger kernel file takes about 2 minutes per architecture on one core (nvcc --time: cicc 45 s,
-# ptxas 58 s for attention_mma128.cu at sm_80), about an hour for the list on 2 cores. Torch-free kernels
-# compile as they are; files that include torch headers get the CPU torch's include paths (they need
-# no CUDA build of torch to compile).
+# The wheel list's six cubins and compute_80 PTX take three front-end passes per file (one per
+# device-code path, tools/cuda_archs.py) and six ptxas runs: for the largest kernel files about
+# 45 s of cicc per pass and 58 s of ptxas per cubin on one core (nvcc --time, attention_mma128.cu).
+# Torch-free kernels compile as they are; files that include torch headers get the CPU torch's
+# include paths (they need no CUDA build of torch to compile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvcc=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null || true)
@@ -24,10 +24,12 @@ if [ ${#srcs[@]} -eq 0 ]; then
   exit 0
 fi
 py=${PYTHON:-.venv/bin/python}
-if [ "${1:-}" = "--wheel" ]; then
-  archs=$(env -u TORCH_CUDA_ARCH_LIST "$py" tools/cuda_archs.py --wheel)
+if [ "${1:-}" = "--quick" ]; then
+  archs=$(TORCH_CUDA_ARCH_LIST="8.0;9.0a" "$py" tools/cuda_archs.py)
+elif [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  archs=$("$py" tools/cuda_archs.py)
 else
-  archs=$(TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0a"} "$py" tools/cuda_archs.py)
+  archs=$("$py" tools/cuda_archs.py --wheel)
 fi
 gencode=$(sed -n 3p <<<"$archs")
 echo "check_cuda_compile: $(sed -n 2p <<<"$archs") ($(sed -n 1p <<<"$archs"))"

@@ -52,9 +52,28 @@ def parse_arch_list(text: str, source: str) -> list[str]:
     return out
 
 
+def virtual_arch(arch: str) -> str:
+    """The PTX a cubin or PTX entry is compiled from: the kernels' device code has two paths,
+    __CUDA_ARCH__ below 900 and from 900 (PDL's griddepcontrol, common.cuh), so every cubin of a
+    path comes from that path's lowest PTX: compute_80 for sm_80..sm_89, compute_90 for sm_100,
+    sm_120 (and sm_90); sm_90a from compute_90a; PTX entries are their own."""
+    name = arch.split("_")[1]
+    if arch.startswith("compute_") or name.endswith(("a", "f")):
+        return f"compute_{name}"
+    return "compute_80" if int(name) < 90 else "compute_90"
+
+
 def gencode(archs: list[str]) -> str:
-    """One -gencode per cubin or PTX; nvcc runs the front end once per virtual architecture."""
-    return " ".join(f"-gencode=arch=compute_{a.split('_')[1]},code={a}" for a in archs)
+    """One -gencode per virtual architecture, with every cubin / PTX built from it: nvcc runs the
+    front end once per -gencode and ptxas once per cubin (the front end is about half of a large
+    kernel file's time, so the wheel list's six cubins take three front-end passes, not six)."""
+    groups: dict[str, list[str]] = {}
+    for a in archs:
+        groups.setdefault(virtual_arch(a), []).append(a)
+    return " ".join(
+        f"-gencode=arch={v},code={codes[0] if len(codes) == 1 else '[' + ','.join(codes) + ']'}"
+        for v, codes in groups.items()
+    )
 
 
 def archs_of_gencode(flags: str) -> list[str]:
