@@ -2,8 +2,9 @@
 # One GPU-machine session: build with the CUDA kernels, run the CUDA tests, then the
 # attention benchmark. Usage there: bash tools/gpu_check.sh [pytest -k expr] [bench args...]
 # Logs go to $OUT (the device tool brings them back). Carry .whl (the gguf wheel).
-# TURBOKV_PYTEST_ARGS: more pytest arguments (e.g. "-n 12" with the pytest-xdist wheel carried:
-# a PTX-only build's driver JIT then compiles kernels in several processes at once).
+# TURBOKV_PYTEST_ARGS: more pytest arguments (e.g. "-n 12 -v" with the pytest-xdist wheel carried:
+# a PTX-only build's driver JIT then compiles kernels in several processes at once; -v names each
+# result as it comes, so a run cut off by the call's limit still names its failures).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
 out=${OUT:-/tmp/out}
@@ -18,7 +19,7 @@ TURBOKV_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -e . >"$ou
 echo "build: $(($(date +%s) - t0)) s"
 python3 -c "import turbokv; print('WITH_CUDA', turbokv._C.WITH_CUDA, turbokv._C.CUDA_ARCHS, 'native cuda', turbokv.native_loaded('cuda'), turbokv._C.cuda_device_config(0))"
 kexpr=${1:-}
-python3 -m pytest -q -rs -m cuda ${TURBOKV_PYTEST_ARGS:-} ${kexpr:+-k "$kexpr"} tests 2>&1 | tee "$out/pytest_cuda.log" | tail -40
+python3 -m pytest -q -rfs -m cuda ${TURBOKV_PYTEST_ARGS:-} ${kexpr:+-k "$kexpr"} tests 2>&1 | tee "$out/pytest_cuda.log" | tail -40
 shift || true
 if [ "${1:-}" != "nobench" ]; then
   python3 benchmarks/bench_attention.py "$@" 2>&1 | tee "$out/bench_attention.log"
