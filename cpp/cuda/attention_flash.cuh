@@ -241,6 +241,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   cp_async_wait<0>();
 
   // This split's partial rows: unnormalised output, max and sum (the row's 4 lanes' sums added).
+  // A row that saw no key here (max still -inf) writes zeros, as the merge expects: its products
+  // took probability 0 times the V of keys other rows of the block see, NaN if one of them is.
   const int64_t rows_total = P.B * P.Hq * P.Sq;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -249,8 +251,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (row_a + 8 * r >= rows.count) continue;
     const int64_t row = split * rows_total + rows.out_row(P, b, h, row_a + 8 * r);
     float* po = part_o + row * DP + 2 * tg;
+    const bool saw = m[r] != -INFINITY;  // NaN counts as seen: the row's output is NaN
 #pragma unroll
-    for (int n = 0; n < ND; ++n) *reinterpret_cast<float2*>(po + 8 * n) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
+    for (int n = 0; n < ND; ++n)
+      *reinterpret_cast<float2*>(po + 8 * n) =
+          saw ? make_float2(o[n][2 * r], o[n][2 * r + 1]) : make_float2(0.0f, 0.0f);
     if (tg == 0) {
       part_ml[row * 2] = m[r];
       part_ml[row * 2 + 1] = l[r];
