@@ -11,8 +11,9 @@ Per shape, in one run on the same data:
   padding mask possible) and cuDNN (is_causal, else an explicit mask), "best" the faster;
 - per format: the op's tensor-core kernels, pinned: "ms" the spec kernel (8 rows a block),
   "flash" the flash kernel (64 rows a block, several queries only); dequantize + SDPA
-  (turbokv's prefill shortcut), and "auto" (what turbokv.attention chooses: the shortcut for
-  Sq >= PREFILL_SDPA_MIN_QUERIES, else the op's own choice) against best;
+  (turbokv's prefill shortcut; "deq" its two dequantize calls alone), and "auto" (what
+  turbokv.attention chooses: the shortcut for Sq >= PREFILL_SDPA_MIN_QUERIES, else the op's
+  own choice) against best;
 - "limit": the time to read the packed cache once at the read bandwidth of a large torch.sum
   measured in the run (memory-bound shapes cannot beat it).
 Times are the mean of back-to-back calls (best of three bursts) cycling over cache copies
@@ -148,15 +149,22 @@ def shape_rows(B, T, sq, padded, fmts, read_gbs):
         def deq(i, kc=kc, vc=vc, fmt=fmt, kr=kr, vr=vr):
             return ops._dequantized_sdpa(q, kc[i], vc[i], spans, ((fmt, kr), (fmt, vr)), D**-0.5, True)
 
+        def deq_only(i, kc=kc, vc=vc, fmt=fmt, kr=kr, vr=vr):  # the shortcut's two dequantize calls alone
+            turbokv.dequantize(kc[i], fmt, D, kr, dtype=q.dtype)
+            return turbokv.dequantize(vc[i], fmt, D, vr, dtype=q.dtype)
+
         fused_ms = {}
         for kernel, limit in (("spec", MAX_FUSED_WORK), ("flash", MAX_FLASH_WORK), ("auto", MAX_FLASH_WORK)):
             fused_ms[kernel] = float("nan")
             if B * sq * T <= limit and (kernel != "flash" or sq > 1):
                 with kernel_env(kernel):
                     fused_ms[kernel] = time_ms(fused, n, graph)
-        t_deq = time_ms(deq, n, graph=False) if sq >= 16 or fmt == "q4_0" else float("nan")
+        timed = sq >= 16 or fmt == "q4_0"
+        t_deq = time_ms(deq, n, graph=False) if timed else float("nan")
+        t_deq_only = time_ms(deq_only, n, graph=True) if timed else float("nan")
         t_auto = t_deq if sq >= ops.PREFILL_SDPA_MIN_QUERIES else fused_ms["auto"]
-        rows.append((fmt, fused_ms["spec"], (fused_ms["flash"], t_deq, t_auto, nbytes / read_gbs / 1e6, best)))
+        extra = (fused_ms["flash"], t_deq, t_deq_only, t_auto, nbytes / read_gbs / 1e6, best)
+        rows.append((fmt, fused_ms["spec"], extra))
         del kc, vc
     return rows
 
@@ -175,7 +183,8 @@ def main() -> None:
     print(f"read bandwidth (torch.sum of 4 GiB): {read_gbs:.0f} GB/s; Hq {HQ}, Hkv {HKV}, d {D}, f16 queries")
     print(f"auto: the fused kernel below {ops.PREFILL_SDPA_MIN_QUERIES} queries, dequantize + SDPA from there\n")
     print(
-        f"{'B':>2} {'T':>7} {'Sq':>6} {'pad':>3} {'path':<7} {'ms':>9} {'flash':>9} {'deq+SDPA':>9} {'auto':>9}"
+        f"{'B':>2} {'T':>7} {'Sq':>6} {'pad':>3} {'path':<7} {'ms':>9} {'flash':>9} {'deq+SDPA':>9} {'deq':>8}"
+        f" {'auto':>9}"
         f" {'limit':>8} {'auto vs best':>12} {'flash vs best':>13}"
     )
     for b in (int(x) for x in args.batches.split(",")):
@@ -190,9 +199,10 @@ def main() -> None:
                         if extra is None:
                             print(head)
                         else:
-                            flash, deq, auto, limit, best = extra
+                            flash, deq, deq_only, auto, limit, best = extra
                             print(
-                                f"{head} {flash:>9.4f} {deq:>9.4f} {auto:>9.4f} {limit:>8.4f} {best / auto:>11.2f}x"
+                                f"{head} {flash:>9.4f} {deq:>9.4f} {deq_only:>8.4f} {auto:>9.4f} {limit:>8.4f}"
+                                f" {best / auto:>11.2f}x"
                                 f" {best / flash:>12.2f}x"
                             )
                     torch.cuda.empty_cache()

@@ -5,6 +5,9 @@
 # TURBOKV_PYTEST_ARGS: more pytest arguments (e.g. "-n 12 -v" with the pytest-xdist wheel carried:
 # a PTX-only build's driver JIT then compiles kernels in several processes at once; -v names each
 # result as it comes, so a run cut off by the call's limit still names its failures).
+# Each build leaves the extension and a hash of the sources it was built from in $OUT
+# (_C*.so, _C.sources): put both in .prebuilt/ here and carry it (with .whl), and a later call
+# with TURBOKV_PREBUILT=1 skips the build (minutes of device time), refusing a stale extension.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
 out=${OUT:-/tmp/out}
@@ -14,9 +17,21 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-t0=$(date +%s)
-TURBOKV_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
-echo "build: $(($(date +%s) - t0)) s"
+sources() { find cpp CMakeLists.txt pyproject.toml -type f | LC_ALL=C sort | xargs sha1sum | sha1sum | cut -c1-16; }
+if [ -n "${TURBOKV_PREBUILT:-}" ]; then
+  so=$(ls .prebuilt/_C*.so 2>/dev/null | head -1)
+  if [ -z "$so" ] || [ "$(cat .prebuilt/_C.sources 2>/dev/null)" != "$(sources)" ]; then
+    echo "TURBOKV_PREBUILT: no .prebuilt/_C*.so, or it was built from other C++/CUDA sources: build instead"
+    exit 1
+  fi
+  cp "$so" python/turbokv/ && export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+  echo "prebuilt extension: $so (sources $(sources))"
+else
+  t0=$(date +%s)
+  TURBOKV_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+  echo "build: $(($(date +%s) - t0)) s"
+  cp "$(python3 -c 'import turbokv._C as c; print(c.__file__)')" "$out/" && sources >"$out/_C.sources"
+fi
 python3 -c "import turbokv; print('WITH_CUDA', turbokv._C.WITH_CUDA, turbokv._C.CUDA_ARCHS, 'native cuda', turbokv.native_loaded('cuda'), turbokv._C.cuda_device_config(0))"
 kexpr=${1:-}
 python3 -m pytest -q -rfs -m cuda ${TURBOKV_PYTEST_ARGS:-} ${kexpr:+-k "$kexpr"} tests 2>&1 | tee "$out/pytest_cuda.log" | tail -40

@@ -23,6 +23,7 @@
 #pragma once
 
 #include "attention_mma.cuh"
+#include "decode_span.cuh"
 
 namespace turbokv::cuda {
 
@@ -40,13 +41,13 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
 }
 
 // Shared memory of one block: the f16 query rows, the decoded K and V tiles (rows of DP + 8
-// halves: 16 bytes of pad put the 8 rows of an ldmatrix on distinct banks), the codebooks and
-// turbo pair tables (load_codebooks), then two buffers of packed K and V rows.
+// halves: 16 bytes of pad put the 8 rows of an ldmatrix on distinct banks), the two codebooks,
+// then two buffers of packed K and V rows.
 template <int DP, int BN>
 struct FlashLayout {
   static constexpr int kStride = DP + 8;
   static constexpr int kQBytes = kFlashRows * kStride * 2, kTileBytes = BN * kStride * 2;
-  static constexpr int kTables = 32 * 4 + 2 * 256 * 8;
+  static constexpr int kTables = 32 * 4;
   static constexpr int kStageAt = kQBytes + 2 * kTileBytes + kTables;
   static_assert(kStageAt % 16 == 0, "cp.async buffers are 16-byte aligned");
   // One side's packed rows: from the 16-byte boundary at or before the first, 16 bytes of slack.
@@ -55,17 +56,43 @@ struct FlashLayout {
 };
 
 // Rows [0, nvalid) of a staged tile of packed rows into f16 rows of dst (stride DP + 8), by the
-// whole block, 4 values a thread at a time; rows from nvalid on are zeros (the tile's end: a V
-// row there meets probability 0, and 0 times stale bytes might be NaN).
+// whole block, 8 values a thread at a time (chunk(row, j0) -> one 16-byte store); rows from
+// nvalid on are zeros (the tile's end: a V row there meets probability 0, and 0 times stale
+// bytes might be NaN).
+template <int DP, int BN, class Chunk>
+__device__ __forceinline__ void tile_rows(const uint8_t* rows, int row_bytes, int nvalid, __half* dst, Chunk&& chunk) {
+  constexpr int kChunks = DP / 8;
+#pragma unroll 2
+  for (int idx = static_cast<int>(threadIdx.x); idx < BN * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, j0 = 8 * (idx % kChunks);
+    *reinterpret_cast<uint4*>(dst + r * (DP + 8) + j0) = r < nvalid ? chunk(rows + r * row_bytes, j0) : uint4{};
+  }
+}
+
+// One side's staged tile into f16 rows: f16 rows copied, q8_0 / q4_0 in f16 arithmetic, the
+// other formats through decode_span's fp32 values.
 template <int DP, int BN>
-__device__ __forceinline__ void decode_tile(const DevSide& s, const float* cb, const float2* pairs, const uint8_t* rows,
-                                            int nvalid, __half* dst) {
-  constexpr int kQuads = DP / 4;
-  for (int idx = static_cast<int>(threadIdx.x); idx < BN * kQuads; idx += kThreads) {
-    const int r = idx / kQuads, j0 = 4 * (idx % kQuads);
-    float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (r < nvalid) decode_n<4>(s, cb, pairs, rows + r * s.row_bytes, j0, x);
-    *reinterpret_cast<uint2*>(dst + r * (DP + 8) + j0) = make_uint2(pack_half2(x[0], x[1]), pack_half2(x[2], x[3]));
+__device__ __forceinline__ void decode_tile(const DevSide& s, const float* cb, const uint8_t* rows, int nvalid,
+                                            __half* dst) {
+  const int rb = s.row_bytes;
+  if (s.fmt == kFmt_f16) {
+    tile_rows<DP, BN>(rows, rb, nvalid, dst, [](const uint8_t* row, int j0) {
+      return *reinterpret_cast<const uint4*>(row + 2 * j0);  // rows of 2 DP bytes, 16-byte aligned
+    });
+  } else if (s.fmt == kFmt_q4_0) {
+    tile_rows<DP, BN>(rows, rb, nvalid, dst, [](const uint8_t* row, int j0) {
+      return span::block8_f16<kFmt_q4_0>(row + j0 / 32 * 18, j0 % 32);
+    });
+  } else if (s.fmt == kFmt_q8_0) {
+    tile_rows<DP, BN>(rows, rb, nvalid, dst, [](const uint8_t* row, int j0) {
+      return span::block8_f16<kFmt_q8_0>(row + j0 / 32 * 34, j0 % 32);
+    });
+  } else {
+    tile_rows<DP, BN>(rows, rb, nvalid, dst, [&](const uint8_t* row, int j0) {
+      float x[8];
+      decode_span<8, /*kGlobal=*/false>(s, cb, row, j0, x);
+      return make_uint4(pack_half2(x[0], x[1]), pack_half2(x[2], x[3]), pack_half2(x[4], x[5]), pack_half2(x[6], x[7]));
+    });
   }
 }
 
@@ -83,14 +110,12 @@ __global__ void __launch_bounds__(kThreads, 2)
   __half* vd = reinterpret_cast<__half*>(smem + L::kQBytes + L::kTileBytes);
   float* cbk = reinterpret_cast<float*>(smem + L::kQBytes + 2 * L::kTileBytes);
   float* cbv = cbk + 16;
-  float2* pk = reinterpret_cast<float2*>(cbv + 16);
-  float2* pv = pk + 256;
   uint8_t* stage = smem + L::kStageAt;
   const int kbuf = L::stage_bytes(ks.row_bytes), vbuf = L::stage_bytes(vs.row_bytes);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gr = lane >> 2, tg = lane & 3;
   const int split = blockIdx.x;
   const int64_t bh = blockIdx.y, b = bh / P.Hkv, h = bh % P.Hkv;
-  load_codebooks(ks, vs, cbk, cbv, pk, pv);
+  load_codebooks(ks, vs, cbk, cbv);
 
   // Lengths are validated on the host outside graph capture; clamped so nothing reads out of bounds.
   const int64_t len = min(max(P.lengths[b], int64_t(0)), P.T);
@@ -158,8 +183,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int64_t t0 = s_lo + static_cast<int64_t>(i) * BN;
     const int nvalid = static_cast<int>(min(static_cast<int64_t>(BN), s_hi - t0));
     const uint8_t* st = stage + (i & 1) * (kbuf + vbuf);
-    decode_tile<DP, BN>(ks, cbk, pk, st + stage_offset(krows, ks.row_bytes, t0), nvalid, kd);
-    decode_tile<DP, BN>(vs, cbv, pv, st + kbuf + stage_offset(vrows, vs.row_bytes, t0), nvalid, vd);
+    decode_tile<DP, BN>(ks, cbk, st + stage_offset(krows, ks.row_bytes, t0), nvalid, kd);
+    decode_tile<DP, BN>(vs, cbv, st + kbuf + stage_offset(vrows, vs.row_bytes, t0), nvalid, vd);
     __syncthreads();
 
     float sc[NS][4];

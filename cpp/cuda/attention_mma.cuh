@@ -137,15 +137,17 @@ __device__ __forceinline__ void decode_n(const DevSide& s, const float* cb, cons
   for (int k = 0; k < N; ++k) out[k] = decode_at(s, cb, row, j0 + k);
 }
 
-// The two sides' codebooks (16 floats each) and turbo pair tables (256 float2 each: (c[a], c[b])
-// at a | b << bits) in shared memory, for decode_n; the caller synchronises before use.
-__device__ __forceinline__ void load_codebooks(const DevSide& ks, const DevSide& vs, float* cbk, float* cbv, float2* pk,
-                                               float2* pv) {
+// The two sides' codebooks (16 floats each) and, unless pk is null, turbo pair tables (256
+// float2 each: (c[a], c[b]) at a | b << bits) in shared memory, for decode_n; the caller
+// synchronises before use.
+__device__ __forceinline__ void load_codebooks(const DevSide& ks, const DevSide& vs, float* cbk, float* cbv,
+                                               float2* pk = nullptr, float2* pv = nullptr) {
   const int tid = static_cast<int>(threadIdx.x);
   if (tid < 16) {
     cbk[tid] = ks.cb[tid];
     cbv[tid] = vs.cb[tid];
   }
+  if (!pk) return;
   const bool tk = ks.family == static_cast<int>(Family::kTurbo), tv = vs.family == static_cast<int>(Family::kTurbo);
   for (int i = tid; i < 256; i += blockDim.x) {  // turbo codebooks have at most 16 entries
     const int nk = tk ? 1 << ks.bits : 1, nv = tv ? 1 << vs.bits : 1;
