@@ -5,6 +5,7 @@
 # TURBOKV_PYTEST_ARGS: more pytest arguments (e.g. "-n 12 -v" with the pytest-xdist wheel carried:
 # a PTX-only build's driver JIT then compiles kernels in several processes at once; -v names each
 # result as it comes, so a run cut off by the call's limit still names its failures).
+# TURBOKV_TEST_PATHS: the test files to run (default: tests), to split a long run between calls.
 # Each build leaves the extension and a hash of the sources it was built from in $OUT
 # (_C*.so, _C.sources): put both in .prebuilt/ here and carry it (with .whl), and a later call
 # with TURBOKV_PREBUILT=1 skips the build (minutes of device time), refusing a stale extension.
@@ -34,7 +35,7 @@ else
 fi
 python3 -c "import turbokv; print('WITH_CUDA', turbokv._C.WITH_CUDA, turbokv._C.CUDA_ARCHS, 'native cuda', turbokv.native_loaded('cuda'), turbokv._C.cuda_device_config(0))"
 kexpr=${1:-}
-python3 -m pytest -q -rfs -m cuda ${TURBOKV_PYTEST_ARGS:-} ${kexpr:+-k "$kexpr"} tests 2>&1 | tee "$out/pytest_cuda.log" | tail -40
+python3 -m pytest -q -rfs -m cuda ${TURBOKV_PYTEST_ARGS:-} ${kexpr:+-k "$kexpr"} ${TURBOKV_TEST_PATHS:-tests} 2>&1 | tee "$out/pytest_cuda.log" | tail -40
 shift || true
 if [ "${1:-}" != "nobench" ]; then
   python3 benchmarks/bench_attention.py "$@" 2>&1 | tee "$out/bench_attention.log"
