@@ -68,6 +68,9 @@ def build(layers: int, hidden: int, device: torch.device) -> transformers.PreTra
     return model.eval()
 
 
+WINDOWS = (1, 16)  # the exact token windows of the "+windows" rows (sink, recent), as turbokv calibrate's default
+
+
 class Bench:
     """The model under test on its device, and the caches it is measured with."""
 
@@ -100,6 +103,9 @@ class Bench:
             return transformers.QuantizedCache(backend=fmt, config=cfg, nbits=4), False, False
         if name == "StaticCache compiled":
             return transformers.StaticCache(config=cfg, max_cache_len=capacity), self.cuda, False
+        if "+windows" in name:
+            sink, recent = WINDOWS
+            return turbokv.TurboCache(cfg, k=fmt, v=fmt, sink_tokens=sink, recent_tokens=recent), False, True
         if name.endswith("patched eager"):
             return turbokv.TurboCache(cfg, k=fmt, v=fmt), False, True
         if name.endswith("static compiled"):
@@ -129,11 +135,13 @@ def kv_note(cache: transformers.Cache) -> str:
     return f"KV {cache.nbytes() / cache.f16_nbytes():.3f}x f16"
 
 
-def cache_names(fmts: list[str], peers: list[str], unpatched: bool, only: str) -> list[str]:
-    """Row names in run order; ``only``: comma-separated substrings, a row runs if its name has one."""
+def cache_names(fmts: list[str], peers: list[str], unpatched: bool, only: str, windows: bool = False) -> list[str]:
+    """Row names in run order; ``only``: comma-separated substrings, a row runs if its name has one;
+    ``windows``: also each format with the exact token windows (WINDOWS: sink + recent tokens)."""
     names = ["DynamicCache eager", "StaticCache compiled"] + [f"QuantizedCache {b} int4 eager" for b in peers]
     for f in fmts:
         names += [f"turbo {f} patched eager", f"turbo {f} static compiled"] + [f"turbo {f} unpatched"] * unpatched
+        names += [f"turbo {f} +windows patched eager"] * windows
     return [n for n in names if not only or any(k in n for k in only.split(","))]
 
 
@@ -229,7 +237,7 @@ def kv_bytes_per_token(cfg, name: str) -> float:
 
 def run_decode(bench: Bench, args, fmts: list[str], peers: list[str]) -> None:
     cfg = bench.model.config
-    names = cache_names(fmts, peers, not args.skip_unpatched, args.only)
+    names = cache_names(fmts, peers, not args.skip_unpatched, args.only, args.windows)
     print(f"decode: caches filled with random K/V, {args.steps} greedy steps timed, {cfg.num_hidden_layers} layers")
     print(f"{'B':>3} {'ctx':>6} {'cache':<34} {'ms/step':>8} {'tok/s':>8} {'peak GiB':>9}  note")
     for shape in args.shapes.split(","):
@@ -265,6 +273,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="1x4096,8x16384", help="decode: batch x context, comma-separated")
     ap.add_argument("--steps", type=int, default=16, help="decode: timed steps")
     ap.add_argument("--skip-unpatched", action="store_true", help="decode: leave out the unpatched TurboCache rows")
+    ap.add_argument("--windows", action="store_true", help="also rows with exact token windows (1 sink + 16 recent)")
     generate_scenarios.add_arguments(ap)
     args = ap.parse_args()
     scenarios = args.scenarios.split(",")
@@ -293,7 +302,8 @@ def main() -> None:
         else:
             for scenario in which:
                 print()
-                generate_scenarios.run(scenario, bench, args, cache_names(fmts, peers, False, args.only))
+                names = cache_names(fmts, peers, False, args.only, args.windows)
+                generate_scenarios.run(scenario, bench, args, names)
         print(f"({phase} scenarios: {time.perf_counter() - t0:.0f} s)")
         bench = None
         if device.type == "cuda":

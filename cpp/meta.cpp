@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <initializer_list>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -69,11 +70,7 @@ void cache_append_meta(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tenso
                v_rot_group, v_rot_seed);
 }
 
-at::Tensor attention_meta(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& lengths, const std::optional<at::Tensor>& starts, c10::string_view k_format,
-                          int64_t k_rot_group, std::optional<int64_t> k_rot_seed, c10::string_view v_format,
-                          int64_t v_rot_group, std::optional<int64_t> v_rot_seed, double scale, bool causal,
-                          int64_t window, double softcap, const std::optional<at::Tensor>& sinks) {
+at::Tensor attention_meta(TURBOKV_ATTENTION_PARAMS) {
   if (symbolic({&q, &k_cache, &v_cache, &lengths})) {
     check_same_device(q, {{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&lengths, "lengths"}});
     if (starts.has_value()) check_device(*starts, q.device(), "starts");
@@ -88,6 +85,12 @@ at::Tensor attention_meta(const at::Tensor& q, const at::Tensor& k_cache, const 
   return at::empty_like(q, at::MemoryFormat::Contiguous);  // (B, Hq, Sq, d), like q
 }
 
+std::tuple<at::Tensor, at::Tensor> attention_lse_meta(TURBOKV_ATTENTION_PARAMS) {
+  at::Tensor out = attention_meta(TURBOKV_ATTENTION_ARGS);
+  std::vector<c10::SymInt> rows(q.sym_sizes().begin(), q.sym_sizes().end() - 1);  // (B, Hq, Sq)
+  return {out, at::empty_symint(rows, q.options().dtype(at::kFloat))};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(turbokv, Meta, m) {
@@ -96,6 +99,7 @@ TORCH_LIBRARY_IMPL(turbokv, Meta, m) {
   m.impl("dequantize", &dequantize_meta);
   m.impl("cache_append", &cache_append_meta);
   m.impl("attention", &attention_meta);
+  m.impl("attention_lse", &attention_lse_meta);
 }
 
 }  // namespace turbokv::meta

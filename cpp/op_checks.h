@@ -68,6 +68,19 @@ AppendArgs check_append(const at::Tensor& k_cache, const at::Tensor& v_cache, co
 // Values of positions (a CPU int64 (B, S) copy): 0 <= p < T, no position twice in a sequence.
 void check_positions(const at::Tensor& pos_cpu, int64_t T);
 
+// The attention ops' parameters (ops.cpp's schema), as each backend's kernels take them, and the
+// same names as arguments: attention and attention_lse share one implementation per backend,
+// impl(TURBOKV_ATTENTION_PARAMS, bool want_lse) -> (out, lse), and differ only in what they return.
+#define TURBOKV_ATTENTION_PARAMS                                                                        \
+  const at::Tensor &q, const at::Tensor &k_cache, const at::Tensor &v_cache, const at::Tensor &lengths, \
+      const std::optional<at::Tensor>&starts, c10::string_view k_format, int64_t k_rot_group,           \
+      std::optional<int64_t> k_rot_seed, c10::string_view v_format, int64_t v_rot_group,                \
+      std::optional<int64_t> v_rot_seed, double scale, bool causal, int64_t window, double softcap,     \
+      const std::optional<at::Tensor>&sinks
+#define TURBOKV_ATTENTION_ARGS                                                                                       \
+  q, k_cache, v_cache, lengths, starts, k_format, k_rot_group, k_rot_seed, v_format, v_rot_group, v_rot_seed, scale, \
+      causal, window, softcap, sinks
+
 // attention: shapes, dtypes, devices and scalars.
 struct AttentionArgs {
   int64_t B, Hq, Hkv, Sq, T, d;

@@ -14,7 +14,7 @@ from helpers import sides
 import turbokv
 from turbokv import formats
 
-OPS = ("hadamard", "quantize", "dequantize", "cache_append", "attention")
+OPS = ("hadamard", "quantize", "dequantize", "cache_append", "attention", "attention_lse")
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -52,7 +52,7 @@ def _samples(gen):
     v = torch.randn(2, 2, 4, d, generator=gen)
     pos = torch.arange(4).repeat(2, 1)
     q = torch.randn(2, 8, 1, d, generator=gen, dtype=torch.float16)
-    return {
+    samples = {
         "hadamard": (x, 128, 7, False),
         "quantize": (x, "turbo3", 128, 11),
         "dequantize": (turbokv.quantize(x, "q4_0"), "q4_0", d, 64, None, True, torch.float16),
@@ -75,6 +75,8 @@ def _samples(gen):
             0.0,
         ),
     }
+    samples["attention_lse"] = samples["attention"]
+    return samples
 
 
 @pytest.mark.parametrize("name", OPS)

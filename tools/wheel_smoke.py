@@ -24,6 +24,13 @@ def main() -> None:
     assert "site-packages" in where, f"turbokv imported from {where}, not from the installed wheel"
     assert turbokv.native_loaded("cpu"), "the native CPU kernels are not registered"
     print(f"turbokv from {where}; cpu kernel copy {turbokv.ops._C.cpu_isa()}; cuda archs {turbokv.ops._C.CUDA_ARCHS!r}")
+    # The main job's calibrated policies ship as package data (JSON + safetensors offsets).
+    from turbokv.demo import DEFAULT_POLICIES
+    from turbokv.policy import Policy
+
+    for spec in DEFAULT_POLICIES:
+        assert "site-packages" in spec.policy, spec.policy
+        assert Policy.load(spec.policy).recent_tokens > 0, spec.policy
 
     g = torch.Generator().manual_seed(0)
     d = 128

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "../op_checks.h"
@@ -57,11 +58,9 @@ const Kernel& chosen_kernel() {
   return k;
 }
 
-at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                         const at::Tensor& lengths, const std::optional<at::Tensor>& starts, c10::string_view k_format,
-                         int64_t k_rot_group, std::optional<int64_t> k_rot_seed, c10::string_view v_format,
-                         int64_t v_rot_group, std::optional<int64_t> v_rot_seed, double scale, bool causal,
-                         int64_t window, double softcap, const std::optional<at::Tensor>& sinks) {
+// Both ops' work: the output (B, Hq, Sq, d) in q's dtype and, with want_lse, each row's
+// log-sum-exp (B, Hq, Sq) float32 (an undefined tensor otherwise).
+std::tuple<at::Tensor, at::Tensor> attention_impl(TURBOKV_ATTENTION_PARAMS, bool want_lse) {
   TORCH_CHECK_VALUE(q.device().is_cpu(), "q: got device ", q.device(), ", expected cpu for this kernel");
   const AttentionArgs a =
       check_attention(q, k_cache, v_cache, lengths, starts, std::string(k_format), k_rot_group, k_rot_seed,
@@ -72,8 +71,8 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   const int64_t* lp = len.const_data_ptr<int64_t>();
   const int64_t* sp = st.const_data_ptr<int64_t>();
   const SideSpec &ks = a.ks, &vs = a.vs;
-  AttnShape P{a.B,    a.Hq,   a.Hkv,  a.Sq, a.T, a.d, a.G, static_cast<float>(scale), static_cast<float>(softcap),
-              causal, window, nullptr};
+  AttnShape P{a.B,    a.Hq,   a.Hkv,   a.Sq,   a.T, a.d, a.G, static_cast<float>(scale), static_cast<float>(softcap),
+              causal, window, nullptr, nullptr};
   const AttnSide kside{ks.layout, ks.rot_group, ks.s1_ptr(), ks.s2_ptr()};
   const AttnSide vside{vs.layout, vs.rot_group, vs.s1_ptr(), vs.s2_ptr()};
   const AttendTask attend_task = chosen_kernel().fn;
@@ -83,6 +82,11 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   const at::Tensor kc = k_cache.contiguous(), vc = v_cache.contiguous();
   at::Tensor out = at::empty({P.B, P.Hq, P.Sq, P.d}, q.options().dtype(at::kFloat));
+  at::Tensor lse;
+  if (want_lse) {
+    lse = at::empty({P.B, P.Hq, P.Sq}, q.options().dtype(at::kFloat));
+    P.lse = lse.mutable_data_ptr<float>();
+  }
   const int64_t per_task = std::max<int64_t>(1, kRowsPerTask / P.G);
   const int64_t chunks = (P.Sq + per_task - 1) / per_task;
   const float* qp = qf.const_data_ptr<float>();
@@ -98,12 +102,23 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
       attend_task(P, kside, vside, qp, kp, vp, b, h, i0, i1, lp[b], sp[b], op, ws.data());
     }
   });
-  return out.to(q.scalar_type());
+  return {out.to(q.scalar_type()), lse};
+}
+
+at::Tensor attention_cpu(TURBOKV_ATTENTION_PARAMS) {
+  return std::get<0>(attention_impl(TURBOKV_ATTENTION_ARGS, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_lse_cpu(TURBOKV_ATTENTION_PARAMS) {
+  return attention_impl(TURBOKV_ATTENTION_ARGS, true);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(turbokv, CPU, m) { m.impl("attention", &attention_cpu); }
+TORCH_LIBRARY_IMPL(turbokv, CPU, m) {
+  m.impl("attention", &attention_cpu);
+  m.impl("attention_lse", &attention_lse_cpu);
+}
 
 const char* attention_isa() { return chosen_kernel().isa; }
 

@@ -138,10 +138,13 @@ void attend_task(const AttnShape& P, const AttnSide& ks, const AttnSide& vs, con
   for (int64_t r = 0; r < M; ++r) {
     float* a = acc + r * dpv;
     const int g = static_cast<int>(r / nq);
-    if (P.sinks != nullptr && mx[r] != -kInf) sm[r] += std::exp(P.sinks[h * P.G + g] - mx[r]);
+    if (P.sinks != nullptr && mx[r] != -kInf) sm[r] += expf(P.sinks[h * P.G + g] - mx[r]);
     scale(a, sm[r] == 0.0f ? 0.0f : 1.0f / sm[r], dpv);
     if (vs.rot_group) rotate_row<float>(a, dpv, vs.rot_group, vs.s1, vs.s2, true);
     const int64_t i = i0 + r % nq;
+    // The row's denominator as a logit (scale and softcap applied): what merging it with
+    // attention over other keys needs (ops.merge_attention). No key seen: -inf.
+    if (P.lse != nullptr) P.lse[(b * P.Hq + h * P.G + g) * P.Sq + i] = sm[r] == 0.0f ? -kInf : mx[r] + logf(sm[r]);
     float* dst = out + (((b * P.Hq + h * P.G + g) * P.Sq) + i) * P.d;
     for (int j = 0; j < P.d; ++j) dst[j] = a[j];
   }

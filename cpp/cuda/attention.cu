@@ -227,10 +227,11 @@ __global__ void __launch_bounds__(kMergeThreads)
   const float* sink = P.sinks ? P.sinks + (row / P.Sq) % P.Hq : nullptr;
   if (err != nullptr && threadIdx.x == 0 && row % (P.Hq * P.Sq) == 0)
     check_lengths_in_graph(P, row / (P.Hq * P.Sq), err);
+  float* lse = P.lse ? P.lse + row : nullptr;
   if (vs.dp % 4 == 0)
-    merge_row<4>(part_o, part_ml, row, rows_total, nsplit, vs.dp, sink, buf, buf + vs.dp);
+    merge_row<4>(part_o, part_ml, row, rows_total, nsplit, vs.dp, sink, lse, buf, buf + vs.dp);
   else
-    merge_row<1>(part_o, part_ml, row, rows_total, nsplit, vs.dp, sink, buf, buf + vs.dp);
+    merge_row<1>(part_o, part_ml, row, rows_total, nsplit, vs.dp, sink, lse, buf, buf + vs.dp);
   __syncthreads();
   if (in_warp) {
     if (threadIdx.x >= 32) return;
@@ -458,11 +459,9 @@ Path choose_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, c
   return unfit ? Path::kTiled : Path::kMma;
 }
 
-at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& lengths, const std::optional<at::Tensor>& starts, c10::string_view k_format,
-                          int64_t k_rot_group, std::optional<int64_t> k_rot_seed, c10::string_view v_format,
-                          int64_t v_rot_group, std::optional<int64_t> v_rot_seed, double scale, bool causal,
-                          int64_t window, double softcap, const std::optional<at::Tensor>& sinks) {
+// Both ops' work: the output (B, Hq, Sq, d) in q's dtype and, with want_lse, each row's
+// log-sum-exp (B, Hq, Sq) float32 (written by the merge; an undefined tensor otherwise).
+std::tuple<at::Tensor, at::Tensor> attention_impl(TURBOKV_ATTENTION_PARAMS, bool want_lse) {
   check_cuda(q, "q");
   const AttentionArgs a =
       check_attention(q, k_cache, v_cache, lengths, starts, std::string(k_format), k_rot_group, k_rot_seed,
@@ -503,6 +502,11 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
   // Sinks join only the merge's denominator: the partial kernels never read them.
   const at::Tensor sinks_f32 = sinks.has_value() ? sinks->to(at::kFloat).contiguous() : at::Tensor();
   P.sinks = sinks.has_value() ? sinks_f32.const_data_ptr<float>() : nullptr;
+  at::Tensor lse;
+  if (want_lse) {
+    lse = at::empty({a.B, a.Hq, a.Sq}, q.options().dtype(at::kFloat));
+    P.lse = lse.mutable_data_ptr<float>();
+  }
   const int device = q.device().index();
   const int sms = sm_count(device);
   const int smem_max = smem_limit(device);
@@ -614,11 +618,22 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const 
       run(__nv_bfloat16{});
       break;
   }
-  return out;
+  return {out, lse};
+}
+
+at::Tensor attention_cuda(TURBOKV_ATTENTION_PARAMS) {
+  return std::get<0>(attention_impl(TURBOKV_ATTENTION_ARGS, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_lse_cuda(TURBOKV_ATTENTION_PARAMS) {
+  return attention_impl(TURBOKV_ATTENTION_ARGS, true);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(turbokv, CUDA, m) { m.impl("attention", &attention_cuda); }
+TORCH_LIBRARY_IMPL(turbokv, CUDA, m) {
+  m.impl("attention", &attention_cuda);
+  m.impl("attention_lse", &attention_lse_cuda);
+}
 
 }  // namespace turbokv::cuda

@@ -41,7 +41,8 @@ inline size_t merge_smem(int dpv, int nsplit) {
 // dpv), by all threads of the block; scratch: 8 + nsplit (rounded up to 4) + 4 * blockDim.x
 // floats, 16-byte aligned. Every split wrote its partial (zeros where it saw no key), so no
 // load needs a guard. `sink` (or null) points at the row's attention-sink logit: it joins the
-// denominator once, as exp(sink - max) (a row that saw no key stays zeros).
+// denominator once, as exp(sink - max) (a row that saw no key stays zeros). `lse` (or null):
+// where thread 0 stores the row's log-sum-exp, max + log(denominator) (-inf for no key seen).
 //
 // Thread (c, k) sums column c (VW values) of splits k, k + groups, ... Its first kBatch
 // partial rows are loaded before anything else, so they are in flight while the block
@@ -50,7 +51,7 @@ inline size_t merge_smem(int dpv, int nsplit) {
 // 66 splits: 8.1 -> 6.2 us).
 template <int VW>
 __device__ void merge_row(const float* part_o, const float* part_ml, int64_t row, int64_t rows_total, int nsplit,
-                          int dpv, const float* sink, float* out_row, float* scratch) {
+                          int dpv, const float* sink, float* lse, float* out_row, float* scratch) {
   using V = std::conditional_t<VW == 4, float4, float>;
   constexpr int kBatch = 16;
   float* w = scratch + 8;
@@ -82,6 +83,7 @@ __device__ void merge_row(const float* part_o, const float* part_ml, int64_t row
   if (sink != nullptr && m != -INFINITY) l += expf(*sink - m);
   // l is 0 (no key seen), positive, +inf (a sink far above every score: zeros) or NaN (kept).
   const float inv = l == 0.0f ? 0.0f : 1.0f / l;
+  if (lse != nullptr && tid == 0) *lse = l == 0.0f ? -INFINITY : m + logf(l);
   const auto fma = [](V& acc, float a, const V& v) {
     if constexpr (VW == 4) {
       acc.x += a * v.x;

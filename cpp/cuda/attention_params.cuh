@@ -18,6 +18,7 @@ struct AttnParams {
   const int64_t* lengths;
   const int64_t* starts;  // may be null
   const float* sinks;     // (Hq,) attention sinks, or null; only the merge reads them
+  float* lse;             // (B, Hq, Sq) log-sum-exp per row (attention_lse), or null; only the merge writes it
 };
 
 __host__ __device__ inline int rows_per_block(const AttnParams& P) { return P.G * P.nq; }

@@ -1,7 +1,7 @@
 """turbokv: KV-cache compression with Hadamard rotation and attention over the packed cache."""
 
 from turbokv import formats, reference, rotation
-from turbokv.ops import attention, cache_append, dequantize, hadamard, native_loaded, quantize
+from turbokv.ops import attention, cache_append, dequantize, hadamard, merge_attention, native_loaded, quantize
 
 __all__ = [
     "attention",
@@ -9,6 +9,7 @@ __all__ = [
     "dequantize",
     "formats",
     "hadamard",
+    "merge_attention",
     "native_loaded",
     "quantize",
     "reference",

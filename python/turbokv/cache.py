@@ -40,6 +40,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from turbokv import formats, ops
 from turbokv.rotation import Rotation, auto_rotation
+from turbokv.windows import ExactWindows
 
 ROTATE_CHOICES = ("auto", "on", "off")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
@@ -97,9 +98,12 @@ class TurboLayer(CacheLayerMixin):
         sliding_window: int | None = None,
         max_cache_len: int | None = None,
         chunk_size: int | None = None,
+        sink_tokens: int = 0,
+        recent_tokens: int = 0,
     ):
         super().__init__()
         _check_max_cache_len(max_cache_len)
+        _check_windows(sink_tokens, recent_tokens, max_cache_len, chunk_size)
         self.k_spec, self.v_spec = k, v
         self.sliding_window = sliding_window
         # Chunked attention (Llama 4): a query sees the keys of its own chunk of chunk_size tokens, counted
@@ -123,6 +127,14 @@ class TurboLayer(CacheLayerMixin):
         # stored. Exact for the fused scores (softmax ignores q·m, a per-query constant); the dequantized
         # path adds it back. None: no shift.
         self.k_offset: torch.Tensor | None = None
+        # Exact token windows (turbokv.windows): the first sink_tokens and the last recent_tokens positions
+        # kept in f16 beside the packed cache; None without them.
+        self.sink_tokens, self.recent_tokens = sink_tokens, recent_tokens
+        self.windows: ExactWindows | None = None
+
+    @property
+    def has_windows(self) -> bool:
+        return bool(self.sink_tokens or self.recent_tokens)
 
     # ------------------------------------------------------------------ storage
 
@@ -142,6 +154,8 @@ class TurboLayer(CacheLayerMixin):
                     torch._dynamo.mark_static_address(t)
         else:
             self._alloc(b, h, max(256, key_states.shape[-2]))
+        if self.has_windows:
+            self.windows = ExactWindows(self.sink_tokens, self.recent_tokens, self.dtype)
         self.is_initialized = True
 
     @property
@@ -247,17 +261,21 @@ class TurboLayer(CacheLayerMixin):
             positions = torch.arange(self.length, self.length + s, device=self.device).expand(b, s)
         if self.k_offset is not None:
             key_states = key_states - self._k_offset_for(key_states)
-        ops.cache_append(
-            self.k_packed,
-            self.v_packed,
-            key_states,
-            value_states,
-            positions,
-            self.k_spec.format,
-            self.v_spec.format,
-            self.k_rot,
-            self.v_rot,
-        )
+        if self.windows is not None:  # only what leaves the exact windows is quantized now
+            key_states, value_states, first = self.windows.append(key_states, value_states, self.length)
+            positions = torch.arange(first, first + key_states.shape[2], device=self.device).expand(b, -1)
+        if key_states.shape[2]:
+            ops.cache_append(
+                self.k_packed,
+                self.v_packed,
+                key_states,
+                value_states,
+                positions,
+                self.k_spec.format,
+                self.v_spec.format,
+                self.k_rot,
+                self.v_rot,
+            )
         if self.is_compileable:
             self.cumulative_length.add_(s)
         else:
@@ -275,9 +293,18 @@ class TurboLayer(CacheLayerMixin):
         n = self.capacity if self.is_compileable else self.length
         d = self.head_dim
         k = ops.dequantize(self.k_packed[:, :, :n], self.k_spec.format, d, self.k_rot, dtype=self.dtype)
+        v = ops.dequantize(self.v_packed[:, :, :n], self.v_spec.format, d, self.v_rot, dtype=self.dtype)
+        if self.windows is not None:
+            k, v = self.windows.fill(k, v)
         if self.k_offset is not None:
             k = k + self._k_offset_for(k)
-        v = ops.dequantize(self.v_packed[:, :, :n], self.v_spec.format, d, self.v_rot, dtype=self.dtype)
+        return k, v
+
+    def _packed_rows(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized K/V of positions ``[a, b)`` as stored (key offset not added), in the model's dtype."""
+        d = self.head_dim
+        k = ops.dequantize(self.k_packed[:, :, a:b], self.k_spec.format, d, self.k_rot, dtype=self.dtype)
+        v = ops.dequantize(self.v_packed[:, :, a:b], self.v_spec.format, d, self.v_rot, dtype=self.dtype)
         return k, v
 
     def set_k_offset(self, offset: torch.Tensor | None) -> None:
@@ -337,6 +364,7 @@ class TurboLayer(CacheLayerMixin):
         else:
             self._length = 0
             self.k_packed = self.v_packed = None
+        self.windows = None
 
     def crop(self, tokens_to_remove: int) -> None:
         """Negative: drop that many tokens; 0: nothing; positive (legacy): keep that many.
@@ -348,32 +376,34 @@ class TurboLayer(CacheLayerMixin):
             return
         keep = tokens_to_remove if tokens_to_remove > 0 else self.length + tokens_to_remove
         self.length = max(0, min(self.length, keep))
+        if self.windows is not None:
+            self.windows.crop(self.length, self._packed_rows)
 
     # The three batch edits of beam search / contrastive decoding: the batch size that later
     # updates must match is the buffers' first dim, so these set it.
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def _map_batch(self, fn) -> None:
+        """Apply a batch edit or device move to the packed buffers and the exact windows."""
         if self.is_initialized:
-            idx = beam_idx.to(self.device)
-            self._set_buffers(self.k_packed.index_select(0, idx), self.v_packed.index_select(0, idx))
+            self._set_buffers(fn(self.k_packed), fn(self.v_packed))
+            if self.windows is not None:
+                self.windows.map_batch(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._set_buffers(
-                self.k_packed.repeat_interleave(repeats, dim=0), self.v_packed.repeat_interleave(repeats, dim=0)
-            )
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._set_buffers(self.k_packed[indices], self.v_packed[indices])
+        self._map_batch(lambda t: t[indices])
 
     def offload(self):
-        if self.is_initialized:
-            self._set_buffers(self.k_packed.to("cpu"), self.v_packed.to("cpu"))
+        self._map_batch(lambda t: t.to("cpu"))
 
     def prefetch(self):
         if self.is_initialized and self.k_packed.device != self.device:
-            self._set_buffers(self.k_packed.to(self.device), self.v_packed.to(self.device))
+            self._map_batch(lambda t: t.to(self.device))
 
     @property
     def batch_size(self) -> int:
@@ -385,7 +415,9 @@ class TurboLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         b, h = self.k_packed.shape[:2]
-        return b * h * self.length * (self.k_packed.shape[3] + self.v_packed.shape[3])
+        exact = 0 if self.windows is None else self.windows.tokens(self.length)  # 2 bytes a value, K and V
+        packed = (self.length - exact) * (self.k_packed.shape[3] + self.v_packed.shape[3])
+        return b * h * (packed + exact * 4 * self.head_dim)
 
     def __repr__(self) -> str:
         return f"TurboLayer(k={self.k_spec.format}, v={self.v_spec.format}, tokens={self.length})"
@@ -469,6 +501,24 @@ def _check_int(name: str, value, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ValueError(f"{name}: got {value}, expected {low} <= {name} <= {high}")
     return value
+
+
+def _check_windows(sink_tokens, recent_tokens, max_cache_len, chunk_size) -> None:
+    """Exact token windows: two ints >= 0; not with a static cache or chunked attention (not built)."""
+    for name, value in (("sink_tokens", sink_tokens), ("recent_tokens", recent_tokens)):
+        _check_int(name, value, 0, 1 << 30)
+    if not (sink_tokens or recent_tokens):
+        return
+    if max_cache_len is not None:
+        raise ValueError(
+            f"sink_tokens / recent_tokens: got {sink_tokens} / {recent_tokens} with max_cache_len={max_cache_len}, "
+            "expected a dynamic cache (exact token windows are not built for the static, compileable cache)"
+        )
+    if chunk_size is not None:
+        raise ValueError(
+            f"sink_tokens / recent_tokens: got {sink_tokens} / {recent_tokens} for a chunked-attention layer, "
+            "expected full or sliding-window attention"
+        )
 
 
 def _check_max_cache_len(value) -> None:
@@ -623,7 +673,9 @@ class TurboCache(Cache):
     ``TurboCache(model.config, k="turbo3", v="turbo3")``. Per side: a format and a
     rotation policy (``rotate_k`` / ``rotate_v``: auto, on, off). ``overrides`` maps
     layer index -> ``(k_format, v_format)``; ``keep_first`` / ``keep_last`` layers use
-    ``keep_format`` (a common guard at very low bits). ``max_cache_len=N`` makes the
+    ``keep_format`` (a common guard at very low bits). ``sink_tokens`` / ``recent_tokens``
+    keep the first and each query's last tokens exact (f16) beside the packed cache
+    (turbokv.windows; dynamic caches, full and sliding attention). ``max_cache_len=N`` makes the
     cache static (preallocated, compileable: ``generate()`` then compiles decoding). Pass it as
     ``generate(past_key_values=cache)``; with ``turbokv.patch(model)`` attention
     reads the packed cache directly. Every argument is checked (``TypeError`` /
@@ -654,6 +706,8 @@ class TurboCache(Cache):
         keep_last: int = 0,
         keep_format: str = "q8_0",
         max_cache_len: int | None = None,
+        sink_tokens: int = 0,
+        recent_tokens: int = 0,
     ):
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         n = getattr(config, "num_hidden_layers", None)
@@ -679,6 +733,7 @@ class TurboCache(Cache):
             )
         keep_first, keep_last = _check_int("keep_first", keep_first, 0, n), _check_int("keep_last", keep_last, 0, n)
         _check_max_cache_len(max_cache_len)
+        _check_windows(sink_tokens, recent_tokens, max_cache_len, None)
         layers = []
         for i, kind in enumerate(_layer_types(config, n)):
             if i in sources:  # transformers' placeholder, or nothing where its DynamicCache drops the last layers
@@ -706,6 +761,7 @@ class TurboCache(Cache):
             chunk = _chunk_size(config) if kind == "chunked_attention" else None
             specs = SideSpec(kf, rotate_k), SideSpec(vf, rotate_v)
             kw = dict(sliding_window=window, max_cache_len=max_cache_len, chunk_size=chunk)
+            kw.update(sink_tokens=sink_tokens, recent_tokens=recent_tokens)
             if kind in HYBRID_LAYER_TYPES:
                 states = getattr(config, "number_of_conv_states", None)
                 layers.append(TurboHybridLayer(*specs, **kw, **({"number_of_states": states} if states else {})))
@@ -832,7 +888,14 @@ class TurboCache(Cache):
                 want = "null" if kind in STATE_LAYER_TYPES else "formats"
                 raise ValueError(f"policy: layers[{i}] got {lp!r}, expected {want} for a {kind} layer")
         first = next(lp for lp in policy.layers if lp is not None)
-        cache = cls(text, k=first.k, v=first.v, max_cache_len=max_cache_len)
+        cache = cls(
+            text,
+            k=first.k,
+            v=first.v,
+            max_cache_len=max_cache_len,
+            sink_tokens=policy.sink_tokens,
+            recent_tokens=policy.recent_tokens,
+        )
         for i, lp in enumerate(policy.layers):
             if lp is None:
                 continue

@@ -74,6 +74,12 @@ def save(cache: TurboCache, path: str | os.PathLike) -> None:
             f"cache: layers {shifted} hold key offsets (a calibrated policy), which this file format does not "
             "store yet; save a cache built without offsets"
         )
+    windowed = [i for i, layer in enumerate(cache.layers) if getattr(layer, "has_windows", False)]
+    if windowed:
+        raise ValueError(
+            f"cache: layers {windowed} keep exact token windows (sink_tokens / recent_tokens), which this file "
+            "format does not store yet; save a cache built without them"
+        )
     hybrid = [i for i, kind in enumerate(cache.layer_types) if kind in HYBRID_LAYER_TYPES]
     if hybrid:
         raise NotImplementedError(

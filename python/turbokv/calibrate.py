@@ -186,12 +186,32 @@ def measure_sensitivity(
     }
 
 
-def policy_for(measured: dict, bits: float, tokens: int = 512, info: dict | None = None) -> Policy:
-    """The policy at ``bits`` mean bits per value (offsets' storage counted at ``tokens`` tokens)."""
+def policy_for(
+    measured: dict,
+    bits: float,
+    tokens: int = 512,
+    info: dict | None = None,
+    sink_tokens: int = 0,
+    recent_tokens: int = 0,
+) -> Policy:
+    """The policy at ``bits`` mean bits per value, counted at ``tokens`` tokens: the offsets' storage
+    and the exact windows (``sink_tokens`` + ``recent_tokens`` at 16 bits) included; the packed
+    formats get what is left."""
     config, head_dim, k_offsets = measured["config"], measured["head_dim"], measured["k_offsets"]
     offsets = k_offsets is not None
     overhead = (16.0 / tokens) / 2 if offsets else 0.0  # one fp16 vector per KV head and layer, K side only
-    chosen, predicted = choose(measured["table"], head_dim, bits, overhead)
+    exact = (sink_tokens + recent_tokens) / tokens
+    if exact >= 1:
+        raise ValueError(
+            f"sink_tokens + recent_tokens: got {sink_tokens + recent_tokens}, expected fewer than tokens={tokens}"
+        )
+    packed_bits = (bits - overhead - 16.0 * exact) / (1 - exact)
+    try:
+        chosen, predicted = choose(measured["table"], head_dim, packed_bits)
+    except ValueError as e:
+        raise ValueError(
+            f"bits: got {bits}, too few for {sink_tokens + recent_tokens} exact tokens of {tokens}: {e}"
+        ) from e
     n = config.num_hidden_layers
     layers: list[LayerPolicy | None] = [None] * n
     for i in measured["layers"]:
@@ -202,6 +222,7 @@ def policy_for(measured: dict, bits: float, tokens: int = 512, info: dict | None
         for i, m in k_offsets.items():
             stacked[i] = m
     policy = Policy(getattr(config, "model_type", None), n, measured["heads"], head_dim, layers, stacked)
+    policy.sink_tokens, policy.recent_tokens = sink_tokens, recent_tokens
     policy.info = {
         "budget_bits": bits,
         "bits_per_value": round(policy.bits_per_value(tokens), 4),

@@ -21,6 +21,15 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
+def _add_window_args(p: argparse.ArgumentParser, sink: int, recent: int) -> None:
+    p.add_argument(
+        "--sink-tokens", type=int, default=sink, help=f"first tokens kept exact, f16 (default {sink}; turbokv.windows)"
+    )
+    p.add_argument(
+        "--recent-tokens", type=int, default=recent, help=f"each query's last tokens kept exact, f16 (default {recent})"
+    )
+
+
 def _prepare(args):
     from turbokv.eval import model as model_mod
     from turbokv.eval.runner import Reference, default_text_path, make_chunks
@@ -55,13 +64,14 @@ def _calibrate(args) -> None:
     out = Path(args.out)
     for bits in budgets:
         info = {"model": str(args.model or "default"), "calibration_text": source}
-        policy = calibrate.policy_for(measured, bits, args.tokens, info)
+        policy = calibrate.policy_for(measured, bits, args.tokens, info, args.sink_tokens, args.recent_tokens)
         path = out if len(budgets) == 1 else out.with_name(f"{out.stem}-{bits:g}{out.suffix}")
         policy.save(path)
         pairs = " ".join(f"{lp.k}/{lp.v}" for lp in policy.layers if lp is not None)
         print(
-            f"wrote {path}: {policy.info['bits_per_value']:.4f} bits per value at {args.tokens} tokens, "
-            f"predicted KLD {policy.info['predicted_kld']:.5f}\n  K/V per layer: {pairs}"
+            f"wrote {path}: {policy.info['bits_per_value']:.4f} bits per value at {args.tokens} tokens "
+            f"({args.sink_tokens} sink + {args.recent_tokens} recent tokens exact), "
+            f"predicted KLD {policy.info['predicted_kld']:.5f} (without the windows)\n  K/V per layer: {pairs}"
         )
 
 
@@ -80,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--rotate-k", choices=ROTATE, default=None)
     ev.add_argument("--rotate-v", choices=ROTATE, default=None)
     ev.add_argument("--policy", default=None, help="a policy file from `turbokv calibrate` (replaces --k/--v)")
+    _add_window_args(ev, 0, 0)
     ev.add_argument("--json", default=None, help="also write the summary as JSON to this file ('-' = stdout)")
     _add_model_args(ev)
     _add_text_args(ev)
@@ -100,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ca.add_argument("--formats", default=None, help="candidate formats, comma-separated (default: turbo2..q8_0)")
     ca.add_argument("--measure", choices=("probe", "all"), default="probe", help="formats measured end to end")
     ca.add_argument("--no-offsets", action="store_true", help="do not shift keys by their calibrated mean")
-    ca.add_argument("--tokens", type=int, default=512, help="context length the offsets' bits are counted at")
+    ca.add_argument("--tokens", type=int, default=512, help="context length bits are counted at (offsets, windows)")
+    _add_window_args(ca, 1, 16)
     _add_model_args(ca)
     ca.add_argument("--text", default=None, help="calibration text file (default: Python's pydoc topics)")
     ca.add_argument("--ctx", type=int, default=512, help="tokens per calibration chunk (default 512)")
@@ -126,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         from turbokv.eval.runner import CacheSpec, evaluate
 
         model, chunks, ref = _prepare(args)
-        spec = CacheSpec(args.k, args.v, args.rotate_k or args.rotate, args.rotate_v or args.rotate, args.policy)
+        rotations = (args.rotate_k or args.rotate, args.rotate_v or args.rotate)
+        spec = CacheSpec(args.k, args.v, *rotations, args.policy, args.sink_tokens, args.recent_tokens)
         summary = evaluate(model, chunks, spec, ref, progress=not args.no_progress)
         print(format_summary(spec.label, summary))
         if args.json:

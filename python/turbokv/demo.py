@@ -8,13 +8,14 @@ f16 run, plus the first line of generated text.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
 import turbokv
 from turbokv.eval import model as model_mod
 from turbokv.eval.metrics import summarize, token_stats
-from turbokv.eval.runner import CacheSpec
+from turbokv.eval.runner import CacheSpec, make_cache
 from turbokv.hf import cache_kwargs
 
 PROMPT = (
@@ -22,11 +23,16 @@ PROMPT = (
     "from Mainz, combined movable metal type, oil-based ink and a wooden screw press. Within fifty years"
 )
 CACHES = [CacheSpec("f16", "f16", "off", "off"), CacheSpec("turbo3", "turbo3"), CacheSpec("q4_0", "q4_0", "on", "on")]
+# The recommended settings for the default model at about 3.5 and 4.5 bits per value: policies from
+# `turbokv calibrate --bits 3.5,4.5` (per-layer formats, key offsets, 1 sink + 16 recent tokens exact),
+# calibrated on Python's pydoc text; another model needs its own (README: calibrating your own model).
+POLICIES = Path(__file__).parent / "policies"
+DEFAULT_POLICIES = [CacheSpec("policy", "policy", policy=str(POLICIES / f"smollm2-135m-{b}.json")) for b in (3.5, 4.5)]
 
 
 @torch.no_grad()
 def generate(model, ids, spec: CacheSpec, new_tokens: int):
-    cache = turbokv.TurboCache(model.config, k=spec.k, v=spec.v, rotate_k=spec.rotate_k, rotate_v=spec.rotate_v)
+    cache = make_cache(model, spec)
     with turbokv.patch(model):
         t0 = time.perf_counter()
         out = model.generate(
@@ -38,7 +44,7 @@ def generate(model, ids, spec: CacheSpec, new_tokens: int):
 
 @torch.no_grad()
 def logprobs_on(model, seq, spec: CacheSpec, start: int) -> torch.Tensor:
-    cache = turbokv.TurboCache(model.config, k=spec.k, v=spec.v, rotate_k=spec.rotate_k, rotate_v=spec.rotate_v)
+    cache = make_cache(model, spec)
     with turbokv.patch(model):
         logits = model(seq, **cache_kwargs(model, cache)).logits[0]
     return torch.log_softmax(logits[start - 1 : -1].float(), -1)
@@ -52,12 +58,13 @@ def main(new_tokens: int = 200, model_path: str | None = None) -> None:
     ids = tok(PROMPT, return_tensors="pt").input_ids
     start = ids.shape[1]
     runs = {}
-    for spec in CACHES:
+    caches = CACHES + (DEFAULT_POLICIES if model_path is None else [])
+    for spec in caches:
         out, cache, dt = generate(model, ids, spec, new_tokens)
         runs[spec] = (out, cache, dt)
     ref_seq = runs[CACHES[0]][0]
     ref_logp = logprobs_on(model, ref_seq, CACHES[0], start)
-    w = max(len(spec.label) for spec in CACHES)  # the label column fits the longest label
+    w = max(len(spec.label) for spec in caches)  # the label column fits the longest label
     print(f"\n{'cache':<{w}} {'KV bytes':>10} {'vs f16':>7} {'tok/s':>7} {'mean KLD':>9} {'same top':>9}")
     texts = []
     for spec, (out, cache, dt) in runs.items():

@@ -260,6 +260,8 @@ def _fused_attention(query: torch.Tensor, layer: TurboLayer, starts: torch.Tenso
         k_format=layer.k_spec.format, v_format=layer.v_spec.format, k_rot=layer.k_rot, v_rot=layer.v_rot, **kwargs
     )
     k, v, chunk = layer.k_packed, layer.v_packed, layer.chunk_size
+    if layer.windows is not None:
+        return layer.windows.attention(query, (k, v), layer.length, starts, **op_args)
     if not chunk:
         return ops.attention(query, k, v, lengths, starts, **op_args)
     pad = torch.zeros_like(lengths) if starts is None else starts

@@ -39,7 +39,7 @@ _SDPA_BACKENDS = [
 def native_loaded(device_type: str = "cpu") -> bool:
     """True when every turbokv op has a native kernel for ``device_type`` ("cpu" or "cuda")."""
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    names = ("hadamard", "quantize", "dequantize", "cache_append", "attention")
+    names = ("hadamard", "quantize", "dequantize", "cache_append", "attention", "attention_lse")
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"turbokv::{n}", key) for n in names)
 
 
@@ -128,7 +128,8 @@ def attention(
     window: int = 0,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q: (B, Hq, Sq, d)`` over packed caches ``(B, Hkv, T, row_bytes)``.
 
     The ``Sq`` queries are the last ``Sq`` valid tokens: query ``i`` of sequence ``b``
@@ -138,7 +139,10 @@ def attention(
     ``sinks: (Hq,)`` (float32 / float16 / bfloat16; transformers' ``s_aux``) adds one logit per
     query head to the softmax denominator, with no value: ``out = sum_j e^s_j v_j / (sum_j e^s_j
     + e^sink)``; the sink is neither scaled nor softcapped.
-    Returns ``(B, Hq, Sq, d)`` in q's dtype; rows with no valid key are zeros.
+    Returns ``(B, Hq, Sq, d)`` in q's dtype; rows with no valid key are zeros. ``return_lse``:
+    ``(out, lse)``, ``lse: (B, Hq, Sq)`` float32 each row's log-sum-exp of its (scaled, softcapped)
+    scores, the sink included, ``-inf`` for a row with no valid key: what :func:`merge_attention`
+    combines attention over disjoint sets of keys with (the op's kernels, never the SDPA path).
 
     Prefill on the GPU (Sq >= PREFILL_SDPA_MIN_QUERIES, f16/bf16, no window or softcap: a
     whole prompt, left-padded or not, or a chunk of one after a cached prefix) runs as
@@ -153,6 +157,8 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     args = (k_format, k_rot.group, k_rot.seed, v_format, v_rot.group, v_rot.seed, scale, causal, window, softcap)
+    if return_lse:
+        return _ops.attention_lse(q, k_cache, v_cache, lengths, starts, *args, sinks)
     spans = None if sinks is not None else _prefill_spans(q, k_cache, lengths, starts, causal, window, softcap)
     if spans is not None:
         # The op's shape / dtype / format checks (its meta kernel: no data, no launch) first.
@@ -161,6 +167,28 @@ def attention(
         sides = ((k_format, k_rot), (v_format, v_rot))
         return _dequantized_sdpa(q, k_cache, v_cache, spans, sides, scale, causal)
     return _ops.attention(q, k_cache, v_cache, lengths, starts, *args, sinks)
+
+
+def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over the union of disjoint key sets from each set's ``(out, lse)``.
+
+    ``out: (B, Hq, Sq, d)``, ``lse: (B, Hq, Sq)`` (as :func:`attention` returns with ``return_lse``);
+    ``sinks: (Hq,)`` joins the merged denominator once (leave it out of the parts). Each part is
+    weighted by ``exp(lse - max)``: a part whose rows saw no key (``lse = -inf``) counts nothing, and
+    a row no part saw stays zeros, as the op leaves it. Returns ``(B, Hq, Sq, d)`` in the first
+    part's dtype.
+    """
+    lses = torch.stack([lse.float() for _, lse in parts])  # (P, B, Hq, Sq)
+    if sinks is not None:
+        sink = sinks.float().view(1, 1, -1, 1).expand(1, *lses.shape[1:])
+        lses = torch.cat([lses, sink])
+    top = lses.amax(0)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all -inf: weights 0, not NaN
+    w = torch.exp(lses - top)
+    denom = w.sum(0)
+    w = w / torch.where(denom > 0, denom, torch.ones_like(denom))
+    out = sum(w[i, ..., None] * o.float() for i, (o, _) in enumerate(parts))
+    return out.to(parts[0][0].dtype)
 
 
 # Fewer queries than this stay in the op's tensor-core kernels (memory-bound: they read the

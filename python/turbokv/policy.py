@@ -52,15 +52,21 @@ class Policy:
     layers: list[LayerPolicy | None]
     k_offsets: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
+    # Exact token windows (turbokv.windows), every attention layer: the first and the last tokens in f16.
+    sink_tokens: int = 0
+    recent_tokens: int = 0
 
     def bits_per_value(self, tokens: int | None = None) -> float:
-        """Mean stored bits per K/V value over the attention layers; with ``tokens``, the offsets'
-        storage (one fp16 vector per layer and KV head) spread over that many tokens is counted too."""
+        """Mean stored bits per K/V value over the attention layers; with ``tokens``, counted at that
+        length: the offsets' storage (one fp16 vector per layer and KV head) spread over it, and the
+        exact windows' tokens at 16 bits in place of their packed format."""
         attn = [lp for lp in self.layers if lp is not None]
         bits = sum(
             formats.bits_per_value(lp.k, self.head_dim) + formats.bits_per_value(lp.v, self.head_dim) for lp in attn
         )
         if tokens:
+            exact = min(tokens, self.sink_tokens + self.recent_tokens) / tokens
+            bits = bits * (1 - exact) + 2 * 16.0 * exact * len(attn)
             bits += sum(16.0 / tokens for lp in attn if lp.k_offset)
         return bits / (2 * len(attn))
 
@@ -80,8 +86,11 @@ class Policy:
             "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "offsets_file": offsets.name if offsets else None,
-            "bits_per_value": round(self.bits_per_value(), 4),
+            # The packed formats alone; info["bits_per_value"] counts offsets and windows at info["counted_at_tokens"].
+            "packed_bits_per_value": round(self.bits_per_value(), 4),
             "layers": [None if lp is None else asdict(lp) for lp in self.layers],
+            "sink_tokens": self.sink_tokens,
+            "recent_tokens": self.recent_tokens,
             "info": self.info,
         }
         path.write_text(json.dumps(payload, indent=1) + "\n")
@@ -122,6 +131,10 @@ class Policy:
                 raise ValueError(f"policy: k_offsets got shape {tuple(offsets.shape)}, expected {want}")
         if offsets is None and any(lp is not None and lp.k_offset for lp in parsed):
             raise ValueError("policy: layers ask for k_offset but offsets_file is missing")
+        for key in ("sink_tokens", "recent_tokens"):  # absent in policies written before exact windows: 0
+            value = raw.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"policy: {key} got {value!r}, expected an int >= 0")
         return cls(
             raw.get("model_type"),
             raw["num_layers"],
@@ -130,6 +143,8 @@ class Policy:
             parsed,
             offsets,
             raw.get("info") or {},
+            raw.get("sink_tokens", 0),
+            raw.get("recent_tokens", 0),
         )
 
 

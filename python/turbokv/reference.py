@@ -335,14 +335,16 @@ def attention(
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q: (B, Hq, Sq, d)`` over packed caches, in the rotated domain.
 
     Q is padded and rotated with the K side's rotation, K/V are decoded but never
     un-rotated, the output is inverse-rotated with the V side's rotation. ``sinks: (Hq,)``
     adds one unscaled, uncapped logit per query head to the softmax denominator (no value).
     Rows with no valid key give zeros. Returns ``(B, Hq, Sq, d)`` in q's dtype,
-    computed in ``compute_dtype`` (float16/bfloat16/float32/float64).
+    computed in ``compute_dtype`` (float16/bfloat16/float32/float64). ``return_lse``: also each
+    row's log-sum-exp ``(B, Hq, Sq)`` float32 of its scores and sink, ``-inf`` for no valid key.
     """
     b, hq, sq, d = q.shape
     hkv, t = k_cache.shape[1], k_cache.shape[2]
@@ -377,4 +379,10 @@ def attention(
     poisoned = (ok & bad_v[:, :, None, :]).any(-1, keepdim=True)
     o = torch.where(poisoned, torch.full_like(o, torch.nan), o)
     o = rotate(o, v_rot_group, v_rot_seed, inverse=True)[..., :d]
-    return o.to(q.dtype)
+    if not return_lse:
+        return o.to(q.dtype)
+    lse = torch.logsumexp(s, dim=-1)  # -inf where the row sees no slot
+    if sinks is not None:
+        sink = sinks.to(work).reshape(1, hq, 1).expand_as(lse)
+        lse = torch.where(torch.isfinite(lse) | torch.isnan(lse), torch.logaddexp(lse, sink), lse)
+    return o.to(q.dtype), lse.float()

@@ -47,13 +47,16 @@ class CacheSpec:
     rotate_k: str = "auto"
     rotate_v: str = "auto"
     policy: str | None = None  # a policy file (turbokv calibrate): its per-layer formats replace k / v
+    sink_tokens: int = 0  # exact token windows (turbokv.windows); a policy file carries its own
+    recent_tokens: int = 0
 
     @property
     def label(self) -> str:
         if self.policy:
             return f"policy {Path(self.policy).name}"
         rot = self.rotate_k if self.rotate_k == self.rotate_v else f"{self.rotate_k}/{self.rotate_v}"
-        return f"K {self.k} / V {self.v} (rotation {rot})"
+        windows = f", {self.sink_tokens} + {self.recent_tokens} exact" if self.sink_tokens or self.recent_tokens else ""
+        return f"K {self.k} / V {self.v} (rotation {rot}{windows})"
 
 
 F16 = CacheSpec("f16", "f16", "off", "off")
@@ -69,13 +72,25 @@ def make_chunks(tokenizer, text: str, ctx: int, n_chunks: int) -> torch.Tensor:
     return ids[: n * ctx].reshape(n, ctx)
 
 
+def make_cache(model, spec: CacheSpec) -> turbokv.TurboCache:
+    """An empty TurboCache for ``model`` as ``spec`` describes it (its policy file, or formats and windows)."""
+    if spec.policy:
+        return turbokv.TurboCache.from_policy(model.config, spec.policy)
+    return turbokv.TurboCache(
+        model.config,
+        k=spec.k,
+        v=spec.v,
+        rotate_k=spec.rotate_k,
+        rotate_v=spec.rotate_v,
+        sink_tokens=spec.sink_tokens,
+        recent_tokens=spec.recent_tokens,
+    )
+
+
 @torch.no_grad()
 def scored_logprobs(model, chunk: torch.Tensor, spec: CacheSpec) -> torch.Tensor:
     """Log-probabilities ``(ctx - ctx//2, vocab)`` predicting the second half of ``chunk``."""
-    if spec.policy:
-        cache = turbokv.TurboCache.from_policy(model.config, spec.policy)
-    else:
-        cache = turbokv.TurboCache(model.config, k=spec.k, v=spec.v, rotate_k=spec.rotate_k, rotate_v=spec.rotate_v)
+    cache = make_cache(model, spec)
     with turbokv.patch(model):
         logits = model(chunk[None].to(model.device), **cache_kwargs(model, cache)).logits[0]
     first = chunk.numel() // 2

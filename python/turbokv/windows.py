@@ -1,0 +1,232 @@
+"""Exact token windows: the first (sink) and the most recent tokens of a layer kept unquantized.
+
+A query at position ``p`` attends to three disjoint sets of keys, each in its own store:
+
+* sink tokens ``[0, s)``: the first ``s`` positions, exact (attention sinks take a large share of
+  every query's attention, and their quantization error lands in every output);
+* recent tokens ``[max(s, p - w + 1), p]``: the query's last ``w`` positions, exact;
+* everything between, ``[s, p - w]``: the packed cache, read by the fused op.
+
+Each set's attention comes with its log-sum-exp and :func:`turbokv.ops.merge_attention` combines
+them exactly: the result is attention over one key set in which only the middle part is
+quantized. In decoding that is what a cache holding ``s + w`` tokens in f16 and the rest packed
+computes; in a prompt every query gets its own recent window, as it would token by token.
+
+Storage: the packed buffer keeps slot = position, but only positions ``[s, length - w)`` are
+written (a token is quantized, from its exact copy, when it leaves the recent window); the exact
+tokens are stored as f16 (bf16 for a bf16 model) rows. Keys are stored after the layer's key offset, in every store,
+so all scores share one shift.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from turbokv import ops
+
+_NO_ROTATION = ops.NO_ROTATION
+
+
+def exact_format(dtype: torch.dtype) -> str:
+    """The float format the exact tokens of a model of ``dtype`` are stored in."""
+    return "bf16" if dtype == torch.bfloat16 else "f16"
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, n, d)`` f16 / bf16 as the op's packed rows of that format: ``(B, H, n, 2 d)`` uint8."""
+    return x.contiguous().view(torch.uint8)
+
+
+class ExactWindows:
+    """The exact stores of one layer: ``sink`` tokens ``[0, min(s, length))`` and the ``recent`` store.
+
+    Between calls the recent store holds positions ``[r0, length)`` with ``r0 = min(max(s, length
+    - w), length)`` (empty for ``w = 0``): the next update quantizes the ones that leave the
+    window. During one forward the layer's attention reads ``pending``: the exact rows of
+    ``[max(s, P - w + 1), length)`` for queries ``[P, length)``.
+    """
+
+    def __init__(self, sink: int, recent: int, dtype: torch.dtype):
+        self.sink, self.recent = sink, recent
+        self.dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+        self.format = exact_format(dtype)
+        self.sink_k: torch.Tensor | None = None  # (B, Hkv, <= s, d)
+        self.sink_v: torch.Tensor | None = None
+        self.recent_k: torch.Tensor | None = None  # (B, Hkv, length - r0, d)
+        self.recent_v: torch.Tensor | None = None
+        self.r0 = 0
+        self.pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    # ------------------------------------------------------------------ storage
+
+    def _recent_start(self, length: int) -> int:
+        return min(max(self.sink, length - self.recent), length) if self.recent else length
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Take new ``(B, Hkv, S, d)`` K/V at positions ``[start, start + S)``; return the rows that
+        enter the packed cache now and the position of the first: ``(k_rows, v_rows, position)``."""
+        s, w = self.sink, self.recent
+        n = k.shape[2]
+        end = start + n
+        k, v = k.to(self.dtype), v.to(self.dtype)
+        if start < s:  # sink positions among the new tokens
+            take = min(s, end) - start
+            self.sink_k = k[:, :, :take] if self.sink_k is None else torch.cat([self.sink_k, k[:, :, :take]], 2)
+            self.sink_v = v[:, :, :take] if self.sink_v is None else torch.cat([self.sink_v, v[:, :, :take]], 2)
+        if self.recent_k is not None and self.recent_k.shape[2]:
+            all_k, all_v = torch.cat([self.recent_k, k], 2), torch.cat([self.recent_v, v], 2)  # [r0, end)
+        else:
+            all_k, all_v, self.r0 = k, v, start
+        r0 = self.r0
+        # Entering the packed cache: [max(s, start - w), end - w), every position the window left.
+        a, e = max(s, start - w), end - w
+        pack = (
+            (all_k[:, :, a - r0 : e - r0], all_v[:, :, a - r0 : e - r0], a) if e > a else (k[:, :, :0], v[:, :, :0], a)
+        )
+        if w:
+            first = min(max(s, start - w + 1), end)  # the earliest recent key of these queries
+            self.pending = (all_k[:, :, first - r0 :], all_v[:, :, first - r0 :], first)
+        else:
+            self.pending = None
+        keep = self._recent_start(end)
+        self.recent_k, self.recent_v = all_k[:, :, keep - r0 :].clone(), all_v[:, :, keep - r0 :].clone()
+        self.r0 = keep
+        return pack
+
+    def crop(self, length: int, refill) -> None:
+        """Keep positions ``< length``; ``refill(a, b)`` gives the packed cache's dequantized K/V of
+        ``[a, b)`` (no offset added) where the recent store no longer reaches back far enough."""
+        self.pending = None
+        if self.sink_k is not None:
+            self.sink_k, self.sink_v = self.sink_k[:, :, :length], self.sink_v[:, :, :length]
+        if self.recent_k is None:
+            return
+        keep = self._recent_start(length)
+        if keep < self.r0:  # deeper than the window: the dropped tokens' neighbours come from the packed cache
+            k, v = refill(keep, self.r0)
+            self.recent_k = torch.cat([k.to(self.dtype), self.recent_k], 2)
+            self.recent_v = torch.cat([v.to(self.dtype), self.recent_v], 2)
+            self.r0 = keep
+        self.recent_k = self.recent_k[:, :, keep - self.r0 : length - self.r0]
+        self.recent_v = self.recent_v[:, :, keep - self.r0 : length - self.r0]
+        self.r0 = keep
+
+    def map_batch(self, fn) -> None:
+        """Apply a batch edit (index select, repeat, device move) to every stored tensor."""
+        self.pending = None
+        for name in ("sink_k", "sink_v", "recent_k", "recent_v"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, Hkv, length, d)`` dequantized K/V with the exact positions written over."""
+        k, v = k.clone(), v.clone()
+        if self.sink_k is not None:
+            n = self.sink_k.shape[2]
+            k[:, :, :n], v[:, :, :n] = self.sink_k, self.sink_v
+        if self.recent_k is not None and self.recent_k.shape[2]:
+            n = self.recent_k.shape[2]
+            k[:, :, self.r0 : self.r0 + n], v[:, :, self.r0 : self.r0 + n] = self.recent_k, self.recent_v
+        return k, v
+
+    def tokens(self, length: int) -> int:
+        """Exact tokens held at ``length`` (the sink and the recent window)."""
+        return min(self.sink, length) + (length - self._recent_start(length))
+
+    # ------------------------------------------------------------------ attention
+
+    def attention(
+        self,
+        query: torch.Tensor,
+        packed: tuple[torch.Tensor, torch.Tensor],
+        length: int,
+        starts: torch.Tensor | None,
+        *,
+        k_format: str,
+        v_format: str,
+        k_rot,
+        v_rot,
+        scale: float | None,
+        window: int = 0,
+        softcap: float = 0.0,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of the last ``Sq`` tokens' ``query (B, Hq, Sq, d)``: packed middle, exact sink and
+        recent tokens, merged by log-sum-exp. ``starts``: left padding ``(B,)`` or None; ``window``:
+        the layer's sliding window (0: none); ``sinks``: transformers' per-head sink logits."""
+        b, _, sq, d = query.shape
+        s, w = self.sink, self.recent
+        first = length - sq  # position of query 0
+        scale = d**-0.5 if scale is None else scale
+        pad = torch.zeros(b, dtype=torch.int64, device=query.device) if starts is None else starts.long()
+        common = dict(scale=scale, softcap=softcap, return_lse=True)
+        parts = []
+
+        def padded(out, lse, lo):  # rows [0, lo) saw nothing of this part
+            if lo == 0:
+                return out, lse
+            out = torch.cat([out.new_zeros(*out.shape[:2], lo, out.shape[3]), out], 2)
+            return out, torch.cat([lse.new_full((*lse.shape[:2], lo), -torch.inf), lse], 2)
+
+        # Packed keys [max(pad, s), p - w]: the op's causal mask with every query moved w positions back.
+        lo = max(0, w - first)
+        if sq > lo and length - w > s and (window == 0 or window > w):
+            n = length - w
+            st = pad.clamp(min=s).clamp(max=n)
+            out = ops.attention(
+                query[:, :, lo:],
+                *packed,
+                torch.full((b,), n, dtype=torch.int64, device=query.device),
+                st,
+                k_format=k_format,
+                v_format=v_format,
+                k_rot=k_rot,
+                v_rot=v_rot,
+                window=window - w if window else 0,
+                **common,
+            )
+            parts.append(padded(*out, lo))
+        # Recent keys [max(s, p - w + 1), p]: the pending exact rows, with the op's window of w.
+        if w and self.pending is not None:
+            rk, rv, r0 = self.pending
+            lo = max(0, r0 - first)
+            n = length - r0
+            if sq > lo and n > 0:
+                out = ops.attention(
+                    query[:, :, lo:],
+                    _rows(rk),
+                    _rows(rv),
+                    torch.full((b,), n, dtype=torch.int64, device=query.device),
+                    (pad - r0).clamp(0, n),
+                    k_format=self.format,
+                    v_format=self.format,
+                    window=min(w, window) if window else w,
+                    **common,
+                )
+                parts.append(padded(*out, lo))
+        # Sink keys [0, s): few, so plain matmuls, with the causal, padding and window masks.
+        if self.sink_k is not None and self.sink_k.shape[2]:
+            parts.append(_sink_part(query, self.sink_k, self.sink_v, first, pad, scale, window, softcap))
+        if not parts:
+            return query.new_zeros(query.shape)
+        return ops.merge_attention(parts, sinks).to(query.dtype)
+
+
+def _sink_part(q, k, v, first, pad, scale, window, softcap) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of ``q (B, Hq, Sq, d)`` over the ``n`` sink keys ``k, v (B, Hkv, n, d)``."""
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, 1)
+    vf = v.float().repeat_interleave(group, 1)
+    scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale  # (B, Hq, Sq, n)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    j = torch.arange(k.shape[2], device=q.device)
+    p = first + torch.arange(q.shape[2], device=q.device)
+    ok = (j[None, :] <= p[:, None])[None] & (j[None, None, :] >= pad[:, None, None])  # (B, Sq, n)
+    if window:
+        ok = ok & (p[:, None] - j[None, :] < window)[None]
+    scores = scores.masked_fill(~ok[:, None], -torch.inf)
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    return torch.matmul(probs, vf), lse

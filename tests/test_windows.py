@@ -1,0 +1,323 @@
+"""Exact token windows (turbokv.windows) and what they rest on: the op's log-sum-exp output and
+merge_attention. Every result is checked against attention written out key by key: a query at
+position p reads the sink keys [0, s) and its recent keys [p - w + 1, p] exact (f16) and every
+other key as the packed format stores it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import attention_args, make_cache, sides
+
+import turbokv
+from turbokv import ops, reference
+from turbokv.cache import SideSpec, TurboCache, TurboLayer
+from turbokv.hf import _fused_attention, cache_kwargs
+from turbokv.policy import LayerPolicy, Policy
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _marks(device):
+    return pytest.param(device, marks=pytest.mark.cuda) if device == "cuda" else device
+
+
+# ---------------------------------------------------------------------- the op's log-sum-exp
+
+
+@pytest.mark.parametrize("device", [_marks(d) for d in DEVICES])
+@pytest.mark.parametrize("fmt", ["f16", "q8_0", "q4_0", "turbo3"])
+@pytest.mark.parametrize(
+    "sq, causal, window, softcap, padded, sink",
+    [
+        (1, True, 0, 0.0, False, False),
+        (6, True, 0, 0.0, True, True),
+        (5, True, 7, 30.0, False, False),
+        (3, False, 0, 0.0, True, False),
+    ],
+)
+def test_attention_lse_matches_reference(device, fmt, sq, causal, window, softcap, padded, sink):
+    gen = torch.Generator().manual_seed(3)
+    b, hq, hkv, t, d = 3, 6, 2, 40, 64
+    kr, vr = sides(fmt, fmt, d)
+    kc, vc = make_cache(gen, b, hkv, t, d, fmt, fmt, kr, vr)
+    q = torch.randn(b, hq, sq, d, generator=gen)
+    lengths = torch.tensor([40, 33, 9])
+    # Sequence 2 is all padding for its first queries' window: some rows see no key (lse -inf, zeros).
+    starts = torch.tensor([0, 5, 9]) if padded else None
+    sinks = torch.randn(hq, generator=gen) if sink else None
+    args = attention_args(q, kc, vc, lengths, starts, fmt, fmt, kr, vr, causal, window, softcap)
+    want_o, want_l = reference.attention(*args, sinks, return_lse=True)
+    dev = lambda x: None if x is None else x.to(device)  # noqa: E731
+    out, lse = ops.attention(
+        *(dev(x) for x in (q, kc, vc, lengths, starts)),
+        k_format=fmt,
+        v_format=fmt,
+        k_rot=kr,
+        v_rot=vr,
+        causal=causal,
+        window=window,
+        softcap=softcap,
+        sinks=dev(sinks),
+        return_lse=True,
+    )
+    assert lse.shape == (b, hq, sq) and lse.dtype == torch.float32
+    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(want_l)), "rows without keys must have lse = -inf"
+    fin = torch.isfinite(want_l)
+    torch.testing.assert_close(lse.cpu()[fin], want_l[fin], atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(out.cpu(), want_o, atol=2e-4, rtol=1e-4)
+    if padded:
+        assert torch.isinf(want_l).any(), "the case must hold a row with no valid key"
+
+
+def test_attention_lse_meta_shapes():
+    gen = torch.Generator().manual_seed(0)
+    kr, vr = sides("q4_0", "q4_0", 64)
+    kc, vc = make_cache(gen, 2, 2, 16, 64, "q4_0", "q4_0", kr, vr)
+    q = torch.randn(2, 4, 3, 64, generator=gen)
+    meta = [x.to("meta") for x in (q, kc, vc, torch.tensor([16, 16]))]
+    out, lse = torch.ops.turbokv.attention_lse(
+        *meta, None, "q4_0", kr.group, kr.seed, "q4_0", vr.group, vr.seed, 0.125, True, 0, 0.0
+    )
+    assert out.shape == (2, 4, 3, 64) and lse.shape == (2, 4, 3) and lse.dtype == torch.float32
+    with pytest.raises(ValueError, match="k_format"):
+        torch.ops.turbokv.attention_lse(*meta, None, "q9_9", 0, None, "q4_0", vr.group, vr.seed, 0.125, True, 0, 0.0)
+
+
+@pytest.mark.parametrize("device", [_marks(d) for d in DEVICES])
+def test_merge_of_disjoint_key_sets_is_the_whole(device):
+    """Keys [0, 40) and [40, 70) as two calls (starts / lengths), merged with a sink: the one-call result."""
+    gen = torch.Generator().manual_seed(1)
+    kr, vr = sides("q8_0", "q8_0", 64)
+    kc, vc = make_cache(gen, 2, 2, 70, 64, "q8_0", "q8_0", kr, vr)
+    kc, vc, q = kc.to(device), vc.to(device), torch.randn(2, 4, 1, 64, generator=gen).to(device)
+    sinks = torch.randn(4, generator=gen).to(device)
+    kw = dict(k_format="q8_0", v_format="q8_0", k_rot=kr, v_rot=vr)
+    n = lambda x: torch.tensor([x, x], device=device)  # noqa: E731
+    whole = ops.attention(q, kc, vc, n(70), None, sinks=sinks, **kw)
+    head = ops.attention(
+        q, kc[:, :, :40].contiguous(), vc[:, :, :40].contiguous(), n(40), None, causal=False, return_lse=True, **kw
+    )
+    tail = ops.attention(q, kc, vc, n(70), n(40), return_lse=True, **kw)
+    empty = (torch.zeros_like(q), torch.full(q.shape[:3], -math.inf, device=device))  # a part that saw nothing
+    torch.testing.assert_close(ops.merge_attention([head, tail, empty], sinks), whole, atol=1e-5, rtol=1e-5)
+    # A row no part saw stays zeros; a NaN part makes the row NaN.
+    assert torch.equal(ops.merge_attention([empty, empty]), torch.zeros_like(q))
+    bad = (tail[0], torch.full_like(tail[1], math.nan))
+    assert torch.isnan(ops.merge_attention([head, bad])).all()
+
+
+# ---------------------------------------------------------------------- exact windows in a cache layer
+
+
+def _window_reference(q, k, v, first, starts, s, w, fmt, offset=None, window=0, softcap=0.0, quantized=()):
+    """Attention of q (B, Hq, Sq, d) at positions first.. over k, v (B, Hkv, T, d) written out per query:
+    exact (f16) keys for j < s or p - j < w (or j in ``quantized``: positions whose exact copy holds
+    their quantized value), the format's dequantized keys elsewhere."""
+    b, hq, sq, d = q.shape
+    hkv = k.shape[1]
+    kr, vr = sides(fmt, fmt, d)
+    if offset is not None:
+        k = k - offset[None, :, None, :]
+    ke, ve = k.half().float(), v.half().float()
+    # A token is quantized from its exact copy when it leaves the window (f16 here: the model is float32).
+    kq = ops.dequantize(ops.quantize(ke, fmt, kr), fmt, d, kr, dtype=torch.float32)
+    vq = ops.dequantize(ops.quantize(ve, fmt, vr), fmt, d, vr, dtype=torch.float32)
+    ke[:, :, list(quantized)], ve[:, :, list(quantized)] = kq[:, :, list(quantized)], vq[:, :, list(quantized)]
+    out = torch.zeros(b, hq, sq, d)
+    for bi in range(b):
+        for i in range(sq):
+            p = first + i
+            js = [j for j in range(int(starts[bi]) if starts is not None else 0, p + 1) if not window or p - j < window]
+            if not js:
+                continue
+            exact = torch.tensor([j < s or p - j < w for j in js])
+            for h in range(hq):
+                g = h // (hq // hkv)
+                keys = torch.where(exact[:, None], ke[bi, g, js], kq[bi, g, js])
+                vals = torch.where(exact[:, None], ve[bi, g, js], vq[bi, g, js])
+                sc = keys @ q[bi, h, i] / math.sqrt(d)
+                if softcap:
+                    sc = softcap * torch.tanh(sc / softcap)
+                out[bi, h, i] = torch.softmax(sc, 0) @ vals
+    return out
+
+
+def _run(layer, q, starts=None, window=0, softcap=0.0):
+    out = _fused_attention(q, layer, starts, scale=q.shape[-1] ** -0.5, window=window, softcap=softcap, sinks=None)
+    return out
+
+
+@pytest.mark.parametrize("device", [_marks(d) for d in DEVICES])
+@pytest.mark.parametrize("fmt", ["q4_0", "turbo3"])
+@pytest.mark.parametrize("s, w", [(0, 4), (2, 0), (2, 4), (3, 1)])
+@pytest.mark.parametrize("window, softcap, padded", [(0, 0.0, False), (6, 0.0, True), (0, 25.0, True)])
+def test_windowed_layer_matches_per_query_reference(device, fmt, s, w, window, softcap, padded):
+    """A prompt, decode steps and a chunk after a prefix: each call's attention, key by key."""
+    gen = torch.Generator().manual_seed(7)
+    b, hq, hkv, d, total = 2, 4, 2, 64, 23
+    k = torch.randn(b, hkv, total, d, generator=gen) + 0.5
+    v = torch.randn(b, hkv, total, d, generator=gen)
+    q = torch.randn(b, hq, total, d, generator=gen)
+    offset = torch.randn(hkv, d, generator=gen) * 0.3
+    starts = torch.tensor([0, 3]) if padded else None
+    layer = TurboLayer(SideSpec(fmt), SideSpec(fmt), sliding_window=window or None, sink_tokens=s, recent_tokens=w)
+    layer.set_k_offset(offset.to(device))
+    pos = 0
+    for n in (9, 1, 1, 5, 1, 6):  # prompt, decode, decode, a chunk, decode, a chunk
+        layer.fused_next = True
+        layer.update(k[:, :, pos : pos + n].to(device), v[:, :, pos : pos + n].to(device))
+        dev_starts = None if starts is None else starts.to(device)
+        got = _run(layer, q[:, :, pos : pos + n].to(device), dev_starts, window, softcap).cpu()
+        want = _window_reference(
+            q[:, :, pos : pos + n],
+            k[:, :, : pos + n],
+            v[:, :, : pos + n],
+            pos,
+            starts,
+            s,
+            w,
+            fmt,
+            offset,
+            window,
+            softcap,
+        )
+        torch.testing.assert_close(got, want, atol=3e-4, rtol=1e-3, msg=f"call of {n} tokens at {pos}")
+        pos += n
+    # What stays exact between calls: the sink and the last w tokens; the rest is packed.
+    assert layer.windows.tokens(pos) == min(s, pos) + min(w, pos - s)
+    # The fallback path's K/V: exact at the sink and the last w positions, dequantized elsewhere.
+    kd = layer.dequantized()[0].cpu()
+    exact_at = [j for j in range(pos) if j < s or j >= pos - w]
+    torch.testing.assert_close(kd[:, :, exact_at], k[:, :, exact_at].half().float(), atol=2e-3, rtol=0)
+
+
+def test_windowed_layer_crop_and_batch_edits():
+    """Assisted generation's crop and beam search's reorder keep every later call equal to the
+    key-by-key reference. The recent store holds the last w tokens only, so a crop re-reads the
+    positions it brings back into the window from the packed cache (their quantized values)."""
+    gen = torch.Generator().manual_seed(11)
+    b, hq, hkv, d, s, w, fmt = 2, 2, 1, 64, 1, 4, "q4_0"
+    k, v, q = (torch.randn(b, h, 30, d, generator=gen) for h in (hkv, hkv, hq))
+    layer = TurboLayer(SideSpec(fmt), SideSpec(fmt), sink_tokens=s, recent_tokens=w)
+    layer.fused_next = True
+    layer.update(k[:, :, :20], v[:, :, :20])
+    layer.crop(-2)  # 18 left: the window [14, 18) reaches back to 14, 15, which only the packed cache holds
+    layer.fused_next = True
+    layer.update(k[:, :, 18:19], v[:, :, 18:19])
+    want = _window_reference(q[:, :, 18:19], k[:, :, :19], v[:, :, :19], 18, None, s, w, fmt, quantized=(14, 15))
+    torch.testing.assert_close(_run(layer, q[:, :, 18:19]), want, atol=3e-4, rtol=1e-3)
+    layer.crop(-9)  # 10 left, the store began at 15: 6..9 refilled from the packed cache
+    layer.fused_next = True
+    layer.update(k[:, :, 10:12], v[:, :, 10:12])
+    want = _window_reference(q[:, :, 10:12], k[:, :, :12], v[:, :, :12], 10, None, s, w, fmt, quantized=range(6, 10))
+    torch.testing.assert_close(_run(layer, q[:, :, 10:12]), want, atol=3e-4, rtol=1e-3)
+    layer.reorder_cache(torch.tensor([1, 0]))
+    layer.fused_next = True
+    layer.update(k.flip(0)[:, :, 12:13], v.flip(0)[:, :, 12:13])
+    want = _window_reference(
+        q.flip(0)[:, :, 12:13], k.flip(0)[:, :, :13], v.flip(0)[:, :, :13], 12, None, s, w, fmt, quantized=range(6, 10)
+    )
+    torch.testing.assert_close(_run(layer, q.flip(0)[:, :, 12:13]), want, atol=3e-4, rtol=1e-3)
+
+
+def test_f16_windows_change_nothing_in_a_model():
+    """With f16 packed rows every store is exact: logits equal the cache without windows, fused and fallback."""
+    from hf_models import build
+
+    model = build("qwen3")  # a sliding-window layer among full ones
+    ids = torch.randint(1, 96, (2, 21), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    outs = []
+    for windows in ({}, {"sink_tokens": 2, "recent_tokens": 5}):
+        for patched in (True, False):
+            cache = TurboCache(model.config, k="f16", v="f16", rotate_k="off", rotate_v="off", **windows)
+            with torch.no_grad(), turbokv.patch(model) if patched else _null():
+                first = model(ids[:, :15], attention_mask=mask[:, :15], **cache_kwargs(model, cache)).logits
+                step = model(ids[:, 15:], attention_mask=mask, **cache_kwargs(model, cache)).logits
+            outs.append(torch.cat([first, step], 1))
+    for got in outs[1:]:
+        torch.testing.assert_close(got, outs[0], atol=2e-4, rtol=1e-4)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------- arguments, bits, policies
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"sink_tokens": -1}, "sink_tokens: got -1"),
+        ({"recent_tokens": True}, "recent_tokens: got True"),
+        ({"recent_tokens": 4, "max_cache_len": 64}, "max_cache_len=64"),
+    ],
+)
+def test_window_arguments_are_checked(kw, match):
+    from hf_models import llama
+
+    with pytest.raises((TypeError, ValueError), match=match):
+        TurboCache(llama().config, k="q4_0", v="q4_0", **kw)
+
+
+def test_window_bytes_and_policy_bits():
+    layer = TurboLayer(SideSpec("q4_0"), SideSpec("q4_0"), sink_tokens=1, recent_tokens=16)
+    layer.update(torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64))
+    # 17 tokens at 2 x 64 f16 bytes a side, 83 at q4_0's 36 bytes a row.
+    assert layer.nbytes() == 2 * (83 * 2 * 36 + 17 * 2 * 128)
+    policy = Policy("llama", 2, 2, 64, [LayerPolicy("q4_0", "q4_0")] * 2, sink_tokens=1, recent_tokens=16)
+    assert policy.bits_per_value() == pytest.approx(4.5)
+    assert policy.bits_per_value(512) == pytest.approx((495 * 4.5 + 17 * 16) / 512)
+
+
+def test_policy_windows_round_trip(tmp_path):
+    from hf_models import llama
+
+    config = llama().config
+    n = config.num_hidden_layers
+    policy = Policy("llama", n, 2, 64, [LayerPolicy("q4_0", "turbo3")] * n, sink_tokens=2, recent_tokens=8)
+    policy.save(tmp_path / "p.json")
+    cache = TurboCache.from_policy(config, tmp_path / "p.json")
+    assert all((lay.sink_tokens, lay.recent_tokens) == (2, 8) for lay in cache.turbo_layers)
+    text = (tmp_path / "p.json").read_text().replace('"recent_tokens": 8', '"recent_tokens": -3')
+    (tmp_path / "bad.json").write_text(text)
+    with pytest.raises(ValueError, match="recent_tokens got -3"):
+        Policy.load(tmp_path / "bad.json")
+
+
+def test_save_refuses_windows(tmp_path):
+    from hf_models import llama
+
+    model = llama()
+    cache = TurboCache(model.config, k="q4_0", v="q4_0", sink_tokens=1, recent_tokens=4)
+    with torch.no_grad(), turbokv.patch(model):
+        model(torch.randint(1, 96, (1, 9)), **cache_kwargs(model, cache))
+    with pytest.raises(ValueError, match="exact token windows"):
+        cache.save(tmp_path / "c.safetensors")
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_generate_with_f16_windows_equals_without(beams):
+    """generate() (greedy and beam search: reorder_cache on the exact stores) through the windows:
+    with f16 packed rows nothing is lossy, so the tokens equal a cache without windows."""
+    from hf_models import build
+
+    model = build("llama64")
+    ids = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(2))
+    outs = []
+    for windows in ({}, {"sink_tokens": 1, "recent_tokens": 3}):
+        cache = TurboCache(model.config, k="f16", v="f16", rotate_k="off", rotate_v="off", **windows)
+        with torch.no_grad(), turbokv.patch(model):
+            outs.append(
+                model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=12, do_sample=False, num_beams=beams)
+            )
+    assert torch.equal(outs[0], outs[1])
