@@ -188,7 +188,8 @@ def test_file_holds_the_valid_tokens_and_the_header(gen, tmp_path):
         meta = f.metadata()
         header = json.loads(meta["turbokv.header"])
         shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    assert meta["turbokv.format"] == "turbokv-cache" and meta["turbokv.format_version"] == str(FORMAT_VERSION)
+    # No key offsets or windows: written as version 1, which earlier turbokv versions read.
+    assert meta["turbokv.format"] == "turbokv-cache" and meta["turbokv.format_version"] == "1"
     assert meta["turbokv.version"] == turbokv.__version__
     assert header["model_type"] == "qwen3" and header["max_cache_len"] == 64
     assert [e["type"] for e in header["layers"]] == ["full_attention", "sliding_attention", "full_attention"]
@@ -409,10 +410,35 @@ def test_loaded_static_cache_compiles(device, gen, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * b.abs().max().item())
 
 
-def test_save_refuses_key_offsets(tmp_path, gen):
+@pytest.mark.parametrize("patched", [False, True])
+def test_policy_cache_with_offsets_and_windows_round_trips(patched, gen, tmp_path):
+    """A cache as a calibrated policy builds it (key offsets, 2 sink + 5 recent tokens exact) continues
+    from its file as it continues unsaved; the file is version 2 and its window fields are checked."""
     model = build("llama64")
-    cache = turbokv.TurboCache(model.config, k="q4_0", v="q4_0")
-    cache.turbo_layers[1].set_k_offset(torch.ones(2, 64))
-    model(torch.randint(1, 96, (1, 8), generator=gen), past_key_values=cache)
-    with pytest.raises(ValueError, match=r"layers \[1\] hold key offsets"):
-        cache.save(tmp_path / "c.safetensors")
+    ids, mask = inputs(gen)
+    offsets = torch.randn(model.config.num_hidden_layers, 2, 64, generator=gen)
+
+    def fresh():
+        cache = turbokv.TurboCache(model.config, k="q4_0", v="turbo3", sink_tokens=2, recent_tokens=5)
+        for layer, m in zip(cache.turbo_layers, offsets, strict=True):
+            layer.set_k_offset(m)
+        return cache
+
+    path = tmp_path / "c.safetensors"
+    with turbokv.patch(model) if patched else contextlib.nullcontext():
+        cache = prefill(model, ids, mask, fresh())
+        cache.save(path)
+        ref = greedy(model, ids, mask, cache)
+        loaded = turbokv.TurboCache.load(path, model.config)
+        pairs = zip(loaded.turbo_layers, cache.turbo_layers, strict=True)
+        assert all(torch.equal(a.k_offset, b.k_offset) for a, b in pairs)
+        assert all((lay.sink_tokens, lay.recent_tokens) == (2, 5) for lay in loaded.turbo_layers)
+        assert_same_generation(greedy(model, ids, mask, loaded), ref, exact=True)
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["turbokv.format_version"] == "2" == str(FORMAT_VERSION)
+    with pytest.raises(ValueError, match="max_cache_len: got 64"):
+        turbokv.TurboCache.load(path, model.config, max_cache_len=64)
+
+    edit_header(path, lambda header: header["layers"][1].update(recent_start=10))
+    with pytest.raises(CacheFileError, match=r"layers\[1\].recent_start: got 10, expected 11"):
+        turbokv.TurboCache.load(path, model.config)

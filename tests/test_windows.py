@@ -293,17 +293,6 @@ def test_policy_windows_round_trip(tmp_path):
         Policy.load(tmp_path / "bad.json")
 
 
-def test_save_refuses_windows(tmp_path):
-    from hf_models import llama
-
-    model = llama()
-    cache = TurboCache(model.config, k="q4_0", v="q4_0", sink_tokens=1, recent_tokens=4)
-    with torch.no_grad(), turbokv.patch(model):
-        model(torch.randint(1, 96, (1, 9)), **cache_kwargs(model, cache))
-    with pytest.raises(ValueError, match="exact token windows"):
-        cache.save(tmp_path / "c.safetensors")
-
-
 @pytest.mark.parametrize("beams", [1, 2])
 def test_generate_with_f16_windows_equals_without(beams):
     """generate() (greedy and beam search: reorder_cache on the exact stores) through the windows:

@@ -19,7 +19,11 @@ The file is safetensors (tensors and string metadata, no pickle). Its metadata h
 
 Tensors: ``layers.{i}.k`` / ``layers.{i}.v``, the packed ``(B, Hkv, length, row_bytes)`` uint8 K/V
 (the valid tokens, not the capacity slack); ``layers.{i}.conv.{s}`` / ``layers.{i}.recurrent.{s}``,
-a state layer's states as transformers holds them.
+a state layer's states as transformers holds them. Version 2 adds, where an attention layer has
+them: ``layers.{i}.k_offset`` (its key offset, ``(Hkv, d)`` float32) and the exact token windows
+(turbokv.windows; entry fields ``sink_tokens``, ``recent_tokens``, ``recent_start``):
+``layers.{i}.sink_k`` / ``sink_v`` / ``recent_k`` / ``recent_v``, ``(B, Hkv, n, d)`` f16 / bf16. A
+file without them is written as version 1, which earlier turbokv versions read.
 
 Loading checks, each failure naming the field, the value seen and the one expected: the file is
 a turbokv cache of a version this code reads, every tensor's bytes match the header's sha256 and
@@ -46,7 +50,12 @@ from turbokv.cache import HYBRID_LAYER_TYPES, STATE_LAYER_TYPES, SideSpec, Turbo
 from turbokv.rotation import Rotation
 
 FORMAT_NAME = "turbokv-cache"
-FORMAT_VERSION = 1
+# 2: an attention layer may hold a key offset (a calibrated policy) and exact token windows.
+FORMAT_VERSION = 2
+# Version 2's per-layer tensors: the key offset (Hkv, d) float32 and the exact windows' rows
+# (B, Hkv, n, d) in their f16 / bf16 dtype.
+WINDOW_TENSORS = ("sink_k", "sink_v", "recent_k", "recent_v")
+EXTENDED_TENSORS = ("k_offset", *WINDOW_TENSORS)
 # The model dtypes a TurboLayer can hold (what its update accepts).
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -66,20 +75,6 @@ def save(cache: TurboCache, path: str | os.PathLike) -> None:
     """
     if not isinstance(cache, TurboCache):
         raise TypeError(f"cache: got {type(cache).__name__}, expected a TurboCache")
-    # The file format has no field for a policy's key offsets yet: a cache with them would load
-    # without them (fused attention is still exact, the dequantized path is not), so refuse.
-    shifted = [i for i, layer in enumerate(cache.layers) if getattr(layer, "k_offset", None) is not None]
-    if shifted:
-        raise ValueError(
-            f"cache: layers {shifted} hold key offsets (a calibrated policy), which this file format does not "
-            "store yet; save a cache built without offsets"
-        )
-    windowed = [i for i, layer in enumerate(cache.layers) if getattr(layer, "has_windows", False)]
-    if windowed:
-        raise ValueError(
-            f"cache: layers {windowed} keep exact token windows (sink_tokens / recent_tokens), which this file "
-            "format does not store yet; save a cache built without them"
-        )
     hybrid = [i for i, kind in enumerate(cache.layer_types) if kind in HYBRID_LAYER_TYPES]
     if hybrid:
         raise NotImplementedError(
@@ -105,9 +100,11 @@ def save(cache: TurboCache, path: str | os.PathLike) -> None:
         "max_cache_len": turbo[0].max_cache_len,
         "layers": layers,
     }
+    # Version 2 only where a layer holds what version 1 has no field for: older readers load the rest.
+    extended = any(name.rsplit(".", 1)[-1] in EXTENDED_TENSORS for name in tensors)
     metadata = {
         "turbokv.format": FORMAT_NAME,
-        "turbokv.format_version": str(FORMAT_VERSION),
+        "turbokv.format_version": str(FORMAT_VERSION if extended else 1),
         "turbokv.version": turbokv.__version__,
         "turbokv.header": json.dumps(header),
     }
@@ -170,6 +167,14 @@ def _turbo_entry(i: int, kind: str, layer: TurboLayer) -> tuple[dict, dict[str, 
         "chunk_size": getattr(layer, "chunk_size", None),
     }
     named = {f"layers.{i}.k": _host(layer.k_packed[:, :, :n]), f"layers.{i}.v": _host(layer.v_packed[:, :, :n])}
+    if layer.k_offset is not None:
+        named[f"layers.{i}.k_offset"] = _host(layer.k_offset)
+    if layer.windows is not None:
+        w = layer.windows
+        entry.update(sink_tokens=w.sink, recent_tokens=w.recent, recent_start=w.r0)
+        named.update(
+            {f"layers.{i}.{name}": _host(getattr(w, name)) for name in WINDOW_TENSORS if getattr(w, name) is not None}
+        )
     return entry, named
 
 
@@ -323,6 +328,9 @@ def _parse_header(path: str, meta: dict[str, str]) -> dict:
         for key in ("head_dim", "batch", "kv_heads"):
             _field(path, entry, key, int, where)
         _field(path, entry, "sliding_window", int, where, optional=True)
+        for key in ("sink_tokens", "recent_tokens", "recent_start"):
+            if (_field(path, entry, key, int, where, optional=True) or 0) < 0:
+                raise _fail(path, f"{where}.{key}: got {entry[key]}, expected >= 0")
         _field(path, entry, "chunk_size", int, where, optional=True)
         for key in ("k_rotation", "v_rotation"):
             rot = _field(path, entry, key, dict, where)
@@ -395,7 +403,7 @@ def _check_model(path: str, header: dict, config, cache: TurboCache) -> None:
             names = [f"layers.{i}.{what}.{s}" for s, st in enumerate(entry["states"]) for what in _held(st)]
             _check_names(path, i, entry, names)
             continue
-        _check_names(path, i, entry, [f"layers.{i}.k", f"layers.{i}.v"])
+        _check_names(path, i, entry, [f"layers.{i}.k", f"layers.{i}.v", *_extended_names(i, entry)])
         shape = (
             ("kv_heads", kv_heads),
             ("head_dim", head_dim),
@@ -421,6 +429,14 @@ def _check_model(path: str, header: dict, config, cache: TurboCache) -> None:
                     f"tensor 'layers.{i}.{side}': got shape {got}, expected (batch, kv_heads, length, row bytes) "
                     f"{want} from the header's layer entry (an edited file)",
                 )
+
+
+def _extended_names(i: int, entry: dict) -> list[str]:
+    """Version 2's tensors of an attention layer entry: those of its key offset and exact windows."""
+    names = [f"layers.{i}.k_offset"] if f"layers.{i}.k_offset" in entry["tensors"] else []
+    if entry.get("sink_tokens") or entry.get("recent_tokens"):
+        names += [f"layers.{i}.{name}" for name in WINDOW_TENSORS if f"layers.{i}.{name}" in entry["tensors"]]
+    return names
 
 
 def _held(state: dict) -> list[str]:
@@ -474,12 +490,45 @@ def _restore_turbo(path: str, i: int, entry: dict, layer: TurboLayer, tensors: d
     # The layer sizes and allocates itself from the shape of a first update: an expanded scalar
     # gives that shape without allocating (B, Hkv, n, d) values.
     like = torch.empty((), dtype=DTYPES[entry["dtype"]], device=device).expand(b, h, n, d)
+    layer.sink_tokens, layer.recent_tokens = entry.get("sink_tokens") or 0, entry.get("recent_tokens") or 0
+    if layer.has_windows and layer.is_compileable:
+        raise ValueError(
+            f"max_cache_len: got {layer.max_cache_len} for {path}, whose layer {i} keeps exact token windows "
+            "(not built for the static cache); load it with max_cache_len=None"
+        )
     layer.lazy_initialization(like, like)
     # The data was rotated as the file says (a later turbokv may pick other auto rotations).
     layer.k_rot, layer.v_rot = k_rot, v_rot
     layer.k_packed[:, :, :n].copy_(tensors[f"layers.{i}.k"])
     layer.v_packed[:, :, :n].copy_(tensors[f"layers.{i}.v"])
+    offset = tensors.get(f"layers.{i}.k_offset")
+    if offset is not None:
+        if tuple(offset.shape) != (h, d):
+            raise _fail(path, f"tensor 'layers.{i}.k_offset': got shape {list(offset.shape)}, expected {[h, d]}")
+        layer.set_k_offset(offset.to(device))
+    if layer.windows is not None:
+        _restore_windows(path, i, entry, layer.windows, tensors, device)
     layer.length = n
+
+
+def _restore_windows(path: str, i: int, entry: dict, w, tensors: dict, device: torch.device) -> None:
+    """The exact windows' rows, checked against the entry: the sink holds min(s, length) tokens, the
+    recent store the positions [recent_start, length), each (batch, kv_heads, n, head_dim) in w's dtype."""
+    b, h, n, d = entry["batch"], entry["kv_heads"], entry["length"], entry["head_dim"]
+    start = entry.get("recent_start") or 0
+    if start != w._recent_start(n):
+        raise _fail(path, f"layers[{i}].recent_start: got {start}, expected {w._recent_start(n)} for {n} tokens")
+    rows = {"sink": min(w.sink, n), "recent": n - start}
+    for name in WINDOW_TENSORS:
+        t = tensors.get(f"layers.{i}.{name}")
+        want = [b, h, rows[name.split("_")[0]], d]
+        if t is None and want[2] == 0:
+            continue
+        if t is None or list(t.shape) != want or t.dtype != w.dtype:
+            got = None if t is None else (list(t.shape), t.dtype)
+            raise _fail(path, f"tensor 'layers.{i}.{name}': got {got}, expected shape {want} of dtype {w.dtype}")
+        setattr(w, name, t.to(device))
+    w.r0 = start
 
 
 def _restore_state(i: int, entry: dict, layer, tensors: dict, device: torch.device) -> None:
