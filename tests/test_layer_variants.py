@@ -225,6 +225,23 @@ def test_llama4_chunked_and_nope_equal_dynamic_cache(patched):
     assert_same_tokens_as_dynamic_cache(model, seed=1, patched=patched)
 
 
+def test_llama4_chunked_with_exact_windows():
+    """Exact token windows on chunked layers (the chunk start bounds all three parts, as left padding
+    does): with f16 rows the two turns' tokens equal DynamicCache's."""
+    model = build(llama4)
+    ref, _ = two_turns(model, lambda: dynamic_cache(model), torch.Generator().manual_seed(1))
+
+    def windowed():
+        return turbokv.TurboCache(
+            model.config, k="f16", v="f16", rotate_k="off", rotate_v="off", sink_tokens=2, recent_tokens=5
+        )
+
+    with turbokv.patch(model):
+        out, cache = two_turns(model, windowed, torch.Generator().manual_seed(1))
+    assert all(layer.windows is not None for layer in cache.turbo_layers)
+    assert torch.equal(out, ref), f"{(out != ref).sum().item()} of {out.numel()} tokens differ"
+
+
 def test_llama4_test_sees_the_chunks():
     """The model test can fail: the same run with the chunking switched off gives other tokens."""
     model = build(llama4)

@@ -103,7 +103,7 @@ class TurboLayer(CacheLayerMixin):
     ):
         super().__init__()
         _check_max_cache_len(max_cache_len)
-        _check_windows(sink_tokens, recent_tokens, max_cache_len, chunk_size)
+        _check_windows(sink_tokens, recent_tokens, max_cache_len)
         self.k_spec, self.v_spec = k, v
         self.sliding_window = sliding_window
         # Chunked attention (Llama 4): a query sees the keys of its own chunk of chunk_size tokens, counted
@@ -503,8 +503,8 @@ def _check_int(name: str, value, low: int, high: int) -> int:
     return value
 
 
-def _check_windows(sink_tokens, recent_tokens, max_cache_len, chunk_size) -> None:
-    """Exact token windows: two ints >= 0; not with a static cache or chunked attention (not built)."""
+def _check_windows(sink_tokens, recent_tokens, max_cache_len) -> None:
+    """Exact token windows: two ints >= 0; not with a static cache (not built)."""
     for name, value in (("sink_tokens", sink_tokens), ("recent_tokens", recent_tokens)):
         _check_int(name, value, 0, 1 << 30)
     if not (sink_tokens or recent_tokens):
@@ -513,11 +513,6 @@ def _check_windows(sink_tokens, recent_tokens, max_cache_len, chunk_size) -> Non
         raise ValueError(
             f"sink_tokens / recent_tokens: got {sink_tokens} / {recent_tokens} with max_cache_len={max_cache_len}, "
             "expected a dynamic cache (exact token windows are not built for the static, compileable cache)"
-        )
-    if chunk_size is not None:
-        raise ValueError(
-            f"sink_tokens / recent_tokens: got {sink_tokens} / {recent_tokens} for a chunked-attention layer, "
-            "expected full or sliding-window attention"
         )
 
 
@@ -675,7 +670,7 @@ class TurboCache(Cache):
     layer index -> ``(k_format, v_format)``; ``keep_first`` / ``keep_last`` layers use
     ``keep_format`` (a common guard at very low bits). ``sink_tokens`` / ``recent_tokens``
     keep the first and each query's last tokens exact (f16) beside the packed cache
-    (turbokv.windows; dynamic caches, full and sliding attention). ``max_cache_len=N`` makes the
+    (turbokv.windows; dynamic caches). ``max_cache_len=N`` makes the
     cache static (preallocated, compileable: ``generate()`` then compiles decoding). Pass it as
     ``generate(past_key_values=cache)``; with ``turbokv.patch(model)`` attention
     reads the packed cache directly. Every argument is checked (``TypeError`` /
@@ -733,7 +728,7 @@ class TurboCache(Cache):
             )
         keep_first, keep_last = _check_int("keep_first", keep_first, 0, n), _check_int("keep_last", keep_last, 0, n)
         _check_max_cache_len(max_cache_len)
-        _check_windows(sink_tokens, recent_tokens, max_cache_len, None)
+        _check_windows(sink_tokens, recent_tokens, max_cache_len)
         layers = []
         for i, kind in enumerate(_layer_types(config, n)):
             if i in sources:  # transformers' placeholder, or nothing where its DynamicCache drops the last layers

@@ -260,10 +260,14 @@ def _fused_attention(query: torch.Tensor, layer: TurboLayer, starts: torch.Tenso
         k_format=layer.k_spec.format, v_format=layer.v_spec.format, k_rot=layer.k_rot, v_rot=layer.v_rot, **kwargs
     )
     k, v, chunk = layer.k_packed, layer.v_packed, layer.chunk_size
-    if layer.windows is not None:
-        return layer.windows.attention(query, (k, v), layer.length, starts, **op_args)
+
+    def attend(q, end: int | None, first_keys) -> torch.Tensor:  # queries ending at `end` (None: the layer's length)
+        if layer.windows is not None:  # the exact token windows' three parts (turbokv.windows)
+            return layer.windows.attention(q, (k, v), layer.length if end is None else end, first_keys, **op_args)
+        return ops.attention(q, k, v, lengths if end is None else torch.full_like(lengths, end), first_keys, **op_args)
+
     if not chunk:
-        return ops.attention(query, k, v, lengths, starts, **op_args)
+        return attend(query, None, starts)
     pad = torch.zeros_like(lengths) if starts is None else starts
 
     def chunk_start(position) -> torch.Tensor:  # the start of the chunk holding `position`, never before `pad`
@@ -271,14 +275,11 @@ def _fused_attention(query: torch.Tensor, layer: TurboLayer, starts: torch.Tenso
 
     sq = query.shape[2]
     if sq == 1:
-        return ops.attention(query, k, v, lengths, chunk_start(lengths - 1), **op_args)
+        return attend(query, None, chunk_start(lengths - 1))
     end = layer.length
     first = end - sq
     cuts = _chunk_cuts(first, end, pad.tolist(), chunk)
-    outs = [
-        ops.attention(query[:, :, a - first : e - first], k, v, torch.full_like(lengths, e), chunk_start(a), **op_args)
-        for a, e in itertools.pairwise(cuts)
-    ]
+    outs = [attend(query[:, :, a - first : e - first], e, chunk_start(a)) for a, e in itertools.pairwise(cuts)]
     return torch.cat(outs, dim=2)
 
 
