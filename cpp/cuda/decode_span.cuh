@@ -42,6 +42,16 @@ __device__ __forceinline__ float byte_float(uint32_t x) {
 // Bit k of the low 4 bits of x -> bit 4 of byte k (a q5 value's fifth bit).
 __device__ __forceinline__ uint32_t bits_to_bytes4(uint32_t x) { return ((x & 15u) * 0x00204081u & 0x01010101u) << 4; }
 
+// Word w (0 or 1) of the quants of values jj.. (jj a multiple of 8) of a block whose quant bytes
+// start at qs, one quant a byte: q8_0's bytes with the sign bit flipped (kByte: q + 128), or a
+// 4-bit format's nibbles (the low ones of bytes jj.. for jj < 16, else the high ones of bytes
+// jj - 16..). block8 and block8_f16 both read their quants through it.
+template <bool kGlobal, bool kByte>
+__device__ __forceinline__ uint32_t quant_word(const uint8_t* qs, int jj, int w) {
+  if constexpr (kByte) return word<kGlobal>(qs + jj + 4 * w) ^ 0x80808080u;
+  return (word<kGlobal>(qs + jj % 16 + 4 * w) >> (jj < 16 ? 0 : 4)) & 0x0f0f0f0fu;
+}
+
 // 8 values of a ggml block (value jj of a block: q8_0 byte jj; the others the low nibble of
 // byte jj (jj < 16) or the high nibble of byte jj - 16, with the fifth bit jj of qh for q5).
 template <bool kGlobal>
@@ -51,7 +61,7 @@ __device__ __forceinline__ void block8(const DevSide& s, const uint8_t* blk, int
     constexpr float kOff = 8388608.0f + 128.0f;  // the sign bit flipped: 2^23 + q + 128
 #pragma unroll
     for (int w = 0; w < 2; ++w) {
-      const uint32_t x = word<kGlobal>(blk + 2 + jj + 4 * w) ^ 0x80808080u;
+      const uint32_t x = quant_word<kGlobal, true>(blk + 2, jj, w);
       out[4 * w] = (byte_float<0>(x) - kOff) * d;
       out[4 * w + 1] = (byte_float<1>(x) - kOff) * d;
       out[4 * w + 2] = (byte_float<2>(x) - kOff) * d;
@@ -63,13 +73,12 @@ __device__ __forceinline__ void block8(const DevSide& s, const uint8_t* blk, int
   const bool five = s.fmt == kFmt_q5_0 || s.fmt == kFmt_q5_1;
   const uint8_t* qs = blk + (with_min ? 4 : 2) + (five ? 4 : 0);
   const uint32_t qh = five ? word<kGlobal>(qs - 4) >> jj : 0u;
-  const int shift = jj < 16 ? 0 : 4;
   // The reference's q - offset (q4_0 8, q5_0 16) or q (with a min), then times d (+ m).
   const float off = 8388608.0f + (with_min ? 0.0f : five ? 16.0f : 8.0f);
   const float m = with_min ? f16_at<kGlobal>(blk + 2) : 0.0f;
 #pragma unroll
   for (int w = 0; w < 2; ++w) {
-    uint32_t x = (word<kGlobal>(qs + jj % 16 + 4 * w) >> shift) & 0x0f0f0f0fu;
+    uint32_t x = quant_word<kGlobal, false>(qs, jj, w);
     if (five) x |= bits_to_bytes4(qh >> (4 * w));
     const float q[4] = {byte_float<0>(x) - off, byte_float<1>(x) - off, byte_float<2>(x) - off, byte_float<3>(x) - off};
 #pragma unroll
@@ -105,15 +114,8 @@ __device__ __forceinline__ uint4 block8_f16(const uint8_t* blk, int jj) {
   static_assert(FMT == kFmt_q8_0 || FMT == kFmt_q4_0, "q8_0 or q4_0");
   const uint32_t s = load<kGlobal>(reinterpret_cast<const uint16_t*>(blk));
   const uint32_t d2 = s | (s << 16);
-  uint32_t x[2];
-  if constexpr (FMT == kFmt_q8_0) {
-    x[0] = word<kGlobal>(blk + 2 + jj) ^ 0x80808080u;  // q + 128
-    x[1] = word<kGlobal>(blk + 6 + jj) ^ 0x80808080u;
-  } else {
-    const int shift = jj < 16 ? 0 : 4;
-    x[0] = (word<kGlobal>(blk + 2 + jj % 16) >> shift) & 0x0f0f0f0fu;
-    x[1] = (word<kGlobal>(blk + 6 + jj % 16) >> shift) & 0x0f0f0f0fu;
-  }
+  const uint32_t x[2] = {quant_word<kGlobal, FMT == kFmt_q8_0>(blk + 2, jj, 0),
+                         quant_word<kGlobal, FMT == kFmt_q8_0>(blk + 2, jj, 1)};
   const __half2 off = __float2half2_rn(FMT == kFmt_q8_0 ? 1152.0f : 1032.0f);
   __half2 d;
   memcpy(&d, &d2, 4);
