@@ -178,3 +178,28 @@ def test_pareto_plot(tmp_path):
 
     pareto([(4.5, 0.042, "q4_0/q4_0 on"), (3.5, 0.07, "policy p-3.5.json"), (16.0, 0.0, "f16")], tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibrate_with_exact_windows(tmp_path, llama):
+    """Measured with the windows a policy keeps (the fused path: each query's own recent keys exact),
+    the windows' bits taken out of the budget, and the policy's cache built with them."""
+    torch.manual_seed(0)
+    ids = torch.randint(1, 96, (1, 32))
+    calls = turbokv.hf.turbokv_attention.calls
+    policy = calibrate.calibrate(
+        llama, ids, 5.0, ("turbo2", "turbo4", "q8_0"), tokens=32, sink_tokens=1, recent_tokens=4
+    )
+    assert turbokv.hf.turbokv_attention.calls > calls, "the sensitivities must run the fused (windowed) path"
+    assert policy.info["measured_with_windows"] == [1, 4]
+    assert (policy.sink_tokens, policy.recent_tokens) == (1, 4)
+    # 5 of the 32 tokens at 16 bits (on top of their packed rows) and the offsets leave 5.0 - 2.5 - 0.25
+    # = 2.25 bits for the packed rows: every slot at turbo2 (2.25), nothing more.
+    assert policy.bits_per_value(32) <= 5.0
+    assert policy.bits_per_value() == pytest.approx(2.25)
+    policy.save(tmp_path / "w.json")
+    cache = TurboCache.from_policy(llama.config, tmp_path / "w.json")
+    assert all((lay.sink_tokens, lay.recent_tokens) == (1, 4) for lay in cache.turbo_layers)
+    with pytest.raises(ValueError, match="bits: got 2.5, expected at least 5.000.*with 5 exact tokens of 32"):
+        calibrate.policy_for(
+            calibrate.measure_sensitivity(llama, ids, ("turbo2",)), 2.5, 32, sink_tokens=1, recent_tokens=4
+        )

@@ -74,3 +74,11 @@ def test_exact_windows_and_the_shipped_policy(results):
     assert results["turbo3_windows"]["kld_mean"] < 0.5 * results["turbo3"]["kld_mean"]
     assert results["policy_3.5"]["kld_mean"] < 0.5 * results["turbo3"]["kld_mean"]
     assert results["policy_3.5"]["policy"].endswith("smollm2-135m-3.5.json")
+
+
+def test_policy_with_window_flags_is_refused(capsys):
+    from turbokv.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--policy", str(POLICIES / "smollm2-135m-3.5.json"), "--recent-tokens", "8"])
+    assert "a policy file sets its own exact windows" in capsys.readouterr().err

@@ -39,13 +39,14 @@ def _marks(device):
         (3, False, 0, 0.0, True, False),
     ],
 )
-def test_attention_lse_matches_reference(device, fmt, sq, causal, window, softcap, padded, sink):
+@pytest.mark.parametrize("t", [40, 2048])  # 2048: the CUDA kernels split the keys, the merge combines the splits
+def test_attention_lse_matches_reference(device, fmt, sq, causal, window, softcap, padded, sink, t):
     gen = torch.Generator().manual_seed(3)
-    b, hq, hkv, t, d = 3, 6, 2, 40, 64
+    b, hq, hkv, d = 3, 6, 2, 64
     kr, vr = sides(fmt, fmt, d)
     kc, vc = make_cache(gen, b, hkv, t, d, fmt, fmt, kr, vr)
     q = torch.randn(b, hq, sq, d, generator=gen)
-    lengths = torch.tensor([40, 33, 9])
+    lengths = torch.tensor([t, t - 7, 9])
     # Sequence 2 is all padding for its first queries' window: some rows see no key (lse -inf, zeros).
     starts = torch.tensor([0, 5, 9]) if padded else None
     sinks = torch.randn(hq, generator=gen) if sink else None
@@ -154,7 +155,8 @@ def _run(layer, q, starts=None, window=0, softcap=0.0):
 @pytest.mark.parametrize("device", [_marks(d) for d in DEVICES])
 @pytest.mark.parametrize("fmt", ["q4_0", "turbo3"])
 @pytest.mark.parametrize("s, w", [(0, 4), (2, 0), (2, 4), (3, 1)])
-@pytest.mark.parametrize("window, softcap, padded", [(0, 0.0, False), (6, 0.0, True), (0, 25.0, True)])
+# window 3: not more than w = 4, so the packed part is empty and the recent part takes the window.
+@pytest.mark.parametrize("window, softcap, padded", [(0, 0.0, False), (6, 0.0, True), (3, 0.0, False), (0, 25.0, True)])
 def test_windowed_layer_matches_per_query_reference(device, fmt, s, w, window, softcap, padded):
     """A prompt, decode steps and a chunk after a prefix: each call's attention, key by key."""
     gen = torch.Generator().manual_seed(7)
@@ -167,7 +169,8 @@ def test_windowed_layer_matches_per_query_reference(device, fmt, s, w, window, s
     layer = TurboLayer(SideSpec(fmt), SideSpec(fmt), sliding_window=window or None, sink_tokens=s, recent_tokens=w)
     layer.set_k_offset(offset.to(device))
     pos = 0
-    for n in (9, 1, 1, 5, 1, 6):  # prompt, decode, decode, a chunk, decode, a chunk
+    # A prompt in two chunks (the first shorter than the sink), decode, decode, a chunk, decode, a chunk.
+    for n in (2, 7, 1, 1, 5, 1, 6):
         layer.fused_next = True
         layer.update(k[:, :, pos : pos + n].to(device), v[:, :, pos : pos + n].to(device))
         dev_starts = None if starts is None else starts.to(device)
@@ -271,11 +274,11 @@ def test_window_arguments_are_checked(kw, match):
 def test_window_bytes_and_policy_bits():
     layer = TurboLayer(SideSpec("q4_0"), SideSpec("q4_0"), sink_tokens=1, recent_tokens=16)
     layer.update(torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64))
-    # 17 tokens at 2 x 64 f16 bytes a side, 83 at q4_0's 36 bytes a row.
-    assert layer.nbytes() == 2 * (83 * 2 * 36 + 17 * 2 * 128)
+    # Every position has its q4_0 row (36 bytes a side); the 17 exact tokens' f16 rows (128 bytes) come on top.
+    assert layer.nbytes() == 2 * (100 * 2 * 36 + 17 * 2 * 128)
     policy = Policy("llama", 2, 2, 64, [LayerPolicy("q4_0", "q4_0")] * 2, sink_tokens=1, recent_tokens=16)
     assert policy.bits_per_value() == pytest.approx(4.5)
-    assert policy.bits_per_value(512) == pytest.approx((495 * 4.5 + 17 * 16) / 512)
+    assert policy.bits_per_value(512) == pytest.approx(4.5 + 17 * 16 / 512)
 
 
 def test_policy_windows_round_trip(tmp_path):
@@ -287,6 +290,11 @@ def test_policy_windows_round_trip(tmp_path):
     policy.save(tmp_path / "p.json")
     cache = TurboCache.from_policy(config, tmp_path / "p.json")
     assert all((lay.sink_tokens, lay.recent_tokens) == (2, 8) for lay in cache.turbo_layers)
+    # The static cache has no windows: asked for by name, or left out on request.
+    with pytest.raises(ValueError, match="max_cache_len: got 64 .* keeps 2 sink \\+ 8 recent tokens"):
+        TurboCache.from_policy(config, tmp_path / "p.json", max_cache_len=64)
+    static = TurboCache.from_policy(config, tmp_path / "p.json", max_cache_len=64, windows=False)
+    assert all((lay.sink_tokens, lay.recent_tokens) == (0, 0) for lay in static.turbo_layers)
     text = (tmp_path / "p.json").read_text().replace('"recent_tokens": 8', '"recent_tokens": -3')
     (tmp_path / "bad.json").write_text(text)
     with pytest.raises(ValueError, match="recent_tokens got -3"):

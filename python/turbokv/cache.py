@@ -415,8 +415,10 @@ class TurboLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         b, h = self.k_packed.shape[:2]
-        exact = 0 if self.windows is None else self.windows.tokens(self.length)  # 2 bytes a value, K and V
-        packed = (self.length - exact) * (self.k_packed.shape[3] + self.v_packed.shape[3])
+        # The exact windows' f16 rows (2 bytes a value, K and V) come on top: the packed buffer keeps a
+        # row for every position, written when the token leaves the window.
+        exact = 0 if self.windows is None else self.windows.tokens(self.length)
+        packed = self.length * (self.k_packed.shape[3] + self.v_packed.shape[3])
         return b * h * (packed + exact * 4 * self.head_dim)
 
     def __repr__(self) -> str:
@@ -868,14 +870,23 @@ class TurboCache(Cache):
     # ------------------------------------------------------------------ calibrated policies (policy.py)
 
     @classmethod
-    def from_policy(cls, config, path, max_cache_len: int | None = None) -> TurboCache:
+    def from_policy(cls, config, path, max_cache_len: int | None = None, windows: bool = True) -> TurboCache:
         """A cache laid out by the policy file at ``path`` (``turbokv calibrate``): per layer and side a
-        format and rotation, and key offsets. Checks the policy against ``config`` (layers, KV heads,
-        head dim, model type; offsets refused with softcapping); ``ValueError`` naming what differs."""
+        format and rotation, key offsets and exact token windows. Checks the policy against ``config``
+        (layers, KV heads, head dim, model type; offsets refused with softcapping); ``ValueError``
+        naming what differs. ``windows=False`` leaves the policy's exact token windows out (the static
+        cache, ``max_cache_len``, has none; the policy was chosen with them, so expect more error)."""
         from turbokv.policy import Policy, check_against
 
         policy = Policy.load(path)
         check_against(policy, config)
+        if windows and max_cache_len is not None and (policy.sink_tokens or policy.recent_tokens):
+            raise ValueError(
+                f"max_cache_len: got {max_cache_len} for policy {path}, which keeps {policy.sink_tokens} sink + "
+                f"{policy.recent_tokens} recent tokens exact (not built for the static cache); calibrate with "
+                "--sink-tokens 0 --recent-tokens 0 for a static cache, or pass windows=False to use this policy "
+                "without its windows"
+            )
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         types = _layer_types(text, policy.num_layers)
         for i, (kind, lp) in enumerate(zip(types, policy.layers, strict=True)):
@@ -888,8 +899,8 @@ class TurboCache(Cache):
             k=first.k,
             v=first.v,
             max_cache_len=max_cache_len,
-            sink_tokens=policy.sink_tokens,
-            recent_tokens=policy.recent_tokens,
+            sink_tokens=policy.sink_tokens if windows else 0,
+            recent_tokens=policy.recent_tokens if windows else 0,
         )
         for i, lp in enumerate(policy.layers):
             if lp is None:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -45,10 +46,25 @@ def _cache_kwargs(model, cache) -> dict:
 
 
 @torch.no_grad()
-def _logprobs(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    """``(B, T, vocab)`` log-probabilities of ``ids`` ``(B, T)`` run through ``cache`` (unpatched: dequantized K/V)."""
-    logits = model(ids.to(model.device), **_cache_kwargs(model, cache)).logits
+def _logprobs(model, ids: torch.Tensor, cache, patched: bool = False) -> torch.Tensor:
+    """``(B, T, vocab)`` log-probabilities of ``ids`` ``(B, T)`` run through ``cache``: unpatched
+    (dequantized K/V, any model), or patched (the fused path: each query's own exact window)."""
+    from turbokv.hf import patch
+
+    with patch(model) if patched else contextlib.nullcontext():
+        logits = model(ids.to(model.device), **_cache_kwargs(model, cache)).logits
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _patchable(model) -> bool:
+    """Whether turbokv.patch accepts ``model`` (its refusals name what it does not support)."""
+    from turbokv.hf import patch
+
+    try:
+        with patch(model):
+            return True
+    except (NotImplementedError, ValueError, TypeError):
+        return False
 
 
 def _kld(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -95,15 +111,23 @@ def sensitivity(
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]],
     measure: str = "probe",
     progress: bool = False,
+    windows: tuple[int, int] = (0, 0),
 ) -> dict[tuple[int, str], dict[str, float]]:
-    """Predicted KLD ``{(layer, "k"|"v"): {format: kld}}`` when only that layer/side is quantized."""
+    """Predicted KLD ``{(layer, "k"|"v"): {format: kld}}`` when only that layer/side is quantized.
+
+    ``windows``: (sink, recent) exact tokens the policy will keep; with them (and a model patch()
+    accepts) each measurement runs the fused path, so a query's own recent keys are exact as in use.
+    """
     from tqdm import tqdm
 
     from turbokv.cache import TurboCache
 
     if measure not in ("probe", "all"):
         raise ValueError(f"measure: got {measure!r}, expected 'probe' or 'all'")
-    ref = _logprobs(model, ids, TurboCache(model.config, k="f16", v="f16"))
+    sink, recent = windows
+    patched = bool(sink or recent) and _patchable(model)
+    kw = dict(sink_tokens=sink, recent_tokens=recent) if patched else {}
+    ref = _logprobs(model, ids, TurboCache(model.config, k="f16", v="f16"), patched)
     probe = PROBE if PROBE in fmts else fmts[0]
     run = list(fmts) if measure == "all" else [probe]
     table = {}
@@ -112,10 +136,10 @@ def sensitivity(
         row = {}
         for f in run:
             pair = (f, "f16") if side == "k" else ("f16", f)
-            cache = TurboCache(model.config, k="f16", v="f16", overrides={i: pair})
+            cache = TurboCache(model.config, k="f16", v="f16", overrides={i: pair}, **kw)
             if side == "k" and k_offsets is not None:
                 cache.layers[i].set_k_offset(k_offsets[i])
-            row[f] = _kld(ref, _logprobs(model, ids, cache))
+            row[f] = _kld(ref, _logprobs(model, ids, cache, patched))
         if measure == "probe":
             x = captured[i][0] if side == "k" else captured[i][1]
             if side == "k" and k_offsets is not None:
@@ -165,8 +189,10 @@ def measure_sensitivity(
     offsets: bool = True,
     measure: str = "probe",
     progress: bool = False,
+    windows: tuple[int, int] = (0, 0),
 ) -> dict:
-    """Everything a policy is chosen from: key offsets (or None) and the sensitivity table, for ``ids`` ``(B, T)``."""
+    """Everything a policy is chosen from: key offsets (or None) and the sensitivity table, for ``ids``
+    ``(B, T)``; ``windows``: the (sink, recent) exact tokens the policies will keep (see :func:`sensitivity`)."""
     for f in fmts:
         if f not in formats.FORMATS:
             raise ValueError(f"formats: got {f!r}, expected names from {sorted(formats.FORMATS)}")
@@ -181,8 +207,14 @@ def measure_sensitivity(
         "heads": some.shape[1],
         "head_dim": some.shape[3],
         "k_offsets": k_offsets,
-        "table": sensitivity(model, ids, fmts, k_offsets, captured, measure, progress),
-        "info": {"measure": measure, "formats": list(fmts), "calibration_tokens": int(ids.numel())},
+        "table": sensitivity(model, ids, fmts, k_offsets, captured, measure, progress, windows),
+        "windows": windows,
+        "info": {
+            "measure": measure,
+            "formats": list(fmts),
+            "calibration_tokens": int(ids.numel()),
+            "measured_with_windows": list(windows),
+        },
     }
 
 
@@ -195,8 +227,8 @@ def policy_for(
     recent_tokens: int = 0,
 ) -> Policy:
     """The policy at ``bits`` mean bits per value, counted at ``tokens`` tokens: the offsets' storage
-    and the exact windows (``sink_tokens`` + ``recent_tokens`` at 16 bits) included; the packed
-    formats get what is left."""
+    and the exact windows (``sink_tokens`` + ``recent_tokens`` at 16 bits, on top of the packed rows)
+    included; the packed formats get what is left."""
     config, head_dim, k_offsets = measured["config"], measured["head_dim"], measured["k_offsets"]
     offsets = k_offsets is not None
     overhead = (16.0 / tokens) / 2 if offsets else 0.0  # one fp16 vector per KV head and layer, K side only
@@ -205,13 +237,11 @@ def policy_for(
         raise ValueError(
             f"sink_tokens + recent_tokens: got {sink_tokens + recent_tokens}, expected fewer than tokens={tokens}"
         )
-    packed_bits = (bits - overhead - 16.0 * exact) / (1 - exact)
+    extra = overhead + 16.0 * exact
     try:
-        chosen, predicted = choose(measured["table"], head_dim, packed_bits)
+        chosen, predicted = choose(measured["table"], head_dim, bits, extra)
     except ValueError as e:
-        raise ValueError(
-            f"bits: got {bits}, too few for {sink_tokens + recent_tokens} exact tokens of {tokens}: {e}"
-        ) from e
+        raise ValueError(f"{e}, with {sink_tokens + recent_tokens} exact tokens of {tokens}") from e
     n = config.num_hidden_layers
     layers: list[LayerPolicy | None] = [None] * n
     for i in measured["layers"]:
@@ -244,8 +274,12 @@ def calibrate(
     measure: str = "probe",
     progress: bool = False,
     info: dict | None = None,
+    sink_tokens: int = 1,
+    recent_tokens: int = 16,
 ) -> Policy:
     """A policy for ``model`` at ``bits`` mean bits per value, from calibration ``ids`` ``(B, T)``:
-    :func:`measure_sensitivity` then :func:`policy_for`."""
-    measured = measure_sensitivity(model, ids, fmts, offsets, measure, progress)
-    return policy_for(measured, bits, tokens, info)
+    :func:`measure_sensitivity` then :func:`policy_for`, both with the exact windows asked for (as
+    ``turbokv calibrate``: 1 sink + 16 recent tokens; 0, 0 for a policy a static cache can take)."""
+    windows = (sink_tokens, recent_tokens)
+    measured = measure_sensitivity(model, ids, fmts, offsets, measure, progress, windows)
+    return policy_for(measured, bits, tokens, info, sink_tokens, recent_tokens)

@@ -59,6 +59,7 @@ def _calibrate(args) -> None:
         not args.no_offsets,
         args.measure,
         progress=not args.no_progress,
+        windows=(args.sink_tokens, args.recent_tokens),
     )
     budgets = [float(b) for b in args.bits.split(",")]
     out = Path(args.out)
@@ -71,7 +72,8 @@ def _calibrate(args) -> None:
         print(
             f"wrote {path}: {policy.info['bits_per_value']:.4f} bits per value at {args.tokens} tokens "
             f"({args.sink_tokens} sink + {args.recent_tokens} recent tokens exact), "
-            f"predicted KLD {policy.info['predicted_kld']:.5f} (without the windows)\n  K/V per layer: {pairs}"
+            f"predicted KLD {policy.info['predicted_kld']:.5f} (sum of the slots' measured KLD)\n"
+            f"  K/V per layer: {pairs}"
         )
 
 
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         from turbokv.eval.metrics import format_summary
         from turbokv.eval.runner import CacheSpec, evaluate
 
+        if args.policy and (args.sink_tokens or args.recent_tokens):
+            parser.error("--sink-tokens / --recent-tokens: a policy file sets its own exact windows (calibrate)")
         model, chunks, ref = _prepare(args)
         rotations = (args.rotate_k or args.rotate, args.rotate_v or args.rotate)
         spec = CacheSpec(args.k, args.v, *rotations, args.policy, args.sink_tokens, args.recent_tokens)

@@ -59,14 +59,14 @@ class Policy:
     def bits_per_value(self, tokens: int | None = None) -> float:
         """Mean stored bits per K/V value over the attention layers; with ``tokens``, counted at that
         length: the offsets' storage (one fp16 vector per layer and KV head) spread over it, and the
-        exact windows' tokens at 16 bits in place of their packed format."""
+        exact windows' tokens at 16 bits on top of the packed rows (the packed buffer keeps a row for
+        every position: turbokv.windows)."""
         attn = [lp for lp in self.layers if lp is not None]
         bits = sum(
             formats.bits_per_value(lp.k, self.head_dim) + formats.bits_per_value(lp.v, self.head_dim) for lp in attn
         )
         if tokens:
-            exact = min(tokens, self.sink_tokens + self.recent_tokens) / tokens
-            bits = bits * (1 - exact) + 2 * 16.0 * exact * len(attn)
+            bits += 2 * 16.0 * min(tokens, self.sink_tokens + self.recent_tokens) / tokens * len(attn)
             bits += sum(16.0 / tokens for lp in attn if lp.k_offset)
         return bits / (2 * len(attn))
 
