@@ -89,6 +89,22 @@ def test_attention_lse_meta_shapes():
 
 
 @pytest.mark.parametrize("device", [_marks(d) for d in DEVICES])
+def test_attention_lse_refuses_bad_input(device):
+    """The log-sum-exp op checks its arguments as attention does, on every device, naming them."""
+    gen = torch.Generator().manual_seed(0)
+    kr, vr = sides("q4_0", "q4_0", 64)
+    kc, vc = (x.to(device) for x in make_cache(gen, 2, 2, 16, 64, "q4_0", "q4_0", kr, vr))
+    q = torch.randn(2, 4, 3, 64, generator=gen).to(device)
+    kw = dict(k_format="q4_0", v_format="q4_0", k_rot=kr, v_rot=vr, return_lse=True)
+    with pytest.raises(ValueError, match="lengths: got 17 for sequence 1, expected 0 <= length <= cache capacity 16"):
+        ops.attention(q, kc, vc, torch.tensor([16, 17], device=device), **kw)
+    with pytest.raises(ValueError, match="starts: got 9 for sequence 0, expected 0 <= start <= length 8"):
+        ops.attention(q, kc, vc, torch.tensor([8, 8], device=device), torch.tensor([9, 0], device=device), **kw)
+    with pytest.raises(ValueError, match="q: got 5 query heads"):
+        ops.attention(q[:, :1].expand(2, 5, 3, 64).contiguous(), kc, vc, torch.tensor([16, 16], device=device), **kw)
+
+
+@pytest.mark.parametrize("device", [_marks(d) for d in DEVICES])
 def test_merge_of_disjoint_key_sets_is_the_whole(device):
     """Keys [0, 40) and [40, 70) as two calls (starts / lengths), merged with a sink: the one-call result."""
     gen = torch.Generator().manual_seed(1)
