@@ -241,6 +241,12 @@ def test_windowed_layer_crop_and_batch_edits():
         q.flip(0)[:, :, 12:13], k.flip(0)[:, :, :13], v.flip(0)[:, :, :13], 12, None, s, w, fmt, quantized=range(6, 10)
     )
     torch.testing.assert_close(_run(layer, q.flip(0)[:, :, 12:13]), want, atol=3e-4, rtol=1e-3)
+    layer.crop(-13)  # everything: the next prompt starts from nothing, as in a fresh layer
+    assert layer.windows.tokens(0) == 0 and layer.windows.recent_k.shape[2] == 0
+    layer.fused_next = True
+    layer.update(k[:, :, :7], v[:, :, :7])
+    want = _window_reference(q[:, :, :7], k[:, :, :7], v[:, :, :7], 0, None, s, w, fmt)
+    torch.testing.assert_close(_run(layer, q[:, :, :7]), want, atol=3e-4, rtol=1e-3)
 
 
 # bf16: logits up to ~12 here (bf16 steps of 0.0625 there); each part's output is rounded to bf16 before the

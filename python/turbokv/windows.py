@@ -20,11 +20,12 @@ so all scores share one shift.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from turbokv import ops
-
-_NO_ROTATION = ops.NO_ROTATION
+from turbokv.rotation import Rotation
 
 
 def exact_format(dtype: torch.dtype) -> str:
@@ -93,7 +94,7 @@ class ExactWindows:
         self.r0 = keep
         return pack
 
-    def crop(self, length: int, refill) -> None:
+    def crop(self, length: int, refill: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Keep positions ``< length``; ``refill(a, b)`` gives the packed cache's dequantized K/V of
         ``[a, b)`` (no offset added) where the recent store no longer reaches back far enough."""
         self.pending = None
@@ -103,10 +104,11 @@ class ExactWindows:
             return
         keep = self._recent_start(length)
         if keep < self.r0:  # deeper than the window: the dropped tokens' neighbours come from the packed cache
-            k, v = refill(keep, self.r0)
-            self.recent_k = torch.cat([k.to(self.dtype), self.recent_k], 2)
-            self.recent_v = torch.cat([v.to(self.dtype), self.recent_v], 2)
-            self.r0 = keep
+            upto = min(self.r0, length)  # only what the window keeps is read back
+            k, v = (x.to(self.dtype) for x in refill(keep, upto))
+            if upto == self.r0:
+                k, v = torch.cat([k, self.recent_k], 2), torch.cat([v, self.recent_v], 2)
+            self.recent_k, self.recent_v, self.r0 = k, v, keep
         self.recent_k = self.recent_k[:, :, keep - self.r0 : length - self.r0]
         self.recent_v = self.recent_v[:, :, keep - self.r0 : length - self.r0]
         self.r0 = keep
@@ -145,8 +147,8 @@ class ExactWindows:
         *,
         k_format: str,
         v_format: str,
-        k_rot,
-        v_rot,
+        k_rot: Rotation,
+        v_rot: Rotation,
         scale: float | None,
         window: int = 0,
         softcap: float = 0.0,
