@@ -189,8 +189,15 @@ class ExactWindows:
                 **common,
             )
             parts.append(padded(*out, lo))
+        exact_done = False
+        if sq == 1 and self.sink_k is not None and self.sink_k.shape[2]:
+            # Decoding: one op call over the sink and recent rows side by side (the query sees
+            # every row of both except its padding and what the layer's window drops: a cut from
+            # the low end, which starts expresses).
+            parts.append(self._exact_decode(query, length, pad, window, common))
+            exact_done = True
         # Recent keys [max(s, p - w + 1), p]: the pending exact rows, with the op's window of w.
-        if w and self.pending is not None:
+        if w and self.pending is not None and not exact_done:
             rk, rv, r0 = self.pending
             lo = max(0, r0 - first)
             n = length - r0
@@ -208,11 +215,33 @@ class ExactWindows:
                 )
                 parts.append(padded(*out, lo))
         # Sink keys [0, s): few, so plain matmuls, with the causal, padding and window masks.
-        if self.sink_k is not None and self.sink_k.shape[2]:
+        if self.sink_k is not None and self.sink_k.shape[2] and not exact_done:
             parts.append(_sink_part(query, self.sink_k, self.sink_v, first, pad, scale, window, softcap))
         if not parts:
             return query.new_zeros(query.shape)
         return ops.merge_attention(parts, sinks).to(query.dtype)
+
+    def _exact_decode(self, query, length, pad, window, common) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out, lse)`` of the one query at ``length - 1`` over the sink and pending recent rows.
+
+        Slots ``[0, n_s)`` hold positions ``[0, n_s)``, slots ``[n_s, n_s + n_r)`` positions
+        ``[r0, length)``; the lowest visible position ``max(pad, p - window + 1)`` maps to the
+        first slot at or after it, and the op's causal mask at the last slot sees the rest.
+        """
+        ks, vs = self.sink_k, self.sink_v
+        n_s = ks.shape[2]
+        if self.pending is not None:
+            rk, rv, r0 = self.pending
+            ks, vs = torch.cat([ks, rk], 2), torch.cat([vs, rv], 2)
+        else:
+            r0 = length
+        n = ks.shape[2]
+        low = pad if not window else pad.clamp(min=length - window)
+        starts = torch.where(low < n_s, low, n_s + (low - r0).clamp(0, n - n_s))
+        lengths = torch.full_like(pad, n)
+        return ops.attention(
+            query, _rows(ks), _rows(vs), lengths, starts, k_format=self.format, v_format=self.format, **common
+        )
 
 
 def _sink_part(q, k, v, first, pad, scale, window, softcap) -> tuple[torch.Tensor, torch.Tensor]:
