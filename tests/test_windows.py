@@ -214,6 +214,29 @@ def test_windowed_layer_matches_per_query_reference(device, fmt, s, w, window, s
     torch.testing.assert_close(kd[:, :, exact_at], k[:, :, exact_at].half().float(), atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("device", [_marks(d) for d in DEVICES])
+@pytest.mark.parametrize("s, w, window", [(3, 4, 0), (3, 4, 6), (1, 2, 0)])
+def test_one_query_of_a_prompt_alone(device, s, w, window):
+    """A run of one query ending inside a longer forward (a chunked layer cuts its prompt so, also
+    inside the sink): the decode path reads only keys up to it and its own w recent positions."""
+    gen = torch.Generator().manual_seed(11)
+    b, hq, hkv, d, n = 2, 4, 2, 64, 12
+    k, v = torch.randn(b, hkv, n, d, generator=gen) + 0.5, torch.randn(b, hkv, n, d, generator=gen)
+    q = torch.randn(b, hq, n, d, generator=gen)
+    starts = torch.tensor([0, 2])
+    spec = SideSpec("q4_0")
+    layer = TurboLayer(spec, spec, sliding_window=window or None, sink_tokens=s, recent_tokens=w)
+    layer.fused_next = True
+    layer.update(k.to(device), v.to(device))
+    args = dict(k_format="q4_0", v_format="q4_0", k_rot=layer.k_rot, v_rot=layer.v_rot, scale=d**-0.5, window=window)
+    want = _window_reference(q, k, v, 0, starts, s, w, "q4_0", window=window)
+    for p in range(n):
+        got = layer.windows.attention(
+            q[:, :, p : p + 1].to(device), (layer.k_packed, layer.v_packed), p + 1, starts.to(device), **args
+        )
+        torch.testing.assert_close(got.cpu(), want[:, :, p : p + 1], atol=3e-4, rtol=1e-3, msg=f"query {p}")
+
+
 def test_windowed_layer_crop_and_batch_edits():
     """Assisted generation's crop and beam search's reorder keep every later call equal to the
     key-by-key reference. The recent store holds the last w tokens only, so a crop re-reads the

@@ -228,11 +228,15 @@ class ExactWindows:
         ``[r0, length)``; the lowest visible position ``max(pad, p - window + 1)`` maps to the
         first slot at or after it, and the op's causal mask at the last slot sees the rest.
         """
-        ks, vs = self.sink_k, self.sink_v
+        ks, vs = self.sink_k[:, :, :length], self.sink_v[:, :, :length]  # a query inside the sink sees up to itself
         n_s = ks.shape[2]
         if self.pending is not None:
+            # The query's own w positions: the pending rows start earlier when it is the last of a
+            # run inside a longer forward (a chunked layer's prompt), and may go on past it.
             rk, rv, r0 = self.pending
-            ks, vs = torch.cat([ks, rk], 2), torch.cat([vs, rv], 2)
+            e = max(0, length - r0)
+            a = min(max(0, length - self.recent - r0), e)
+            ks, vs, r0 = torch.cat([ks, rk[:, :, a:e]], 2), torch.cat([vs, rv[:, :, a:e]], 2), r0 + a
         else:
             r0 = length
         n = ks.shape[2]
