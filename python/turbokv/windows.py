@@ -164,13 +164,6 @@ class ExactWindows:
         pad = torch.zeros(b, dtype=torch.int64, device=query.device) if starts is None else starts.long()
         common = dict(scale=scale, softcap=softcap, return_lse=True)
         parts = []
-
-        def padded(out, lse, lo):  # rows [0, lo) saw nothing of this part
-            if lo == 0:
-                return out, lse
-            out = torch.cat([out.new_zeros(*out.shape[:2], lo, out.shape[3]), out], 2)
-            return out, torch.cat([lse.new_full((*lse.shape[:2], lo), -torch.inf), lse], 2)
-
         # Packed keys [max(pad, s), p - w]: the op's causal mask with every query moved w positions back.
         lo = max(0, w - first)
         if sq > lo and length - w > s and (window == 0 or window > w):
@@ -188,16 +181,26 @@ class ExactWindows:
                 window=window - w if window else 0,
                 **common,
             )
-            parts.append(padded(*out, lo))
-        exact_done = False
+            parts.append(_padded(*out, lo))
         if sq == 1 and self.sink_k is not None and self.sink_k.shape[2]:
             # Decoding: one op call over the sink and recent rows side by side (the query sees
             # every row of both except its padding and what the layer's window drops: a cut from
             # the low end, which starts expresses).
             parts.append(self._exact_decode(query, length, pad, window, common))
-            exact_done = True
+        else:
+            parts += self._exact_parts(query, length, pad, scale, window, softcap, common)
+        if not parts:
+            return query.new_zeros(query.shape)
+        return ops.merge_attention(parts, sinks).to(query.dtype)
+
+    def _exact_parts(self, query, length, pad, scale, window, softcap, common) -> list:
+        """The recent and the sink ``(out, lse)`` parts of any number of queries, each with its masks."""
+        b, _, sq, _ = query.shape
+        s, w = self.sink, self.recent
+        first = length - sq
+        parts = []
         # Recent keys [max(s, p - w + 1), p]: the pending exact rows, with the op's window of w.
-        if w and self.pending is not None and not exact_done:
+        if w and self.pending is not None:
             rk, rv, r0 = self.pending
             lo = max(0, r0 - first)
             n = length - r0
@@ -213,13 +216,11 @@ class ExactWindows:
                     window=min(w, window) if window else w,
                     **common,
                 )
-                parts.append(padded(*out, lo))
+                parts.append(_padded(*out, lo))
         # Sink keys [0, s): few, so plain matmuls, with the causal, padding and window masks.
-        if self.sink_k is not None and self.sink_k.shape[2] and not exact_done:
+        if s and self.sink_k is not None and self.sink_k.shape[2]:
             parts.append(_sink_part(query, self.sink_k, self.sink_v, first, pad, scale, window, softcap))
-        if not parts:
-            return query.new_zeros(query.shape)
-        return ops.merge_attention(parts, sinks).to(query.dtype)
+        return parts
 
     def _exact_decode(self, query, length, pad, window, common) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out, lse)`` of the one query at ``length - 1`` over the sink and pending recent rows.
@@ -246,6 +247,14 @@ class ExactWindows:
         return ops.attention(
             query, _rows(ks), _rows(vs), lengths, starts, k_format=self.format, v_format=self.format, **common
         )
+
+
+def _padded(out: torch.Tensor, lse: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A part's ``(out, lse)`` of queries ``[lo, Sq)`` as all ``Sq`` rows: rows ``[0, lo)`` saw none of its keys."""
+    if lo == 0:
+        return out, lse
+    out = torch.cat([out.new_zeros(*out.shape[:2], lo, out.shape[3]), out], 2)
+    return out, torch.cat([lse.new_full((*lse.shape[:2], lo), -torch.inf), lse], 2)
 
 
 def _sink_part(q, k, v, first, pad, scale, window, softcap) -> tuple[torch.Tensor, torch.Tensor]:
