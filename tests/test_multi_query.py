@@ -104,6 +104,43 @@ def test_flash_kernel_many_tiles_cuda(device, case, gen, monkeypatch):
     torch.testing.assert_close(outs["flash"].double(), outs["tiled"].double(), rtol=0, atol=4 * ref_err + 1e-6)
 
 
+@pytest.mark.parametrize("sq", [2, 5, 16, 64])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (8, 1)])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_multi_query_cpu_kernel(sq, hq, hkv, case, gen):
+    """The CPU kernel's register blocks (scores 4 rows x 2 keys, P V 4 rows x 2 vectors) with
+    several queries: row counts (GQA 1 / 3 / 8 x Sq) that leave 1-3 rows over, odd tiles,
+    the causal diagonal and the window edge inside a tile, left padding that starts after some
+    queries (their rows are zeros), every head dim and masking variant of CASES."""
+    d, kf, vf, dtype, kw = CASES[case]
+    kr, vr = sides(kf, vf, d)
+    T = 300
+    lengths, starts = [T, 77, sq + 3], [0, 10, min(sq + 1, 5)]
+    kc, vc = make_cache(gen, 3, hkv, T, d, kf, vf, kr, vr, scale=2.0)
+    q = torch.randn(3, hq, sq, d, generator=gen).to(dtype)
+    args = attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor(starts), kf, vf, kr, vr, **kw)
+    out = torch.ops.turbokv.attention(*args)
+    err, ref_err = reference_errors(args, out)
+    assert out.isfinite().all()
+    assert err <= 2 * ref_err + 1e-6, f"error {err:.3e} > 2 x reference error {ref_err:.3e}"
+
+
+@pytest.mark.parametrize("case", range(len(FLASH_CASES)))
+def test_multi_query_cpu_kernel_many_tiles(case, gen):
+    """Whole prompts (left padded) and chunks after a prefix over many 32-key tiles and several
+    tasks of 64 rows: the CPU kernel against the reference."""
+    d, kf, vf, dtype, T, sq, kw = FLASH_CASES[case]
+    kr, vr = sides(kf, vf, d)
+    lengths, starts = [T, max(sq, T - 91), min(T, sq + 5)], [0, 37, 3]
+    kc, vc = make_cache(gen, 3, 2, T, d, kf, vf, kr, vr, scale=2.0)
+    q = torch.randn(3, 8, sq, d, generator=gen).to(dtype)
+    args = attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor(starts), kf, vf, kr, vr, **kw)
+    out = torch.ops.turbokv.attention(*args)
+    err, ref_err = reference_errors(args, out)
+    assert out.isfinite().all()
+    assert err <= 2 * ref_err + 1e-6, f"error {err:.3e} > 2 x reference error {ref_err:.3e}"
+
+
 # (Sq, lengths, starts, causal): a whole prompt, left padded, chunks after a cached prefix,
 # a sequence with one valid key and one with none, and no causal mask.
 SPANS = [

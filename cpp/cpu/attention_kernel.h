@@ -28,9 +28,13 @@ struct AttnSide {
   const float *s1, *s2;  // sign diagonals, or null (unseeded)
 };
 
+// A row's stride in the workspace: padded to whole vectors of 8 floats (the tail stays zero).
+constexpr int64_t attend_stride(int dp) { return (dp + 7) / 8 * 8; }
+
 // Floats of workspace attend_task needs for M = G x (i1 - i0) query rows.
 constexpr int64_t attend_workspace(int64_t M, int dpk, int dpv) {
-  return M * dpk + M * dpv + 2 * M + kAttnTile * dpk + kAttnTile * dpv + M * kAttnTile;
+  const int64_t sk = attend_stride(dpk), sv = attend_stride(dpv);
+  return M * sk + M * sv + 2 * M + kAttnTile * sk + kAttnTile * sv + M * kAttnTile;
 }
 
 // Attention of queries [i0, i1) of sequence b against KV head h: rows are the group's query
