@@ -75,6 +75,37 @@ inline void decode_bf16(const uint8_t* __restrict in, int n, float* __restrict y
 inline void decode_turbo_group_fast(const uint8_t* __restrict in, int g, int bits, float* __restrict y) {
   const float s = f16_bits_to_f32(load_u16(in));
   const uint8_t* p = in + 2;
+#if defined(__AVX2__)
+  // 8 values at a time: their indices shifted out of one broadcast word lane by lane, the
+  // centroids picked from registers (vpermps: 8 of them per register), no table in memory.
+  const float* c = codebook(g, bits);
+  const __m256 vs = _mm256_set1_ps(s);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 c_lo = bits == 2 ? _mm256_castps128_ps256(_mm_loadu_ps(c)) : _mm256_loadu_ps(c);
+  const __m256 c_hi = bits == 4 ? _mm256_loadu_ps(c + 8) : c_lo;
+  for (int k = 0; k < g / 8; ++k) {
+    __m256i idx;
+    if (bits == 4) {  // 4 bytes, two 4-bit indices each, low nibble first
+      uint32_t w;
+      memcpy(&w, p + 4 * k, 4);
+      idx = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)), _mm256_slli_epi32(lane, 2));
+      idx = _mm256_and_si256(idx, _mm256_set1_epi32(15));
+    } else {  // 2 bytes of 2-bit indices, lowest bits first; turbo3: and 8 high bits, one byte
+      const int w = p[2 * k] | (p[2 * k + 1] << 8);
+      idx = _mm256_srlv_epi32(_mm256_set1_epi32(w), _mm256_slli_epi32(lane, 1));
+      idx = _mm256_and_si256(idx, _mm256_set1_epi32(3));
+      if (bits == 3) {
+        const __m256i hi = _mm256_srlv_epi32(_mm256_set1_epi32(p[g / 4 + k]), lane);
+        idx = _mm256_or_si256(idx, _mm256_slli_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(1)), 2));
+      }
+    }
+    __m256 v = _mm256_permutevar8x32_ps(c_lo, idx);
+    if (bits == 4)  // indices 8-15 from the second register: bit 3 moved to the sign bit picks it
+      v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(c_hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+    _mm256_storeu_ps(y + 8 * k, _mm256_mul_ps(vs, v));
+  }
+  return;
+#endif
   const TurboTables& t = turbo_tables(g, bits);
   if (bits == 2) {
     for (int i = 0; i < g / 4; ++i)
