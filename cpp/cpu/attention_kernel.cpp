@@ -66,6 +66,30 @@ inline float hsum(vf v) {
   return s[0] + s[1];
 }
 
+// The sums of 8 vectors' lanes, in order, into out[8]: pairwise adds of interleaved lanes (a
+// transpose), a few shuffles for all 8 where 8 separate sums would take 8 times as many.
+inline void hsum8(vf a0, vf a1, vf a2, vf a3, vf a4, vf a5, vf a6, vf a7, float* out) {
+#if defined(__AVX__)
+  // hadd(a, b): lanes (a0+a1, a2+a3, b0+b1, b2+b3) within each 128-bit half, as vhaddps.
+  auto hadd = [](vf a, vf b) {
+    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+  };
+  const vf u0 = hadd(hadd(a0, a1), hadd(a2, a3));  // (a0, a1, a2, a3) low halves, then high halves
+  const vf u1 = hadd(hadd(a4, a5), hadd(a6, a7));
+  const vf r = __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) +
+               __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
+  memcpy(out, &r, sizeof r);
+#else
+  auto hadd = [](vf a, vf b) {
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6) + __builtin_shufflevector(a, b, 1, 3, 5, 7);
+  };
+  const vf r0 = hadd(hadd(a0, a1), hadd(a2, a3)), r1 = hadd(hadd(a4, a5), hadd(a6, a7));
+  memcpy(out, &r0, sizeof r0);
+  memcpy(out + 4, &r1, sizeof r1);
+#endif
+}
+
 // NaN wins: max(NaN, x) = max(x, NaN) = NaN (std::max and fmaxf drop a NaN in one order or both).
 inline float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
 
@@ -124,8 +148,14 @@ inline void score_block(const float* q, const float* k, int stride, float* s) {
       for (int j = 0; j < K; ++j) acc[i][j] += qv * kv[j];
     }
   }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < K; ++j) s[i * kAttnTile + j] = hsum(acc[i][j]);
+  if constexpr (R == 4 && K == 2) {
+    float sums[8];
+    hsum8(acc[0][0], acc[0][1], acc[1][0], acc[1][1], acc[2][0], acc[2][1], acc[3][0], acc[3][1], sums);
+    for (int i = 0; i < 4; ++i) memcpy(s + i * kAttnTile, sums + 2 * i, 2 * sizeof(float));
+  } else {
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < K; ++j) s[i * kAttnTile + j] = hsum(acc[i][j]);
+  }
 }
 
 template <int R>
