@@ -35,13 +35,8 @@ def test_multi_query_kernels_cuda(device, sq, hq, hkv, case, gen, monkeypatch):
     causal diagonal or the window edge cuts, GQA 1 / 4 / 8 / 16 (MQA), odd lengths, left padding
     that starts after some queries (their rows are zeros); auto takes them, and the tiled
     kernel agrees."""
-    d, kf, vf, dtype, kw = CASES[case]
-    kr, vr = sides(kf, vf, d)
-    T = 300
-    lengths, starts = [T, 77, sq + 3], [0, 10, min(sq + 1, 5)]
-    kc, vc = make_cache(gen, 3, hkv, T, d, kf, vf, kr, vr, scale=2.0)
-    q = torch.randn(3, hq, sq, d, generator=gen).to(dtype)
-    args = attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor(starts), kf, vf, kr, vr, **kw)
+    d, kf, vf, _, _ = CASES[case]
+    args = _case_args(gen, case, sq, hq, hkv)
     dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     spec = kf == vf and kf in SPEC_FORMATS and d != 96
     flash = d != 96
@@ -61,6 +56,29 @@ def test_multi_query_kernels_cuda(device, sq, hq, hkv, case, gen, monkeypatch):
     tiled = outs["tiled"].double()
     for kernel in ["mma"] + (["flash"] if flash else []):
         torch.testing.assert_close(outs[kernel].double(), tiled, rtol=0, atol=4 * ref_err + 1e-6, msg=kernel)
+
+
+def _case_args(gen, case: int, sq: int, hq: int, hkv: int) -> tuple:
+    """The op's arguments for CASES[case]: 3 sequences over 300 slots (odd lengths, left padding
+    that starts after some queries), sq queries of hq heads over hkv KV heads."""
+    d, kf, vf, dtype, kw = CASES[case]
+    kr, vr = sides(kf, vf, d)
+    T = 300
+    lengths, starts = [T, 77, sq + 3], [0, 10, min(sq + 1, 5)]
+    kc, vc = make_cache(gen, 3, hkv, T, d, kf, vf, kr, vr, scale=2.0)
+    q = torch.randn(3, hq, sq, d, generator=gen).to(dtype)
+    return attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor(starts), kf, vf, kr, vr, **kw)
+
+
+def _many_tiles_args(gen, case: int) -> tuple:
+    """The op's arguments for FLASH_CASES[case]: whole prompts or chunks after a prefix over many
+    key tiles, 3 sequences (left padded), 8 query heads over 2 KV heads."""
+    d, kf, vf, dtype, T, sq, kw = FLASH_CASES[case]
+    kr, vr = sides(kf, vf, d)
+    lengths, starts = [T, max(sq, T - 91), min(T, sq + 5)], [0, 37, 3]
+    kc, vc = make_cache(gen, 3, 2, T, d, kf, vf, kr, vr, scale=2.0)
+    q = torch.randn(3, 8, sq, d, generator=gen).to(dtype)
+    return attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor(starts), kf, vf, kr, vr, **kw)
 
 
 # attention.cu's kFlashMinRows: from this many (query, head) rows per KV head, auto takes the
@@ -85,12 +103,7 @@ def test_flash_kernel_many_tiles_cuda(device, case, gen, monkeypatch):
     """The flash kernel (64 rows a block, each K/V tile decoded once into shared memory) against
     the reference and the tiled kernel: tiles of 32 / 64 keys cut by sequence ends, left padding
     and the causal diagonal, 2 KV heads of 4 query heads, several blocks of rows."""
-    d, kf, vf, dtype, T, sq, kw = FLASH_CASES[case]
-    kr, vr = sides(kf, vf, d)
-    lengths, starts = [T, max(sq, T - 91), min(T, sq + 5)], [0, 37, 3]
-    kc, vc = make_cache(gen, 3, 2, T, d, kf, vf, kr, vr, scale=2.0)
-    q = torch.randn(3, 8, sq, d, generator=gen).to(dtype)
-    args = attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor(starts), kf, vf, kr, vr, **kw)
+    args = _many_tiles_args(gen, case)
     dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     outs = {}
     for kernel in ("flash", "tiled"):
@@ -112,13 +125,7 @@ def test_multi_query_cpu_kernel(sq, hq, hkv, case, gen):
     several queries: row counts (GQA 1 / 3 / 8 x Sq) that leave 1-3 rows over, odd tiles,
     the causal diagonal and the window edge inside a tile, left padding that starts after some
     queries (their rows are zeros), every head dim and masking variant of CASES."""
-    d, kf, vf, dtype, kw = CASES[case]
-    kr, vr = sides(kf, vf, d)
-    T = 300
-    lengths, starts = [T, 77, sq + 3], [0, 10, min(sq + 1, 5)]
-    kc, vc = make_cache(gen, 3, hkv, T, d, kf, vf, kr, vr, scale=2.0)
-    q = torch.randn(3, hq, sq, d, generator=gen).to(dtype)
-    args = attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor(starts), kf, vf, kr, vr, **kw)
+    args = _case_args(gen, case, sq, hq, hkv)
     out = torch.ops.turbokv.attention(*args)
     err, ref_err = reference_errors(args, out)
     assert out.isfinite().all()
@@ -129,12 +136,7 @@ def test_multi_query_cpu_kernel(sq, hq, hkv, case, gen):
 def test_multi_query_cpu_kernel_many_tiles(case, gen):
     """Whole prompts (left padded) and chunks after a prefix over many 32-key tiles and several
     tasks of 64 rows: the CPU kernel against the reference."""
-    d, kf, vf, dtype, T, sq, kw = FLASH_CASES[case]
-    kr, vr = sides(kf, vf, d)
-    lengths, starts = [T, max(sq, T - 91), min(T, sq + 5)], [0, 37, 3]
-    kc, vc = make_cache(gen, 3, 2, T, d, kf, vf, kr, vr, scale=2.0)
-    q = torch.randn(3, 8, sq, d, generator=gen).to(dtype)
-    args = attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor(starts), kf, vf, kr, vr, **kw)
+    args = _many_tiles_args(gen, case)
     out = torch.ops.turbokv.attention(*args)
     err, ref_err = reference_errors(args, out)
     assert out.isfinite().all()
