@@ -94,6 +94,27 @@ def test_nan_in_causally_hidden_slots_never_matters(device, gen, monkeypatch):
         assert out[0, :, sq - 2 :].isnan().all(), f"{kernel}: the queries that see the NaN are not NaN"
 
 
+def test_a_tile_of_minus_inf_scores_weighs_nothing_beside_finite_ones(gen):
+    """An infinite key gives a score of -inf: weight 0 in the softmax, as in the reference and
+    SDPA. A whole first tile of such keys must not make the row NaN (the CPU kernel's online
+    softmax skips a tile whose visible scores are all -inf, then takes the finite tiles). CPU:
+    the CUDA kernels' answer to infinite keys has not been run on a GPU."""
+    fmt, t = "f16", 80
+    kc, vc, kr, vr = _cache(gen, fmt, 1, 1, t, "cpu")
+    assert kr.group == 0, "the test writes the stored rows directly: f16 must be unrotated"
+    keys = kc.view(torch.float16)  # (1, 1, t, D): f16 rows are the values themselves
+    keys[0, 0, :40] = 0
+    keys[0, 0, :40, 0] = math.inf
+    q = torch.randn(1, 4, 3, D, generator=gen)
+    q[..., 0] = -1.0  # q . k = -inf for the 40 infinite keys
+    args = attention_args(q, kc, vc, torch.tensor([t]), None, fmt, fmt, kr, vr)
+    out = torch.ops.turbokv.attention(*args)
+    ref = reference.attention(*args, compute_dtype=torch.float64)
+    assert ref.isfinite().all(), "the reference gives the infinite keys weight 0"
+    assert out.isfinite().all(), "a tile of -inf scores made the rows NaN"
+    torch.testing.assert_close(out.double(), ref.double(), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("device", [p for p in device_params() if p != "cpu"])
 @pytest.mark.parametrize("kernel", ["flash", "auto"])
 def test_flash_rows_with_no_visible_key_stay_zeros_beside_a_nan_cuda(device, kernel, gen, monkeypatch):

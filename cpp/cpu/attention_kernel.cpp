@@ -245,13 +245,14 @@ bool all_finite(const float* vt, int stride, int t0, int t1) {
 }
 
 // Row r's probabilities for this tile in place of its scores s (kAttnTile slots, visible
-// [v0, v1)), its running max and sum updated and its accumulator rescaled. False when the
-// row sees no key here (its slots are zeros, nothing changes).
-bool softmax_row(const AttnShape& P, float* s, int v0, int v1, float& mx, float& sm, float* acc, int stride) {
-  if (v0 >= v1) {
+// [v0, v1)), its running max and sum updated and its accumulator rescaled. A row that sees no
+// key here, or only scores of -inf (an infinite key), gets zeros and changes nothing: -inf
+// scores weigh 0 beside the row's finite ones in other tiles, as in the softmax.
+void softmax_row(const AttnShape& P, float* s, int v0, int v1, float& mx, float& sm, float* acc, int stride) {
+  auto none = [s] {
     for (int t = 0; t < kAttnTile; ++t) s[t] = 0.0f;
-    return false;
-  }
+  };
+  if (v0 >= v1) return none();
   if (P.softcap > 0.0f)
     for (int t = v0; t < v1; ++t) s[t] = P.softcap * tanhf(s[t] / P.softcap);
   vi iota;
@@ -267,6 +268,7 @@ bool softmax_row(const AttnShape& P, float* s, int v0, int v1, float& mx, float&
   }
   float tile_max = m[0];
   for (int l = 1; l < kLanes; ++l) tile_max = nan_max(tile_max, m[l]);
+  if (tile_max == -kInf) return none();
   const float m_new = nan_max(mx, tile_max);
   const float alpha = expf(mx - m_new);  // exp(-inf) = 0 on the first tile
   mx = m_new;
@@ -279,7 +281,6 @@ bool softmax_row(const AttnShape& P, float* s, int v0, int v1, float& mx, float&
   sm = sm * alpha + hsum(sum);
   if (alpha != 1.0f)
     for (int c = 0; c < stride; c += kLanes) store(acc + c, load(acc + c) * alpha);
-  return true;
 }
 
 }  // namespace
@@ -340,7 +341,8 @@ void attend_task(const AttnShape& P, const AttnSide& ks, const AttnSide& vs, con
     for (int64_t r = 0; r < M; ++r) {
       const auto [v0, v1] = visible(P, len, start, i0 + r % nq, t0, nt);
       same = same && v0 == first.first && v1 == first.second;
-      if (softmax_row(P, sc + r * kAttnTile, v0, v1, mx[r], sm[r], acc + r * sv, sv)) {
+      softmax_row(P, sc + r * kAttnTile, v0, v1, mx[r], sm[r], acc + r * sv, sv);
+      if (v0 < v1) {
         u0 = std::min(u0, v0);
         u1 = std::max(u1, v1);
       }
