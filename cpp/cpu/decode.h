@@ -1,11 +1,12 @@
 // Fast CPU row decoders, bit-identical to codec.h's decode_row.
 //
-// The generic decoder extracts one index at a time with data-dependent
-// branches; these loops have fixed shapes the compiler vectorises, and turbo
-// rows go through byte-indexed tables (one byte -> 4 or 2 centroids) built once
-// per codebook, so a turbo2 group of 128 values is 32 table loads. The bytes and the floats
-// are __restrict: a uint8_t pointer may alias anything, and without it the compiler keeps the
-// loops scalar in case a store changes the next byte.
+// The generic decoder extracts one index at a time with data-dependent branches; these loops
+// have fixed shapes the compiler vectorises. Where AVX2 is on (the attention kernel's avx2
+// copy, or a native build), the 4-bit blocks convert 8 values per instruction and turbo rows
+// pick their centroids from registers; elsewhere turbo rows go through byte-indexed tables (one
+// byte -> 4 or 2 centroids) built once per codebook, so a turbo2 group of 128 values is 32
+// table loads. The bytes and the floats are __restrict: a uint8_t pointer may alias anything,
+// and without it the compiler keeps the loops scalar in case a store changes the next byte.
 #pragma once
 
 #include <cstdint>
