@@ -3,8 +3,8 @@
 // Split-K flash attention in two launches, by one of five partial kernels (choose_path):
 //  * flash (attention_flash.cuh): tensor cores, 64 (query, head) rows a block, each K/V tile
 //    decoded once into shared memory for all of them; f16 calls of many rows (kFlashMinRows).
-//  * spec (attention_spec.cuh): tensor cores, the format a template parameter; decode and
-//    multi-query calls. Keys are the M of the mma, 8 (query, head) rows of a KV head's group
+//  * spec (attention_spec.cuh): tensor cores, the K and V formats template parameters; decode
+//    and multi-query calls. Keys are the M of the mma, 8 (query, head) rows of a KV head's group
 //    the N (RowChunk, one chunk per blockIdx.z), so each K/V chunk is decoded once per 8 rows.
 //  * mma (attention_mma.cuh): the same products with the format read at run time (f16, q8_0
 //    and every format the spec kernel is not built for).
@@ -358,14 +358,14 @@ const char* flash_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide
 }
 
 template <bool kMulti>
-SpecKernel spec_for_dp(int fmt, int dp, bool long_keys) {
+SpecKernel spec_for_dp(int kfmt, int vfmt, int dp, bool long_keys) {
   switch (dp) {
     case 64:
-      return spec_kernel<64, kMulti>(fmt, long_keys);
+      return spec_kernel<64, kMulti>(kfmt, vfmt, long_keys);
     case 128:
-      return spec_kernel<128, kMulti>(fmt, long_keys);
+      return spec_kernel<128, kMulti>(kfmt, vfmt, long_keys);
     case 256:
-      return spec_kernel<256, kMulti>(fmt, long_keys);
+      return spec_kernel<256, kMulti>(kfmt, vfmt, long_keys);
     default:
       return {};
   }
@@ -375,9 +375,10 @@ SpecKernel spec_for_dp(int fmt, int dp, bool long_keys) {
 // fits `smem_max` bytes of shared memory per block where there is a choice: f16 rows of 128
 // have a 2-stage shape of 68 KiB beside the 3-stage one of 102 KiB, which sm_86 / sm_89 /
 // sm_120 (99 KiB) cannot hold.
-SpecKernel pick_spec(const AttentionArgs& a, const DevSide& ks, int smem_max) {
+SpecKernel pick_spec(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, int smem_max) {
   const auto get = [&](bool long_keys) {
-    return a.Sq == 1 ? spec_for_dp<false>(ks.fmt, ks.dp, long_keys) : spec_for_dp<true>(ks.fmt, ks.dp, long_keys);
+    return a.Sq == 1 ? spec_for_dp<false>(ks.fmt, vs.fmt, ks.dp, long_keys)
+                     : spec_for_dp<true>(ks.fmt, vs.fmt, ks.dp, long_keys);
   };
   const bool long_keys = a.T >= 8192;
   const SpecKernel sk = get(long_keys);
@@ -392,15 +393,15 @@ SpecKernel pick_spec(const AttentionArgs& a, const DevSide& ks, int smem_max) {
 const char* spec_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
                        const at::Tensor& kc, const at::Tensor& vc, int smem_max) {
   if (const char* why = tensor_core_unfit(a, ks, vs, q, kc, vc)) return why;
-  if (ks.fmt != vs.fmt || !std::equal(std::begin(ks.cb), std::end(ks.cb), std::begin(vs.cb)))
-    return "it is built for K and V in the same format (one codebook)";
-  const SpecKernel sk = pick_spec(a, ks, smem_max);
-  if (!sk.fn) return "it is built for f16, q8_0, q4_0, turbo2, turbo3 and turbo4 rows of 64, 128 or 256 values";
+  const SpecKernel sk = pick_spec(a, ks, vs, smem_max);
+  if (!sk.fn)
+    return "it is built for rows of 64, 128 or 256 values, K and V each in q8_0, q5_0, q4_0, turbo2, turbo3 or "
+           "turbo4, or both in f16";
   if (sk.smem > smem_max) return kNoSmem;  // f16 / q8_0 rows of 256 on GPUs of 99 KiB
-  if (ks.fmt == kFmt_turbo4)               // the decoder relies on c[15 - i] == -c[i]
-    for (int i = 0; i < 16; ++i)
-      if (ks.cb[i] != -ks.cb[15 - i] || vs.cb[i] != -vs.cb[15 - i])
-        return "its turbo4 decoder needs a symmetric codebook";
+  for (const DevSide* s : {&ks, &vs})      // the turbo4 decoder relies on c[15 - i] == -c[i]
+    if (s->fmt == kFmt_turbo4)
+      for (int i = 0; i < 16; ++i)
+        if (s->cb[i] != -s->cb[15 - i]) return "its turbo4 decoder needs a symmetric codebook";
   return nullptr;
 }
 
@@ -535,7 +536,7 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(TURBOKV_ATTENTION_PARAMS, bool
       tk = fk.bn;
     } else if (path == Path::kSpec) {
       // Decode takes the build without the per-row masking of several query positions.
-      sk = pick_spec(a, ks, smem_max);
+      sk = pick_spec(a, ks, vs, smem_max);
       mma = sk.fn;
       mma_smem = static_cast<size_t>(sk.smem);
       tk = sk.tk;

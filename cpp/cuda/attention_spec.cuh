@@ -1,5 +1,6 @@
 // Decode and multi-query attention on tensor cores, specialised per format at compile time
-// (f16/bf16 queries, K and V in the same format, rows of 64/128/256 values).
+// (f16/bf16 queries, rows of 64/128/256 values): the K rows are read through one format's
+// decoder, the V rows through another's (any pair of spec_table's formats).
 //
 // Same products, fragment layouts and row chunks as attention_mma.cuh (keys as M, 8 (query,
 // head) rows as N), with three differences that decide the speed:
@@ -146,8 +147,8 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gr = lane >> 2, tg = lane & 3;
   const int split = blockIdx.x;
   const int64_t bh = blockIdx.y, b = bh / P.Hkv, h = bh % P.Hkv;
-  // K and V share the format and so the codebook (spec_unfit checks): one set of registers.
-  const packed::Planes tk = packed::make_planes(ks.cb, 8), &tv = tk;
+  // Each side's codebook in registers (only turbo decoders read them).
+  const packed::Planes tk = packed::make_planes(ks.cb, 8), tv = packed::make_planes(vs.cb, 8);
   const int64_t base = bh * P.T;
   const uint8_t* krows = kc + base * C::kRowK;
   const uint8_t* vrows = vc + base * C::kRowV;
@@ -345,52 +346,109 @@ struct SpecKernel {
   int smem = 0, tk = 0;
 };
 
-template <class F, int DP, bool kMulti, bool kWide = false>
+template <class KF, class VF, int DP, bool kMulti, bool kWide = false>
 SpecKernel spec_entry() {
-  using C = SpecConfig<F, F, DP, kWide>;
-  return {decode_spec_kernel<F, F, DP, kWide, kMulti>, C::kSmem, C::TK};
+  using C = SpecConfig<KF, VF, DP, kWide>;
+  return {decode_spec_kernel<KF, VF, DP, kWide, kMulti>, C::kSmem, C::TK};
 }
 
-// The kernel for K and V rows of format fmt and DP values, or {} when none is built. long_keys:
-// the call streams many keys per sequence (f16 rows of 128 then take the kWide shape: H100,
-// 2026-11-24, B = 16 x 16k 0.402 -> 0.391 ms, 64k 0.114 -> 0.110, but B = 16 x 4k 0.111 ->
-// 0.113: short splits keep the deeper pipeline).
-template <int DP, bool kMulti>
-SpecKernel spec_table(int fmt, bool long_keys) {
+// The K decoder of format kfmt (a packed::* type given to f), or false when none is built.
+template <int DP, class Fn>
+bool with_decoder(int fmt, Fn&& f) {
   using namespace packed;
   switch (fmt) {
     case kFmt_f16:
-      if constexpr (DP == 128)
-        if (long_keys) return spec_entry<F16, DP, kMulti, true>();
-      return spec_entry<F16, DP, kMulti>();
+      f(F16{});
+      return true;
     case kFmt_q8_0:
-      return spec_entry<Q8, DP, kMulti>();
+      f(Q8{});
+      return true;
+    case kFmt_q5_0:
+      f(Q5{});
+      return true;
     case kFmt_q4_0:
-      return spec_entry<Q4, DP, kMulti>();
+      f(Q4{});
+      return true;
     case kFmt_turbo2:
-      return spec_entry<Turbo2<DP>, DP, kMulti>();
+      f(Turbo2<DP>{});
+      return true;
     case kFmt_turbo3:
-      return spec_entry<Turbo3<DP>, DP, kMulti>();
+      f(Turbo3<DP>{});
+      return true;
     case kFmt_turbo4:
-      return spec_entry<Turbo4<DP>, DP, kMulti>();
+      f(Turbo4<DP>{});
+      return true;
+    default:
+      return false;
+  }
+}
+
+// The kernel for K rows of format KF and V rows of format vfmt, DP values, or {} when none
+// is built: every pair of the packed formats, and f16 with f16. long_keys: the call streams
+// many keys per sequence (f16 rows of 128 then take the kWide shape: more blocks of fewer
+// stages, for long key streams; short splits keep the deeper pipeline).
+template <class KF, int DP, bool kMulti>
+SpecKernel spec_table(int vfmt, bool long_keys) {
+  SpecKernel out;
+  if constexpr (std::is_same_v<KF, packed::F16>) {
+    if (vfmt != kFmt_f16) return out;
+    if constexpr (DP == 128)
+      if (long_keys) return spec_entry<KF, KF, DP, kMulti, true>();
+    return spec_entry<KF, KF, DP, kMulti>();
+  } else {
+    with_decoder<DP>(vfmt, [&](auto vf) {
+      using VF = decltype(vf);
+      if constexpr (!std::is_same_v<VF, packed::F16>) out = spec_entry<KF, VF, DP, kMulti>();
+    });
+    return out;
+  }
+}
+
+// Built one file per (DP, kMulti, K format) so that they compile in parallel: the files in
+// spec/ (tools/gen_spec_instances.py writes them), each a specialisation of this.
+template <int DP, bool kMulti, int KFMT>
+SpecKernel spec_kernel_for(int vfmt, bool long_keys);
+#define TURBOKV_SPEC_K(DP, MULTI, KFMT) \
+  template <>                           \
+  SpecKernel spec_kernel_for<DP, MULTI, KFMT>(int vfmt, bool long_keys);
+#define TURBOKV_SPEC_DP(DP, MULTI)       \
+  TURBOKV_SPEC_K(DP, MULTI, kFmt_f16)    \
+  TURBOKV_SPEC_K(DP, MULTI, kFmt_q8_0)   \
+  TURBOKV_SPEC_K(DP, MULTI, kFmt_q5_0)   \
+  TURBOKV_SPEC_K(DP, MULTI, kFmt_q4_0)   \
+  TURBOKV_SPEC_K(DP, MULTI, kFmt_turbo2) \
+  TURBOKV_SPEC_K(DP, MULTI, kFmt_turbo3) \
+  TURBOKV_SPEC_K(DP, MULTI, kFmt_turbo4)
+TURBOKV_SPEC_DP(64, false)
+TURBOKV_SPEC_DP(128, false)
+TURBOKV_SPEC_DP(256, false)
+TURBOKV_SPEC_DP(64, true)
+TURBOKV_SPEC_DP(128, true)
+TURBOKV_SPEC_DP(256, true)
+#undef TURBOKV_SPEC_DP
+#undef TURBOKV_SPEC_K
+
+// The kernel for K rows of kfmt and V rows of vfmt, or {} where none is built.
+template <int DP, bool kMulti>
+SpecKernel spec_kernel(int kfmt, int vfmt, bool long_keys) {
+  switch (kfmt) {
+    case kFmt_f16:
+      return spec_kernel_for<DP, kMulti, kFmt_f16>(vfmt, long_keys);
+    case kFmt_q8_0:
+      return spec_kernel_for<DP, kMulti, kFmt_q8_0>(vfmt, long_keys);
+    case kFmt_q5_0:
+      return spec_kernel_for<DP, kMulti, kFmt_q5_0>(vfmt, long_keys);
+    case kFmt_q4_0:
+      return spec_kernel_for<DP, kMulti, kFmt_q4_0>(vfmt, long_keys);
+    case kFmt_turbo2:
+      return spec_kernel_for<DP, kMulti, kFmt_turbo2>(vfmt, long_keys);
+    case kFmt_turbo3:
+      return spec_kernel_for<DP, kMulti, kFmt_turbo3>(vfmt, long_keys);
+    case kFmt_turbo4:
+      return spec_kernel_for<DP, kMulti, kFmt_turbo4>(vfmt, long_keys);
     default:
       return {};
   }
 }
-
-// Built in attention_spec<DP>.cu (decode) and attention_spec<DP>_multi.cu (several queries),
-// one file each so that they compile in parallel.
-template <int DP, bool kMulti>
-SpecKernel spec_kernel(int fmt, bool long_keys);
-#define TURBOKV_SPEC_KERNEL(DP, MULTI) \
-  template <>                          \
-  SpecKernel spec_kernel<DP, MULTI>(int fmt, bool long_keys);
-TURBOKV_SPEC_KERNEL(64, false)
-TURBOKV_SPEC_KERNEL(128, false)
-TURBOKV_SPEC_KERNEL(256, false)
-TURBOKV_SPEC_KERNEL(64, true)
-TURBOKV_SPEC_KERNEL(128, true)
-TURBOKV_SPEC_KERNEL(256, true)
-#undef TURBOKV_SPEC_KERNEL
 
 }  // namespace turbokv::cuda

@@ -160,6 +160,39 @@ struct Q8 {
   }
 };
 
+// ---- q5_0: blocks of 2 + 4 + 16 bytes: scale, the 32 high bits, then q4_0's nibbles ----
+// Portion p = values [n p, n p + n), natural order, as q8_0: four values' nibbles and high
+// bits become one word of 5-bit bytes (the 4 high bits spread to bit 4 of each byte by one
+// multiply), then the same 1024 + q trick, centred at 16.
+struct Q5 {
+  static constexpr bool kPairs = false;
+  static constexpr bool kBlockScores = false;
+  static constexpr bool kScaleOut = false;
+  static constexpr int kFmt = kFmt_q5_0;
+  static constexpr bool kPadRows = false;
+  static constexpr int row_bytes(int dp) { return dp / 32 * 22; }
+  template <int DP, int NP>
+  __device__ static int dim(int p, int i) {
+    return DP / NP * p + i;
+  }
+  template <int DP, int NP>
+  __device__ static void decode(const Row& row, int p, const Planes&, uint32_t (&h)[DP / NP / 2]) {
+    constexpr int n = DP / NP;
+    const __half2 off = __float2half2_rn(1040.0f);  // 1024 + 16
+#pragma unroll
+    for (int v = 0; v < n; v += 4) {  // 4 values, never across a block
+      const int j = n * p + v, jj = j % 32;
+      const int blk = (j / 32) * 22;
+      const __half2 d = scale2(row.p + blk);
+      const uint32_t hb = (row.word(blk + 2) >> jj) & 0xfu;
+      const uint32_t lo = (row.word(blk + 6 + jj % 16) >> (jj < 16 ? 0 : 4)) & 0x0f0f0f0fu;
+      const uint32_t w = lo | ((hb * 0x00204081u) & 0x01010101u) << 4;
+      h[v / 2] = hmul(h2u(__hsub2(u2h(prmt(w, 0x64646464u, 0x4140)), off)), d);
+      h[v / 2 + 1] = hmul(h2u(__hsub2(u2h(prmt(w, 0x64646464u, 0x4342)), off)), d);
+    }
+  }
+};
+
 // ---- q4_0: blocks of 2 + 16 bytes, byte i = value i (low nibble) | value i+16 (high) ----
 // A low nibble under the exponent bits of 1024 (0x6400) is the f16 1024 + q exactly; a high
 // nibble (bits 4-7) is 1024 + 16 q. One LOP3 per register of two values, from the word and
