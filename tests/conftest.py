@@ -12,6 +12,11 @@ import turbokv
 
 BASE_SEED = int(os.environ.get("TURBOKV_TEST_SEED", "0"))
 
+# Under pytest-xdist, each worker gets its share of the cores for torch's CPU threads: the CUDA
+# tests' references run on the CPU, and every worker using all the cores slowed them several-fold.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture
 def gen(request) -> torch.Generator:
@@ -34,3 +39,90 @@ def device_params():
     """['cpu'] plus 'cuda' (marked, skipped with a printed reason when unavailable)."""
     ok, why = cuda_ready()
     return ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not ok, reason=why)])]
+
+
+# ---- test tiers, shards and a result log for runs on a lent GPU (tools/gpu_check.sh) ----------
+#
+# smoke: every test function's instances that cover each entry of each of its parametrize lists
+#   at least once (a greedy cover, computed per function and device), so `-m "cuda and smoke"`
+#   touches every kernel, format, head dim and mask type of the CUDA tests once, in minutes.
+# --shard i/n: the tests whose node id hashes to i mod n (crc32: stable across runs and
+#   machines), so a full tier splits into runs that each fit one call to the GPU machine.
+# --results-log PATH: one line per result, appended and flushed as each test ends (failures
+#   with their message), so a run cut off by a time limit still names what failed.
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("turbokv")
+    group.addoption("--shard", default=None, help="i/n: run only the tests of shard i (0-based) of n")
+    group.addoption("--results-log", default=None, help="append one line per test result to this file")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "smoke: the tier that covers each parameter value of each test once")
+    path = config.getoption("--results-log")
+    if path and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(ResultsLog(path), "turbokv-results-log")
+
+
+def _cover_key(item) -> tuple:
+    return (item.path, item.originalname, "cuda" in item.keywords)
+
+
+def _param_values(item) -> set[tuple[str, str]]:
+    spec = getattr(item, "callspec", None)
+    if spec is None:
+        return set()
+    # The id of each parametrize list's entry (a row of several arguments counts as one case).
+    ids = getattr(spec, "_idlist", None)
+    if ids is not None:
+        return set(enumerate(ids))
+    return {(name, repr(value)) for name, value in spec.params.items()}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    groups: dict[tuple, list] = {}
+    for item in items:
+        groups.setdefault(_cover_key(item), []).append(item)
+    for group in groups.values():
+        wanted = set().union(*(_param_values(i) for i in group))
+        chosen = [group[0]]
+        wanted -= _param_values(group[0])
+        while wanted:
+            best = max(group, key=lambda i: len(_param_values(i) & wanted))
+            chosen.append(best)
+            wanted -= _param_values(best)
+        for item in chosen:
+            item.add_marker(pytest.mark.smoke)
+    shard = config.getoption("--shard")
+    if shard:
+        try:
+            index, count = (int(x) for x in shard.split("/"))
+            assert 0 <= index < count
+        except (ValueError, AssertionError):
+            raise pytest.UsageError(f"--shard: got {shard!r}, expected i/n with 0 <= i < n") from None
+        keep = [i for i in items if zlib.crc32(i.nodeid.encode()) % count == index]
+        config.hook.pytest_deselected(items=[i for i in items if zlib.crc32(i.nodeid.encode()) % count != index])
+        items[:] = keep
+
+
+class ResultsLog:
+    """Appends a line per result to a file as each test ends (on the controlling process only:
+    pytest-xdist's workers send their reports to it)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def pytest_runtest_logreport(self, report):
+        if report.when != "call" and report.outcome == "passed":
+            return
+        line = f"{report.outcome.upper()} {report.nodeid} [{report.when} {report.duration:.1f}s]"
+        if report.failed:
+            text = str(report.longrepr).strip().splitlines()
+            errors = [t for t in text if t.startswith("E ")][:8]
+            line += "\n    " + "\n    ".join(errors or text[-4:])
+        elif report.skipped and isinstance(report.longrepr, tuple):
+            line += f" {report.longrepr[2]}"
+        with open(self.path, "a") as f:
+            f.write(line + "\n")

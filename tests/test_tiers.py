@@ -1,0 +1,52 @@
+"""The test tiers of conftest.py: the smoke tier covers every entry of every parametrize list of
+every test function, and the shards split the suite into disjoint parts that add up to it."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+HERE = pathlib.Path(__file__).parent
+SAMPLE = str(HERE / "test_multi_query.py")  # parametrised CUDA and CPU tests, rows of several arguments
+
+
+class Collected:
+    """Records the collected items' ids and, per test function, the ids of its parametrize entries."""
+
+    def __init__(self):
+        self.ids: list[str] = []
+        self.entries: dict[tuple[str, bool], set] = {}
+
+    def pytest_collection_finish(self, session):
+        for item in session.items:
+            self.ids.append(item.nodeid)
+            key = (item.originalname, "cuda" in item.keywords)
+            self.entries.setdefault(key, set()).update(enumerate(item.callspec._idlist))
+
+
+def collect(*args: str) -> Collected:
+    rec = Collected()
+    assert pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *args, SAMPLE], plugins=[rec]) == 0
+    return rec
+
+
+def test_smoke_covers_every_parametrize_entry():
+    full, smoke = collect(), collect("-m", "smoke")
+    assert 0 < len(smoke.ids) < len(full.ids) / 3
+    assert smoke.entries == full.entries
+
+
+def test_shards_partition_the_suite():
+    full = collect()
+    shards = [collect("--shard", f"{i}/3").ids for i in range(3)]
+    assert all(shards)
+    assert sorted(sum(shards, [])) == sorted(full.ids)
+
+
+def test_bad_shard_is_a_usage_error():
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "--shard", "3/3", SAMPLE]
+    out = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, check=False)
+    assert out.returncode == 4 and "--shard: got '3/3', expected i/n with 0 <= i < n" in out.stderr
