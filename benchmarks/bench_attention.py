@@ -10,7 +10,8 @@ no launch gaps, no host checks); "eager call" rows time the plain op call instea
 Two times per row: `ms`, one call timed alone (it includes the ~10-17 us host latency of
 launching a graph replay onto an idle GPU), and `ms b2b`, the mean over back-to-back
 calls (the GPU time per step of a decode loop whose host runs ahead).
-Usage: python benchmarks/bench_attention.py [--contexts 4096,16384,65536,131072]
+Rows: each format with itself, then mixed K / V pairs (MIXED) as calibrated policies use them.
+Usage: python benchmarks/bench_attention.py [--contexts 4096,16384,65536,131072] [--batches 1,16]
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ from turbokv.rotation import auto_rotation
 
 HQ, HKV, D = 32, 8, 128
 FORMATS = ("f16", "q8_0", "q4_0", "turbo4", "turbo3", "turbo2")
+# K / V pairs that calibrated policies and asymmetric settings choose (the shipped policies mix
+# q5_0 / turbo K with turbo V; q8_0 K with turbo V is the seeds' setting).
+MIXED = (
+    ("q8_0", "turbo4"),
+    ("q8_0", "turbo3"),
+    ("q8_0", "q4_0"),
+    ("q4_0", "turbo3"),
+    ("turbo4", "turbo3"),
+    ("turbo3", "turbo2"),
+    ("turbo4", "q4_0"),
+    ("q5_0", "turbo3"),
+    ("q5_0", "q5_0"),
+)
 
 
 class Timing(NamedTuple):
@@ -104,7 +118,7 @@ def read_bandwidth() -> float:
     return x.numel() * 2 / ms.single / 1e6
 
 
-def run(batch: int, tokens: int, copy_gbs: float) -> list[tuple]:
+def run(batch: int, tokens: int, copy_gbs: float, uniform_only: bool, extra: bool) -> list[tuple]:
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.float16, generator=g)
     lengths = torch.full((batch,), tokens, device="cuda", dtype=torch.int64)
@@ -128,16 +142,21 @@ def run(batch: int, tokens: int, copy_gbs: float) -> list[tuple]:
     base = min(backends.values(), key=lambda t: t.steady)
     for label, t in backends.items():
         rows.append((f"SDPA fp16 ({label})", kv_bytes, t))
-    for name in FORMATS:
-        kr, vr = auto_rotation(name, D, "k"), auto_rotation(name, D, "v")
-        kc = [turbokv.quantize(k, name, kr, check_finite=False) for k in ks]
-        vc = [turbokv.quantize(v, name, vr, check_finite=False) for v in vs]
+    settings = [(f, f) for f in FORMATS] + ([] if uniform_only else list(MIXED))
+    for kf, vf in settings:
+        name = kf if kf == vf else f"{kf}/{vf}"
+        kr, vr = auto_rotation(kf, D, "k"), auto_rotation(vf, D, "v")
+        kc = [turbokv.quantize(k, kf, kr, check_finite=False) for k in ks]
+        vc = [turbokv.quantize(v, vf, vr, check_finite=False) for v in vs]
         nbytes = kc[0].numel() + vc[0].numel()
 
-        def fused(i, kc=kc, vc=vc, name=name, kr=kr, vr=vr):
-            return turbokv.attention(q, kc[i], vc[i], lengths, k_format=name, v_format=name, k_rot=kr, v_rot=vr)
+        def fused(i, kc=kc, vc=vc, kf=kf, vf=vf, kr=kr, vr=vr):
+            return turbokv.attention(q, kc[i], vc[i], lengths, k_format=kf, v_format=vf, k_rot=kr, v_rot=vr)
 
         rows.append((f"turbokv {name}", nbytes, bench_ms(fused, n)))
+        if kf != vf or not extra:
+            del kc, vc
+            continue
         if name == "turbo3":
 
             def norot(i, kc=kc, vc=vc, name=name):
@@ -146,7 +165,7 @@ def run(batch: int, tokens: int, copy_gbs: float) -> list[tuple]:
             rows.append(("turbokv turbo3 no-rot", nbytes, bench_ms(norot, n)))
             rows.append(("turbokv turbo3 eager call", nbytes, bench_ms(fused, n, graph=False)))
         if name in ("turbo3", "q4_0", "f16"):
-            # The generic kernels auto falls back to (mixed formats, other head dims), pinned.
+            # The generic kernels, pinned (head dims and formats the specialised one is not built for).
             before = os.environ.get("TURBOKV_ATTENTION_KERNEL", "auto")
             for kernel in ("mma", "simt"):
                 os.environ["TURBOKV_ATTENTION_KERNEL"] = kernel
@@ -168,6 +187,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="4096,16384,65536,131072")
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--uniform-only", action="store_true", help="only K format == V format")
+    ap.add_argument("--no-extra", action="store_true", help="no pinned-kernel, no-rotation, eager or dequant rows")
     args = ap.parse_args()
     copy_gbs = copy_bandwidth()
     print(
@@ -183,7 +204,7 @@ def main() -> None:
         for t in (int(x) for x in args.contexts.split(",")):
             if b * t > 16 * 32768:
                 continue
-            for batch, tokens, label, nb, ms, base, cg in run(b, t, copy_gbs):
+            for batch, tokens, label, nb, ms, base, cg in run(b, t, copy_gbs, args.uniform_only, not args.no_extra):
                 gbs, gbs_b2b = nb / ms.single / 1e6, nb / ms.steady / 1e6
                 print(
                     f"{batch:>3} {tokens:>7} {label:<24} {nb / 1e6:>9.1f} {ms.single:>8.4f} {gbs:>7.0f} "

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import device_params
-from helpers import attention_args, make_cache, poison_cuda_memory, reference_errors, sides
+from helpers import SPEC_PACKED, attention_args, make_cache, poison_cuda_memory, reference_errors, sides, spec_built
 
 import turbokv
 from turbokv import formats, reference
@@ -212,7 +212,7 @@ def test_decode_kernels_agree_cuda(device, kf, vf, d, gen, monkeypatch):
     """The tensor-core decode kernel, the SIMT one and the tiled one give the same attention.
 
     TURBOKV_ATTENTION_KERNEL pins each; auto takes the format-specialised kernel where one is
-    built (same format both sides), else the generic tensor-core kernel for f16/bf16/q8_0 rows
+    built (spec_built), else the generic tensor-core kernel for f16/bf16/q8_0 rows
     and the SIMT one for the rest; pinning a kernel where it cannot run is a clear error.
     """
     kr, vr = sides(kf, vf, d)
@@ -221,7 +221,7 @@ def test_decode_kernels_agree_cuda(device, kf, vf, d, gen, monkeypatch):
     args = attention_args(q, kc, vc, torch.tensor([300, 17, 1]), torch.tensor([0, 5, 0]), kf, vf, kr, vr)
     dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     cheap = {"f16", "bf16", "q8_0"}
-    expected = "spec" if kf == vf and kf in SPEC_FORMATS else "mma" if {kf, vf} <= cheap else "simt"
+    expected = "spec" if spec_built(kf, vf) else "mma" if {kf, vf} <= cheap else "simt"
     outs = {}
     for kernel in {"mma", "simt", "tiled", "auto", expected}:
         monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
@@ -241,7 +241,7 @@ def test_decode_kernels_agree_cuda(device, kf, vf, d, gen, monkeypatch):
         torch.ops.turbokv.attention(*dev)
 
 
-SPEC_FORMATS = ("f16", "q8_0", "q4_0", "turbo2", "turbo3", "turbo4")
+SPEC_FORMATS = ("f16",) + SPEC_PACKED
 
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
@@ -269,6 +269,37 @@ def test_spec_decode_kernel_cuda(device, fmt, d, hq, hkv, gen, monkeypatch):
         assert err <= 2 * ref_err + 1e-6, (err, ref_err)
         assert torch.equal(outs["auto"], outs["spec"])
         torch.testing.assert_close(outs["spec"], outs["tiled"], rtol=0, atol=4 * ref_err + 1e-6)
+
+
+MIXED_PAIRS = [(kf, vf) for kf in SPEC_PACKED for vf in SPEC_PACKED if kf != vf]
+GQA_SHAPES = [(8, 2), (8, 1), (4, 4), (16, 1), (12, 3)]
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("pair", range(len(MIXED_PAIRS)))
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("sq", [1, 5])
+def test_spec_kernel_mixed_pairs_cuda(device, pair, d, sq, gen, monkeypatch):
+    """K and V in different formats (what calibrated policies and q8_0-K / turbo-V choose): the
+    specialised kernel reads each side through its own decoder, for decode and several queries,
+    GQA 1-8 and MQA, f16 and bf16 queries, odd lengths and left padding; auto takes it."""
+    kf, vf = MIXED_PAIRS[pair]
+    hq, hkv = GQA_SHAPES[(pair + d + sq) % len(GQA_SHAPES)]
+    dtype = torch.bfloat16 if (pair + sq) % 2 else torch.float16
+    kr, vr = sides(kf, vf, d)
+    kc, vc = make_cache(gen, 3, hkv, 601, d, kf, vf, kr, vr, scale=2.0)
+    q = torch.randn(3, hq, sq, d, generator=gen).to(dtype)
+    args = attention_args(q, kc, vc, torch.tensor([601, 77, 9]), torch.tensor([0, 4, 0]), kf, vf, kr, vr)
+    dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    outs = {}
+    for kernel in ("spec", "auto"):
+        monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
+        poison_cuda_memory()
+        outs[kernel] = torch.ops.turbokv.attention(*dev).cpu()
+    assert outs["spec"].isfinite().all()
+    err, ref_err = reference_errors(args, outs["spec"])
+    assert err <= 2 * ref_err + 1e-6, f"{kf}/{vf}: error {err:.3e} > 2 x reference error {ref_err:.3e}"
+    assert torch.equal(outs["auto"], outs["spec"])
 
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
@@ -344,7 +375,7 @@ def test_bytes_outside_the_lengths_never_matter(device, fmt, d, gen):
 def test_spec_kernel_refuses_what_it_is_not_built_for_cuda(device, gen, monkeypatch):
     """Pinning the specialised kernel on a call it has no variant for is a clear error."""
     monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "spec")
-    for kf, vf, d, match in (("q4_0", "q8_0", 128, "same format"), ("q5_1", "q5_1", 128, "built for f16, q8_0")):
+    for kf, vf, d, match in (("f16", "q4_0", 128, "both in f16"), ("q5_1", "q5_1", 128, "each in q8_0, q5_0")):
         kr, vr = sides(kf, vf, d)
         kc, vc = make_cache(gen, 1, 2, 40, d, kf, vf, kr, vr)
         q = torch.randn(1, 8, 1, d, generator=gen).half()

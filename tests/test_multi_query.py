@@ -7,12 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import device_params
-from helpers import attention_args, make_cache, poison_cuda_memory, reference_errors, sides
+from helpers import attention_args, make_cache, poison_cuda_memory, reference_errors, sides, spec_built
 
 from turbokv import ops
 
 CUDA_ONLY = [p for p in device_params() if p != "cpu"]
-SPEC_FORMATS = ("f16", "q8_0", "q4_0", "turbo2", "turbo3", "turbo4")
 
 # (head dim, K format, V format, query dtype, masking): every head dim of the tensor-core
 # kernels, specialised (same format both sides) and generic ones, each masking variant once.
@@ -38,7 +37,7 @@ def test_multi_query_kernels_cuda(device, sq, hq, hkv, case, gen, monkeypatch):
     d, kf, vf, _, _ = CASES[case]
     args = _case_args(gen, case, sq, hq, hkv)
     dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-    spec = kf == vf and kf in SPEC_FORMATS and d != 96
+    spec = spec_built(kf, vf) and d != 96
     flash = d != 96
     kernels = ["mma", "tiled", "auto"] + (["spec"] if spec else []) + (["flash"] if flash else [])
     outs = {}

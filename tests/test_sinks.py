@@ -11,13 +11,12 @@ import re
 import pytest
 import torch
 from conftest import device_params
-from helpers import attention_args, make_cache, poison_cuda_memory, reference_errors, sides
+from helpers import attention_args, make_cache, poison_cuda_memory, reference_errors, sides, spec_built
 
 import turbokv
 from turbokv import formats, ops, reference
 
 CUDA_ONLY = [p for p in device_params() if p != "cpu"]
-SPEC_FORMATS = ("f16", "q8_0", "q4_0", "turbo2", "turbo3", "turbo4")
 
 
 def spread_sinks(gen, hq: int) -> torch.Tensor:
@@ -192,7 +191,7 @@ CASES = [
 def cuda_kernels(d, kf, vf, sq, g):
     """The kernels a call can be pinned to (see choose_path in cpp/cuda/attention.cu)."""
     kernels = ["auto", "tiled", "mma"]
-    if kf == vf and kf in SPEC_FORMATS and d != 96:
+    if spec_built(kf, vf) and d != 96:
         kernels.append("spec")
     if sq == 1 and g <= 8 and d != 96:  # the SIMT kernel splits a row into 4..32 lanes: not 96
         kernels.append("simt")
