@@ -51,8 +51,9 @@ _HF_LAYERS = getattr(hf_cache, "DYNAMIC_LAYER_TYPE_MAPPING", {})
 STATE_LAYER_TYPES = tuple(t for t in ("linear_attention", "conv") if t in _HF_LAYERS)
 # Layers that hold both (Falcon-H1, Zamba: attention and a mamba mixer side by side): TurboHybridLayer.
 HYBRID_LAYER_TYPES = {t: window for t, window in (("hybrid", False), ("hybrid_sliding", True)) if t in _HF_LAYERS}
-# Layers with no attention and no state (MoE / MLP blocks of Nemotron-H): transformers' placeholder layer.
-NO_CACHE_LAYER_TYPES = ("moe", "mlp") if "dummy" in _HF_LAYERS else ()
+# Layers with no attention and no state (MoE / MLP blocks of Nemotron-H): what this transformers'
+# DynamicCache holds for them (its placeholder layer; an empty linear-attention layer before 5.2x).
+NO_CACHE_LAYER_TYPES = ("moe", "mlp") if "dummy" in _HF_LAYERS or "moe" in _HF_LAYERS else ()
 NEW_BATCH_HINT = "a new batch needs cache.reset() or a new TurboCache"
 
 
@@ -456,7 +457,9 @@ if HYBRID_LAYER_TYPES:
             device = self.device
             hf_cache.LinearAttentionLayer.lazy_initialization(self, **kwargs)
             states = kwargs.get("conv_states")
-            if device is not None and states is not None:  # the attention side set self.device first
+            # The attention side set self.device first. (transformers before 5.2x counts the linear
+            # side's length in a Python int: nothing to move.)
+            if device is not None and states is not None and hasattr(self, "cumulative_length_linear"):
                 self.cumulative_length_linear = self.cumulative_length_linear.to(states.device)
 
         def reset(self) -> None:
@@ -747,7 +750,9 @@ class TurboCache(Cache):
                 layers.append(_state_layer(kind, config, max_cache_len))
                 continue
             if kind in NO_CACHE_LAYER_TYPES:
-                layers.append(_HF_LAYERS["dummy"]())
+                layers.append(
+                    _HF_LAYERS["dummy"]() if "dummy" in _HF_LAYERS else _state_layer(kind, config, max_cache_len)
+                )
                 continue
             kf, vf = k, v
             if i < keep_first or i >= n - keep_last:
