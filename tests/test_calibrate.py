@@ -60,7 +60,7 @@ def test_policy_bits_count_offsets():
     "edit, message",
     [
         (lambda raw: raw.update(num_layers=4), "layers got 3 entries"),
-        (lambda raw: raw.update(turbokv_policy=99), "turbokv_policy=99"),
+        (lambda raw: raw.update(turbokv_policy=99), "turbokv_policy got 99"),
         (lambda raw: raw["layers"][0].update(k="q3_x"), r"layers\[0\]\.k got 'q3_x'"),
         (lambda raw: raw["layers"][2].update(rotate_v="maybe"), r"layers\[2\]\.rotate_v got 'maybe'"),
         (lambda raw: raw["layers"][1].update(k_offset=True), "offsets_file is missing"),
@@ -203,3 +203,95 @@ def test_calibrate_with_exact_windows(tmp_path, llama):
         calibrate.policy_for(
             calibrate.measure_sensitivity(llama, ids, ("turbo2",)), 2.5, 32, sink_tokens=1, recent_tokens=4
         )
+
+
+def _offsets_policy(tmp_path, llama, offsets=None):
+    offsets = torch.randn(3, 2, 64) if offsets is None else offsets
+    _policy(llama.config, "q4_0", "turbo3", offsets).save(tmp_path / "p.json")
+    return tmp_path / "p.json"
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256))), "not a JSON file"),
+        (lambda p: p.with_suffix(".safetensors").write_bytes(b"junk" * 40), "is not a safetensors file"),
+        (lambda p: p.with_suffix(".safetensors").write_bytes(b""), "is not a safetensors file"),
+        (
+            lambda p: _save_tensors(p.with_suffix(".safetensors"), {"offsets": torch.zeros(3, 2, 64)}),
+            r"holds \['offsets'\], expected \['k_offsets'\]",
+        ),
+        (
+            lambda p: _save_tensors(p.with_suffix(".safetensors"), {"k_offsets": torch.zeros(3, 2, 32)}),
+            r"expected floats of shape \(3, 2, 64\)",
+        ),
+        (lambda p: _edit(p, offsets_file="../p.safetensors"), "offsets_file got '../p.safetensors'"),
+        (lambda p: _edit(p, info=[1, 2]), "info got list"),
+        (lambda p: _edit(p, layers=[None, None, None]), "no attention layer"),
+        (lambda p: _edit(p, sink_tokens=True), "sink_tokens got True"),
+    ],
+)
+def test_policy_files_are_checked_on_load(tmp_path, llama, corrupt, message):
+    """A corrupt policy or offsets file is a ValueError naming the policy file and the field."""
+    path = _offsets_policy(tmp_path, llama)
+    corrupt(path)
+    with pytest.raises(ValueError, match=message) as err:
+        Policy.load(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_key_offsets_are_refused(tmp_path, llama, value):
+    offsets = torch.randn(3, 2, 64)
+    offsets[1, 0, 5] = value
+    path = _offsets_policy(tmp_path, llama, offsets)
+    with pytest.raises(ValueError, match="k_offsets in .* has non-finite values"):
+        TurboCache.from_policy(llama.config, path)
+
+
+def test_policy_path_that_is_a_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected an existing policy JSON file"):
+        Policy.load(tmp_path)
+
+
+def _save_tensors(path, tensors):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+
+
+def _edit(path, **changes):
+    raw = json.loads(path.read_text())
+    raw.update(changes)
+    path.write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bits=4.5, tokens=-512), "tokens: got -512, expected a positive int"),
+        (dict(bits=4.5, tokens=0), "tokens: got 0, expected a positive int"),
+        (dict(bits=float("nan")), "bits: got nan"),
+        (dict(bits=float("inf")), "bits: got inf"),
+        (dict(bits=-1.0), "bits: got -1.0"),
+        (dict(bits=4.5, fmts=[]), r"formats: got \[\], expected a non-empty list"),
+        (dict(bits=4.5, fmts="turbo3"), "formats: got 'turbo3', expected a non-empty list"),
+        (dict(bits=4.5, sink_tokens=-1), "sink_tokens: got -1"),
+        (dict(bits=4.5, tokens=16, recent_tokens=16), "sink_tokens \\+ recent_tokens: got 17"),
+        (dict(bits=4.5, measure="some"), "measure: got 'some'"),
+    ],
+)
+def test_calibration_arguments_are_checked_first(kwargs, message):
+    """Impossible arguments are refused by name before any forward pass (the model is never used)."""
+    with pytest.raises(ValueError, match=message):
+        calibrate.calibrate(None, torch.zeros(1, 8, dtype=torch.long), **kwargs)
+    if "fmts" not in kwargs and "measure" not in kwargs:
+        with pytest.raises(ValueError, match=message):
+            calibrate.policy_for(
+                {},
+                kwargs["bits"],
+                kwargs.get("tokens", 512),
+                None,
+                kwargs.get("sink_tokens", 1),
+                kwargs.get("recent_tokens", 16),
+            )

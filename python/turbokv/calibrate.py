@@ -182,6 +182,39 @@ def choose(
     return chosen, total
 
 
+def check_args(
+    bits: float | None = None,
+    tokens: int | None = None,
+    fmts: Sequence[str] | None = None,
+    sink_tokens: int = 0,
+    recent_tokens: int = 0,
+    measure: str = "probe",
+) -> None:
+    """``ValueError`` naming the argument for what no calibration can use (checked before any forward
+    pass): bits a positive finite number, tokens a positive int, formats known and at least one,
+    windows ints >= 0 that leave packed tokens at ``tokens``."""
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int | float) or not 0 < bits < 64):
+        raise ValueError(f"bits: got {bits!r}, expected a number of bits per value in (0, 64)")
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise ValueError(f"tokens: got {tokens!r}, expected a positive int (the context length bits are counted at)")
+    if fmts is not None:
+        if isinstance(fmts, str) or not list(fmts):
+            names = sorted(formats.FORMATS)
+            raise ValueError(f"formats: got {fmts!r}, expected a non-empty list of names from {names}")
+        for f in fmts:
+            if f not in formats.FORMATS:
+                raise ValueError(f"formats: got {f!r}, expected names from {sorted(formats.FORMATS)}")
+    for name, n in (("sink_tokens", sink_tokens), ("recent_tokens", recent_tokens)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name}: got {n!r}, expected an int >= 0")
+    if tokens is not None and sink_tokens + recent_tokens >= tokens:
+        raise ValueError(
+            f"sink_tokens + recent_tokens: got {sink_tokens + recent_tokens}, expected fewer than tokens={tokens}"
+        )
+    if measure not in ("probe", "all"):
+        raise ValueError(f"measure: got {measure!r}, expected 'probe' or 'all'")
+
+
 def measure_sensitivity(
     model,
     ids: torch.Tensor,
@@ -193,9 +226,7 @@ def measure_sensitivity(
 ) -> dict:
     """Everything a policy is chosen from: key offsets (or None) and the sensitivity table, for ``ids``
     ``(B, T)``; ``windows``: the (sink, recent) exact tokens the policies will keep (see :func:`sensitivity`)."""
-    for f in fmts:
-        if f not in formats.FORMATS:
-            raise ValueError(f"formats: got {f!r}, expected names from {sorted(formats.FORMATS)}")
+    check_args(fmts=fmts, sink_tokens=windows[0], recent_tokens=windows[1], measure=measure)
     config = _text_config(model.config)
     offsets = offsets and not getattr(config, "attn_logit_softcapping", None)  # a key shift is not exact there
     captured = capture(model, ids)
@@ -229,14 +260,11 @@ def policy_for(
     """The policy at ``bits`` mean bits per value, counted at ``tokens`` tokens: the offsets' storage
     and the exact windows (``sink_tokens`` + ``recent_tokens`` at 16 bits, on top of the packed rows)
     included; the packed formats get what is left."""
+    check_args(bits, tokens, sink_tokens=sink_tokens, recent_tokens=recent_tokens)
     config, head_dim, k_offsets = measured["config"], measured["head_dim"], measured["k_offsets"]
     offsets = k_offsets is not None
     overhead = (16.0 / tokens) / 2 if offsets else 0.0  # one fp16 vector per KV head and layer, K side only
     exact = (sink_tokens + recent_tokens) / tokens
-    if exact >= 1:
-        raise ValueError(
-            f"sink_tokens + recent_tokens: got {sink_tokens + recent_tokens}, expected fewer than tokens={tokens}"
-        )
     extra = overhead + 16.0 * exact
     try:
         chosen, predicted = choose(measured["table"], head_dim, bits, extra)
@@ -280,6 +308,7 @@ def calibrate(
     """A policy for ``model`` at ``bits`` mean bits per value, from calibration ``ids`` ``(B, T)``:
     :func:`measure_sensitivity` then :func:`policy_for`, both with the exact windows asked for (as
     ``turbokv calibrate``: 1 sink + 16 recent tokens; 0, 0 for a policy a static cache can take)."""
+    check_args(bits, tokens, fmts, sink_tokens, recent_tokens, measure)
     windows = (sink_tokens, recent_tokens)
     measured = measure_sensitivity(model, ids, fmts, offsets, measure, progress, windows)
     return policy_for(measured, bits, tokens, info, sink_tokens, recent_tokens)

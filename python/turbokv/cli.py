@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def _prepare(args):
     from turbokv.eval.runner import Reference, default_text_path, make_chunks
 
     model, tok = model_mod.load(args.model)
+    _check_positions(model, args.ctx)
     text_path = Path(args.text) if args.text else default_text_path()
     chunks = make_chunks(tok, text_path.read_text(), args.ctx, args.chunks)
     ref = Reference(model, chunks, str(args.model or "default"))
@@ -48,6 +50,7 @@ def _calibrate(args) -> None:
     from turbokv.eval.runner import make_chunks
 
     model, tok = model_mod.load(args.model)
+    _check_positions(model, args.ctx)
     text = Path(args.text).read_text() if args.text else calibrate.calibration_text()
     ids = make_chunks(tok, text, args.ctx, args.chunks)
     source = args.text or "pydoc_data.topics"
@@ -75,6 +78,125 @@ def _calibrate(args) -> None:
             f"predicted KLD {policy.info['predicted_kld']:.5f} (sum of the slots' measured KLD)\n"
             f"  K/V per layer: {pairs}"
         )
+
+
+class UsageError(Exception):
+    """A bad argument or input file: one line on stderr and exit code 2, no traceback."""
+
+
+def _positive(flag: str, value: int, least: int = 1) -> None:
+    if value < least:
+        raise UsageError(f"{flag}: got {value}, expected at least {least}")
+
+
+def _formats_list(flag: str, text: str) -> list[str]:
+    from turbokv import formats
+
+    names = [f.strip() for f in text.split(",")]
+    for name in names:
+        if name not in formats.FORMATS:
+            raise UsageError(f"{flag}: got {name!r}, expected formats from {', '.join(sorted(formats.FORMATS))}")
+    return names
+
+
+def _text_file(flag: str, value: str | None) -> None:
+    if value is None:
+        return
+    path = Path(value)
+    if not path.is_file():
+        raise UsageError(f"{flag}: got {value}, expected an existing text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise UsageError(f"{flag}: got {value}, expected a UTF-8 text file ({type(e).__name__})") from e
+    if not text.strip():
+        raise UsageError(f"{flag}: got {value}, an empty file; expected text to evaluate on")
+
+
+def _writable(flag: str, value: str | None, folder: bool = False) -> None:
+    """The file (or folder) ``value`` can be created: its parent folder exists."""
+    if value is None or value == "-":
+        return
+    path = Path(value)
+    parent = path.parent if not folder or not path.exists() else path
+    if folder and path.exists() and not path.is_dir():
+        raise UsageError(f"{flag}: got {value}, which is a file; expected a folder")
+    if not folder and path.is_dir():
+        raise UsageError(f"{flag}: got {value}, which is a folder; expected a file name")
+    if not parent.is_dir():
+        raise UsageError(f"{flag}: got {value}, but the folder {parent} does not exist")
+
+
+def _bits_list(text: str) -> list[float]:
+    budgets = []
+    for item in text.split(","):
+        try:
+            bits = float(item)
+        except ValueError:
+            raise UsageError(f"--bits: got {item!r}, expected numbers such as 3.5 or 3.5,4.5") from None
+        if not math.isfinite(bits) or not 0 < bits < 64:
+            raise UsageError(f"--bits: got {item!r}, expected a finite number of bits per value in (0, 64)")
+        budgets.append(bits)
+    return budgets
+
+
+def check_args(args) -> None:
+    """Every argument of a command checked before any model is loaded or any pass runs."""
+    cmd = args.command
+    if getattr(args, "model", None) is not None and not Path(args.model).exists():
+        raise UsageError(f"--model: got {args.model}, expected an HF model folder or a .gguf file")
+    if cmd in ("demo", "quant-demo"):
+        _positive("--tokens", args.tokens)
+        return
+    _text_file("--text", args.text)
+    _positive("--ctx", args.ctx, 2)
+    for flag in ("sink_tokens", "recent_tokens"):
+        if hasattr(args, flag):
+            _positive("--" + flag.replace("_", "-"), getattr(args, flag), 0)
+    if cmd == "eval":
+        _formats_list("--k", args.k)
+        _formats_list("--v", args.v)
+        if args.policy is not None:
+            from turbokv.policy import Policy
+
+            if not Path(args.policy).is_file():
+                raise UsageError(f"--policy: got {args.policy}, expected a policy file from `turbokv calibrate`")
+            try:
+                Policy.load(args.policy)
+            except ValueError as e:
+                raise UsageError(f"--policy: {e}") from None
+        if args.policy and (args.sink_tokens or args.recent_tokens):
+            raise UsageError("--sink-tokens / --recent-tokens: a policy file sets its own exact windows (calibrate)")
+        _writable("--json", args.json)
+    elif cmd == "sweep":
+        _formats_list("--k", args.k)
+        _formats_list("--v", args.v)
+        for r in args.rotate.split(","):
+            if r not in ROTATE:
+                raise UsageError(f"--rotate: got {r!r}, expected a comma-separated list of {', '.join(ROTATE)}")
+        _writable("--out", args.out, folder=True)
+    elif cmd == "calibrate":
+        budgets = _bits_list(args.bits)
+        _positive("--tokens", args.tokens)
+        _positive("--chunks", args.chunks)
+        if args.formats is not None:
+            _formats_list("--formats", args.formats)
+        if args.sink_tokens + args.recent_tokens >= args.tokens:
+            raise UsageError(
+                f"--sink-tokens + --recent-tokens: got {args.sink_tokens + args.recent_tokens}, expected fewer than "
+                f"--tokens {args.tokens}"
+            )
+        _writable("--out", args.out)
+        if len(budgets) > 1 and not Path(args.out).suffix:
+            raise UsageError(f"--out: got {args.out}, expected a name with a suffix (policy.json) for several --bits")
+
+
+def _check_positions(model, ctx: int) -> None:
+    """A warning when chunks are longer than the model's positions (its output there is not meaningful)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and ctx > limit:
+        print(f"turbokv: warning: --ctx {ctx} exceeds the model's {limit} positions", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +247,18 @@ def main(argv: list[str] | None = None) -> int:
     qd.add_argument("--tokens", type=int, default=2048)
 
     args = parser.parse_args(argv)
+    try:
+        check_args(args)
+        return _run(args)
+    except UsageError as e:
+        print(f"turbokv {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:  # a bad input file or a setting the model refuses
+        print(f"turbokv {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
     if args.command == "demo":
         from turbokv import demo as demo_mod
 
@@ -139,8 +273,6 @@ def main(argv: list[str] | None = None) -> int:
         from turbokv.eval.metrics import format_summary
         from turbokv.eval.runner import CacheSpec, evaluate
 
-        if args.policy and (args.sink_tokens or args.recent_tokens):
-            parser.error("--sink-tokens / --recent-tokens: a policy file sets its own exact windows (calibrate)")
         model, chunks, ref = _prepare(args)
         rotations = (args.rotate_k or args.rotate, args.rotate_v or args.rotate)
         spec = CacheSpec(args.k, args.v, *rotations, args.policy, args.sink_tokens, args.recent_tokens)

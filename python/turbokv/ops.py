@@ -178,6 +178,7 @@ def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch
     a row no part saw stays zeros, as the op leaves it. Returns ``(B, Hq, Sq, d)`` in the first
     part's dtype.
     """
+    _check_merge(parts, sinks)
     lses = torch.stack([lse.float() for _, lse in parts])  # (P, B, Hq, Sq)
     if sinks is not None:
         sink = sinks.float().view(1, 1, -1, 1).expand(1, *lses.shape[1:])
@@ -189,6 +190,41 @@ def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch
     w = w / torch.where(denom > 0, denom, torch.ones_like(denom))
     out = sum(w[i, ..., None] * o.float() for i, (o, _) in enumerate(parts))
     return out.to(parts[0][0].dtype)
+
+
+def _check_merge(parts, sinks) -> None:
+    """``ValueError`` naming the part for what the op would refuse: no parts, an output that is not
+    ``(B, Hq, Sq, d)`` floats, a log-sum-exp that is not its ``(B, Hq, Sq)`` float32, parts of
+    different shapes or devices, or sinks that are not ``(Hq,)`` floats there. (Parts may differ in
+    float dtype: the merge runs in float32.)"""
+    if not isinstance(parts, list | tuple) or not parts:
+        raise ValueError(f"parts: got {parts!r}, expected a non-empty list of (out, lse) pairs")
+    out0 = parts[0][0] if isinstance(parts[0], tuple | list) and len(parts[0]) == 2 else None
+    for i, part in enumerate(parts):
+        if not isinstance(part, tuple | list) or len(part) != 2:
+            raise ValueError(f"parts[{i}]: got {type(part).__name__}, expected an (out, lse) pair")
+        out, lse = part
+        if not isinstance(out, torch.Tensor) or out.dim() != 4 or not out.is_floating_point():
+            raise ValueError(f"parts[{i}] out: got {_describe(out)}, expected a (B, Hq, Sq, d) float tensor")
+        if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or tuple(lse.shape) != tuple(out.shape[:3]):
+            raise ValueError(f"parts[{i}] lse: got {_describe(lse)}, expected float32 of shape {tuple(out.shape[:3])}")
+        if out.shape != out0.shape or out.device != out0.device or lse.device != out.device:
+            raise ValueError(
+                f"parts[{i}] out: got {_describe(out)} on {out.device}, expected shape {tuple(out0.shape)} on "
+                f"{out0.device} like parts[0]"
+            )
+    if sinks is not None:
+        hq = out0.shape[1]
+        if not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (hq,) or not sinks.is_floating_point():
+            raise ValueError(f"sinks: got {_describe(sinks)}, expected a float tensor of shape ({hq},)")
+        if sinks.device != out0.device:
+            raise ValueError(f"sinks: got a tensor on {sinks.device}, expected {out0.device} like the parts")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} {tuple(x.shape)}"
+    return type(x).__name__
 
 
 # Fewer queries than this stay in the op's tensor-core kernels (memory-bound: they read the

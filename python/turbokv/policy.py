@@ -97,44 +97,46 @@ class Policy:
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
-        """Read a policy file; ``ValueError`` naming the field for anything malformed."""
+        """Read a policy file (and its offsets file); ``ValueError`` naming the file and the field
+        for anything malformed: formats, rotations, windows, the offsets' shape and finiteness."""
         path = Path(path)
-        if not path.exists():
+        if not path.is_file():
             raise FileNotFoundError(f"policy: got {path}, expected an existing policy JSON file")
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"policy: {path} is not JSON ({e})") from e
+            return cls._parse(path)
+        except ValueError as e:
+            raise ValueError(str(e).replace("policy:", f"policy {path}:", 1)) from e
+
+    @classmethod
+    def _parse(cls, path: Path) -> Policy:
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"policy: not a JSON file ({e})") from e
         if not isinstance(raw, dict) or raw.get("turbokv_policy") != VERSION:
             got = raw.get("turbokv_policy") if isinstance(raw, dict) else type(raw).__name__
-            raise ValueError(f"policy: {path} has turbokv_policy={got!r}, expected {VERSION}")
+            raise ValueError(f"policy: turbokv_policy got {got!r}, expected {VERSION}")
         for key in ("num_layers", "num_kv_heads", "head_dim"):
-            if not isinstance(raw.get(key), int) or raw[key] < 1:
+            if isinstance(raw.get(key), bool) or not isinstance(raw.get(key), int) or raw[key] < 1:
                 raise ValueError(f"policy: {key} got {raw.get(key)!r}, expected a positive int")
         layers = raw.get("layers")
         if not isinstance(layers, list) or len(layers) != raw["num_layers"]:
             n = len(layers) if isinstance(layers, list) else layers
             raise ValueError(f"policy: layers got {n!r} entries, expected num_layers={raw['num_layers']}")
         parsed = [None if entry is None else _layer(i, entry) for i, entry in enumerate(layers)]
-        offsets = None
-        if raw.get("offsets_file"):
-            from safetensors.torch import load_file
-
-            file = path.parent / raw["offsets_file"]
-            if not file.exists():
-                raise FileNotFoundError(
-                    f"policy: offsets_file got {file}, which does not exist (keep it beside {path})"
-                )
-            offsets = load_file(str(file))["k_offsets"]
-            want = (raw["num_layers"], raw["num_kv_heads"], raw["head_dim"])
-            if tuple(offsets.shape) != want:
-                raise ValueError(f"policy: k_offsets got shape {tuple(offsets.shape)}, expected {want}")
+        if all(lp is None for lp in parsed):
+            raise ValueError("policy: layers has no attention layer (every entry is null)")
+        want = (raw["num_layers"], raw["num_kv_heads"], raw["head_dim"])
+        offsets = _load_offsets(path, raw.get("offsets_file"), want) if raw.get("offsets_file") is not None else None
         if offsets is None and any(lp is not None and lp.k_offset for lp in parsed):
             raise ValueError("policy: layers ask for k_offset but offsets_file is missing")
         for key in ("sink_tokens", "recent_tokens"):  # absent in policies written before exact windows: 0
             value = raw.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"policy: {key} got {value!r}, expected an int >= 0")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WINDOW:
+                raise ValueError(f"policy: {key} got {value!r}, expected an int in [0, {MAX_WINDOW}]")
+        info = raw.get("info") or {}
+        if not isinstance(info, dict):
+            raise ValueError(f"policy: info got {type(info).__name__}, expected an object")
         return cls(
             raw.get("model_type"),
             raw["num_layers"],
@@ -142,10 +144,40 @@ class Policy:
             raw["head_dim"],
             parsed,
             offsets,
-            raw.get("info") or {},
+            info,
             raw.get("sink_tokens", 0),
             raw.get("recent_tokens", 0),
         )
+
+
+# Exact window sizes a policy may ask for: far above any useful size, far below what would not fit.
+MAX_WINDOW = 1 << 20
+
+
+def _load_offsets(path: Path, name, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The ``k_offsets`` tensor of the safetensors file ``name`` beside ``path``, checked."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise ValueError(f"policy: offsets_file got {name!r}, expected the name of a file beside the policy")
+    file = path.parent / name
+    if not file.is_file():
+        raise FileNotFoundError(f"policy {path}: offsets_file got {file}, which does not exist (keep it beside it)")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"policy: offsets_file {file} is not a safetensors file ({e})") from e
+    if set(tensors) != {"k_offsets"}:
+        raise ValueError(f"policy: offsets_file {file} holds {sorted(tensors)}, expected ['k_offsets']")
+    offsets = tensors["k_offsets"]
+    if tuple(offsets.shape) != shape or not offsets.is_floating_point():
+        raise ValueError(
+            f"policy: k_offsets in {file} got {offsets.dtype} {tuple(offsets.shape)}, expected floats of shape {shape}"
+        )
+    if not torch.isfinite(offsets).all():
+        raise ValueError(f"policy: k_offsets in {file} has non-finite values, expected finite key offsets")
+    return offsets.float()
 
 
 def _layer(i: int, entry) -> LayerPolicy:

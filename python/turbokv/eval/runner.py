@@ -98,25 +98,72 @@ def scored_logprobs(model, chunk: torch.Tensor, spec: CacheSpec) -> torch.Tensor
 
 
 class Reference:
-    """f16-cache log-probabilities per chunk, stored once in a safetensors file."""
+    """f16-cache log-probabilities per chunk, stored once in a safetensors file.
+
+    The file is keyed by everything that determines it: the chunks (their shape, so ``--ctx`` and
+    ``--chunks`` over the same tokens differ, and their tokens), the model's weights (a hash of every
+    parameter and buffer), its dtype and device type, and ``model_id``. A file that does not read back
+    whole (a chunk missing, a wrong shape, bytes that do not match their hash, another key) is computed
+    again, not trusted.
+    """
+
+    VERSION = 2
 
     def __init__(self, model, chunks: torch.Tensor, model_id: str):
-        key = hashlib.sha256(chunks.numpy().tobytes() + model_id.encode()).hexdigest()[:16]
-        self.path = CACHE_DIR / "reference" / f"{key}.safetensors"
+        h = hashlib.sha256(f"turbokv-reference-{self.VERSION}|{model_id}|{tuple(chunks.shape)}".encode())
+        h.update(chunks.numpy().tobytes())
+        h.update(model_fingerprint(model).encode())
+        self.key = h.hexdigest()
+        self.path = CACHE_DIR / "reference" / f"{self.key[:16]}.safetensors"
         self.model, self.chunks = model, chunks
 
+    def _valid(self) -> bool:
+        scored = self.chunks.shape[1] - self.chunks.shape[1] // 2
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") != self.key or len(list(f.keys())) != len(self.chunks):
+                    return False
+                tensors = [f.get_tensor(f"chunk_{i}") for i in range(len(self.chunks))]
+        except Exception:  # any unreadable file: computed again
+            return False
+        if any(t.dim() != 2 or t.shape[0] != scored for t in tensors):
+            return False
+        return meta.get("data") == _digest(tensors)
+
     def ensure(self, progress: bool = True) -> None:
-        if self.path.exists():
+        if self.path.exists() and self._valid():
             return
         tensors = {}
         for i in tqdm(range(len(self.chunks)), desc="f16 reference", disable=not progress):
             tensors[f"chunk_{i}"] = scored_logprobs(self.model, self.chunks[i], F16).half()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(self.path))
+        save_file(tensors, str(self.path), metadata={"key": self.key, "data": _digest(list(tensors.values()))})
 
     def get(self, i: int) -> torch.Tensor:
         with safe_open(str(self.path), framework="pt") as f:
             return f.get_tensor(f"chunk_{i}").float()
+
+
+def _digest(tensors: list[torch.Tensor]) -> str:
+    """A hash of the tensors' bytes, in order: a flipped bit anywhere in the data changes it."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(model) -> str:
+    """A hash of the model's parameters and buffers (names, shapes, dtypes, bytes) and device type."""
+    h = hashlib.sha256()
+    seen = set()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{t.device.type}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def evaluate(model, chunks: torch.Tensor, spec: CacheSpec, ref: Reference, progress: bool = True) -> Summary:

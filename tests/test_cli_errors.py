@@ -1,0 +1,57 @@
+"""The CLI's usage errors: each bad argument or input file is one line on stderr naming the flag
+and the value, exit code 2, no traceback, and nothing is measured first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    (d / "empty.txt").write_text("  \n")
+    (d / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    (d / "text.txt").write_text("Some text to evaluate on.\n" * 20)
+    (d / "policy.json").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    return d
+
+
+CASES = [
+    (["eval", "--text", "{d}/missing.txt"], "--text: got {d}/missing.txt, expected an existing text file"),
+    (["eval", "--text", "{d}/empty.txt"], "an empty file"),
+    (["eval", "--text", "{d}/binary.txt"], "expected a UTF-8 text file"),
+    (["eval", "--text", "{d}/text.txt", "--ctx", "1"], "--ctx: got 1, expected at least 2"),
+    (["eval", "--k", "q4_0", "--v", "q9_9"], "--v: got 'q9_9', expected formats from"),
+    (["eval", "--policy", "{d}/nope.json"], "--policy: got {d}/nope.json"),
+    (["eval", "--policy", "{d}/policy.json"], "not a JSON file"),
+    (["eval", "--json", "{d}/no/such/folder/out.json"], "does not exist"),
+    (["eval", "--model", "{d}/no-model"], "--model: got {d}/no-model"),
+    (["eval", "--recent-tokens", "-1"], "--recent-tokens: got -1, expected at least 0"),
+    (["calibrate", "--bits", "4.5x"], "--bits: got '4.5x', expected numbers"),
+    (["calibrate", "--bits", "nan"], "--bits: got 'nan', expected a finite number"),
+    (["calibrate", "--bits", "3.5", "--tokens", "-512"], "--tokens: got -512, expected at least 1"),
+    (["calibrate", "--bits", "3.5", "--tokens", "0"], "--tokens: got 0, expected at least 1"),
+    (["calibrate", "--bits", "3.5", "--tokens", "16"], "--sink-tokens + --recent-tokens: got 17"),
+    (["calibrate", "--bits", "3.5", "--formats", "turbo3,turbo9"], "--formats: got 'turbo9'"),
+    (["calibrate", "--bits", "3.5", "--out", "{d}/no/such/p.json"], "does not exist"),
+    (["sweep", "--k", "q4_0,q9"], "--k: got 'q9'"),
+    (["sweep", "--rotate", "on,sideways"], "--rotate: got 'sideways'"),
+    (["sweep", "--out", "{d}/text.txt"], "which is a file; expected a folder"),
+    (["demo", "--tokens", "0"], "--tokens: got 0, expected at least 1"),
+]
+
+
+@pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(c[0][:3]) for c in CASES])
+def test_usage_error_is_one_line(files, argv, message):
+    argv = [a.format(d=files) for a in argv]
+    out = subprocess.run(
+        [sys.executable, "-m", "turbokv.cli", *argv], capture_output=True, text=True, timeout=120, check=False
+    )
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith(f"turbokv {argv[0]}: error: ")
+    assert message.format(d=files) in lines[0]
