@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import turbokv
-from turbokv.cache_io import FORMAT_VERSION, CacheFileError
+from turbokv.cache_io import FORMAT_VERSION, HEADER_HASH, CacheFileError, header_sha256
 from turbokv.hf import cache_kwargs, turbokv_attention
 
 MAX_NEW = 10
@@ -215,11 +215,14 @@ def saved(gen, tmp_path):
     return model, path
 
 
-def rewrite(path, edit_metadata):
-    """Write the file again with ``edit_metadata(metadata)``: a consistent safetensors file, as an editor writes."""
+def rewrite(path, edit_metadata, rehash=True):
+    """Write the file again with ``edit_metadata(metadata)``: a consistent safetensors file, as an editor
+    writes; ``rehash``: one who also recomputes the header's hash (so that the checks behind it run)."""
     with safe_open(path, framework="pt") as f:
         meta, tensors = dict(f.metadata()), {name: f.get_tensor(name) for name in f.keys()}
     edit_metadata(meta)
+    if rehash:
+        meta[HEADER_HASH] = header_sha256(meta)
     save_file(tensors, path, metadata=meta)
 
 
@@ -268,6 +271,64 @@ def test_edited_header_is_refused(saved):
     rewrite(path, lambda meta: meta.update({"turbokv.header": "{not json"}))
     with pytest.raises(CacheFileError, match="turbokv.header: not JSON"):
         turbokv.TurboCache.load(path, model.config)
+
+
+def test_header_edit_without_its_hash_is_refused(saved):
+    """One digit of a rotation seed changed in the header (the bytes would decode with the wrong
+    rotation) is refused by the header's hash before anything is built."""
+    model, path = saved
+
+    def seed_digit(meta):
+        header = json.loads(meta["turbokv.header"])
+        header["layers"][0]["k_rotation"]["seed"] += 1
+        meta["turbokv.header"] = json.dumps(header)
+
+    rewrite(path, seed_digit, rehash=False)
+    with pytest.raises(CacheFileError, match=r"turbokv.header_sha256: got .* the hash of the header as stored"):
+        turbokv.TurboCache.load(path, model.config)
+
+
+def test_a_folder_is_refused(tmp_path):
+    with pytest.raises(CacheFileError, match="not a file; expected a cache file"):
+        turbokv.TurboCache.load(tmp_path, build("llama64").config)
+
+
+def contents(path):
+    """What a cache file says, as comparable values: its metadata but the writer's version (informative)
+    and each tensor's bytes. (The byte order of safetensors' metadata is not fixed from save to save.)"""
+    with safe_open(path, framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "turbokv.version"}
+        return meta, {name: f.get_tensor(name).numpy().tobytes() for name in f.keys()}
+
+
+def test_every_flipped_byte_is_refused_or_harmless(gen, tmp_path):
+    """Each byte of a small saved file flipped in turn (the safetensors header, the metadata with the
+    turbokv header, the data): a CacheFileError naming the file, or a cache identical to the saved one
+    (saved again, the same bytes), never a different cache."""
+    model = build("llama64")
+    ids, mask = inputs(gen, batch=1)
+    path = tmp_path / "c.safetensors"
+    with torch.no_grad():
+        cache = make_cache(model, "q4_0", "turbo3")
+        model(ids[:, :3], attention_mask=mask[:, :3], **cache_kwargs(model, cache))
+    cache.save(path)
+    data, want = path.read_bytes(), contents(path)
+    bad, again = tmp_path / "bad.safetensors", tmp_path / "again.safetensors"
+    outcomes = {"refused": 0, "identical": 0}
+    for i in range(len(data)):
+        flipped = bytearray(data)
+        flipped[i] ^= 0x21
+        bad.write_bytes(bytes(flipped))
+        try:
+            loaded = turbokv.TurboCache.load(bad, model.config)
+        except CacheFileError as e:
+            assert str(bad) in str(e)
+            outcomes["refused"] += 1
+            continue
+        loaded.save(again)
+        assert contents(again) == want, f"byte {i} flipped: a different cache loaded"
+        outcomes["identical"] += 1
+    assert outcomes["refused"] > 0.9 * len(data), outcomes
 
 
 def test_edited_tensor_list_is_refused(saved):

@@ -10,7 +10,7 @@ from conftest import device_params
 from hf_models import FAMILIES, attention_layers, build, transformers
 
 import turbokv
-from turbokv.hf import turbokv_attention
+from turbokv.hf import cache_kwargs, turbokv_attention
 
 MAX_NEW = 12
 
@@ -403,3 +403,50 @@ def test_hybrid_keeps_transformers_state_layers(family, gen):
         t2 = model.generate(torch.cat([t1, extra], 1), past_key_values=t_cache, **kw)
     r2 = model.generate(torch.cat([r1, extra], 1), past_key_values=r_cache, **kw)
     assert torch.equal(t1, r1) and torch.equal(t2, r2)
+
+
+def _state_snapshot(cache) -> list:
+    """Every layer's token count and tensors, cloned: what an edit that raises must leave as it was."""
+    snap = []
+    for layer in cache.layers:
+        tensors = [t.clone() for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+        for name in ("conv_states", "recurrent_states"):
+            tensors += [t.clone() for t in getattr(layer, name, None) or [] if isinstance(t, torch.Tensor)]
+        snap.append((int(layer.get_seq_length()), tensors))
+    return snap
+
+
+def _same(a, b) -> bool:
+    return all(
+        n1 == n2 and len(t1) == len(t2) and all(torch.equal(x, y) for x, y in zip(t1, t2, strict=True))
+        for (n1, t1), (n2, t2) in zip(a, b, strict=True)
+    )
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "lfm2"])
+def test_hybrid_edits_that_raise_change_nothing(family, gen):
+    """On a hybrid model (attention layers beside linear-attention / conv states), crop without
+    recorded past states, batch edits with indices out of range and a step with another batch size
+    raise before any layer changes; the next step of the held batch is what it would have been."""
+    model = build(family)
+    ids, mask = left_padded(gen)
+    cache = f16_cache(model)
+    with turbokv.patch(model), torch.no_grad():
+        model(ids[:, :-1], attention_mask=mask[:, :-1], **cache_kwargs(model, cache))
+        before = _state_snapshot(cache)
+        with pytest.raises(RuntimeError, match="does not record its past"):
+            cache.crop(-1)
+        assert _same(_state_snapshot(cache), before)
+        with pytest.raises(IndexError, match="expected indices of the 3 sequences held"):
+            cache.batch_select_indices(torch.tensor([0, 5]))
+        with pytest.raises(IndexError, match="beam_idx"):
+            cache.reorder_cache(torch.tensor([2, 1, 3]))
+        assert _same(_state_snapshot(cache), before)
+        with pytest.raises(ValueError, match="got a batch of 2 sequences, expected the 3 .* a new batch needs"):
+            model(ids[:2, -1:], attention_mask=mask[:2], **cache_kwargs(model, cache))
+        assert _same(_state_snapshot(cache), before)
+        got = model(ids[:, -1:], attention_mask=mask, **cache_kwargs(model, cache)).logits
+        fresh = f16_cache(model)
+        model(ids[:, :-1], attention_mask=mask[:, :-1], **cache_kwargs(model, fresh))
+        want = model(ids[:, -1:], attention_mask=mask, **cache_kwargs(model, fresh)).logits
+    assert torch.equal(got, want)

@@ -495,6 +495,27 @@ if HYBRID_LAYER_TYPES:
 # ---------------------------------------------------------------------- argument checks
 
 
+def _check_linear_crop(i: int, layer, tokens_to_remove: int) -> None:
+    """What transformers' linear-attention layer refuses in ``crop``, raised before any layer changes."""
+    if not layer.record_past:
+        raise RuntimeError(
+            f"crop: layer {i} keeps a linear-attention state that does not record its past; call "
+            "cache.activate_past_recording() before the forward that crop undoes (assisted generation does)"
+        )
+    if tokens_to_remove > 0:
+        raise RuntimeError(
+            f"crop: got {tokens_to_remove}, expected a negative count of tokens to remove (layer {i} keeps a "
+            "linear-attention state)"
+        )
+    history = getattr(layer, "recurrent_states_history", None) or {}
+    for s, kept in history.items():
+        if tokens_to_remove and layer.is_recurrent_states_initialized[s] and len(kept) < -tokens_to_remove:
+            raise RuntimeError(
+                f"crop: got {tokens_to_remove}, but layer {i} recorded {len(kept)} past states; expected at least "
+                f"{-tokens_to_remove}"
+            )
+
+
 def _type_name(value) -> str:
     return type(value).__name__
 
@@ -791,6 +812,59 @@ class TurboCache(Cache):
                 "attention K/V); build the cache from the model's config"
             )
         return layer
+
+    # ------------------------------------------------------------------ edits that change every layer
+    # transformers' Cache applies crop and the batch edits layer by layer, so a layer that refuses
+    # leaves the layers before it changed; and a step with a new batch size moves a linear-attention
+    # layer's state before an attention layer refuses it. TurboCache checks every layer first: an
+    # edit that raises leaves the cache as it was.
+
+    def _held_batch(self) -> int | None:
+        """The batch size the cache holds (its attention layers'), or None while it holds nothing."""
+        return next((lay.batch_size for lay in self.turbo_layers if lay.is_initialized), None)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        for i, layer in enumerate(self.layers):
+            if hasattr(layer, "record_past") and hasattr(layer, "conv_states"):  # a linear-attention state
+                _check_linear_crop(i, layer, tokens_to_remove)
+        super().crop(tokens_to_remove)
+
+    def _check_batch_index(self, indices, what: str) -> None:
+        held = self._held_batch()
+        idx = torch.as_tensor(indices)
+        if held is None or idx.numel() == 0:
+            return
+        if idx.dtype == torch.bool:
+            if idx.shape != (held,):
+                raise ValueError(f"{what}: got a mask of shape {tuple(idx.shape)}, expected ({held},)")
+            return
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -held or hi >= held:
+            raise IndexError(f"{what}: got indices in [{lo}, {hi}], expected indices of the {held} sequences held")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._check_batch_index(beam_idx, "beam_idx")
+        super().reorder_cache(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._check_batch_index(indices, "indices")
+        super().batch_select_indices(indices)
+
+    def _check_state_batch(self, states: torch.Tensor, layer_idx: int) -> None:
+        held = self._held_batch()
+        if held is not None and states.shape[0] != held:
+            raise ValueError(
+                f"layer {layer_idx}: got a state of batch size {states.shape[0]}, expected {held} (the sequences this "
+                f"cache holds); {NEW_BATCH_HINT}"
+            )
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self._check_state_batch(conv_states, layer_idx)
+        return super().update_conv_state(conv_states, layer_idx, *args, **kwargs)
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self._check_state_batch(recurrent_states, layer_idx)
+        return super().update_recurrent_state(recurrent_states, layer_idx, *args, **kwargs)
 
     @property
     def turbo_layers(self) -> list[TurboLayer]:

@@ -25,8 +25,11 @@ them: ``layers.{i}.k_offset`` (its key offset, ``(Hkv, d)`` float32) and the exa
 ``layers.{i}.sink_k`` / ``sink_v`` / ``recent_k`` / ``recent_v``, ``(B, Hkv, n, d)`` f16 / bf16. A
 file without them is written as version 1, which earlier turbokv versions read.
 
-Loading checks, each failure naming the field, the value seen and the one expected: the file is
-a turbokv cache of a version this code reads, every tensor's bytes match the header's sha256 and
+``turbokv.header_sha256`` is the sha256 of the format, its version and the header (which holds every
+tensor's sha256): one check covers the header and the data together (files written before it have
+none). Loading checks, each failure naming the field, the value seen and the one expected: the file
+is a turbokv cache of a version this code reads, the header matches its hash, every tensor's bytes
+match the header's sha256 and
 its shape the header's (a truncated, corrupted or edited file), and the header matches the model
 config (model type, layer count, layer types, KV heads, head dim, sliding window, chunk size,
 KV-sharing sources). Formats and rotations come from the file; they are checked only against what
@@ -58,6 +61,18 @@ WINDOW_TENSORS = ("sink_k", "sink_v", "recent_k", "recent_v")
 EXTENDED_TENSORS = ("k_offset", *WINDOW_TENSORS)
 # The model dtypes a TurboLayer can hold (what its update accepts).
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# The hash of what decides how the bytes decode: the format, its version and the header (formats,
+# rotations and seeds, offsets, windows, shapes, lengths, and every tensor's sha256), so one check
+# covers the header and the data together. Files written before it have none and load as before.
+HEADER_HASH = "turbokv.header_sha256"
+
+
+def header_sha256(meta: dict[str, str]) -> str:
+    """The integrity hash of a cache file's metadata (see HEADER_HASH)."""
+    text = "\n".join(str(meta.get(key)) for key in ("turbokv.format", "turbokv.format_version", "turbokv.header"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class CacheFileError(ValueError):
@@ -108,6 +123,7 @@ def save(cache: TurboCache, path: str | os.PathLike) -> None:
         "turbokv.version": turbokv.__version__,
         "turbokv.header": json.dumps(header),
     }
+    metadata[HEADER_HASH] = header_sha256(metadata)
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -259,6 +275,8 @@ def _fail(path: str, what: str) -> CacheFileError:
 
 def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """The checked header and the checked tensors (on the CPU)."""
+    if not os.path.isfile(path):
+        raise _fail(path, "not a file; expected a cache file written by TurboCache.save")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -269,6 +287,12 @@ def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
                     f"not a turbokv cache: metadata 'turbokv.format' is {meta.get('turbokv.format')!r}, expected "
                     f"{FORMAT_NAME!r} (a file written by TurboCache.save)",
                 )
+            if HEADER_HASH in meta and meta[HEADER_HASH] != header_sha256(meta):
+                raise _fail(
+                    path,
+                    f"{HEADER_HASH}: got {meta[HEADER_HASH]!r}, expected {header_sha256(meta)!r}, the hash of the "
+                    "header as stored (an edited or damaged header)",
+                )
             header = _parse_header(path, meta)
             listed = {name: spec for entry in header["layers"] for name, spec in entry["tensors"].items()}
             if names != set(listed):
@@ -277,7 +301,7 @@ def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
                     f"tensors: got {sorted(names)}, expected the header's {sorted(listed)} (an edited file)",
                 )
             tensors = {name: f.get_tensor(name) for name in sorted(names)}
-    except SafetensorError as e:
+    except (SafetensorError, OSError, UnicodeDecodeError) as e:
         raise _fail(path, f"not a readable safetensors file ({e}); a truncated or damaged file?") from e
     for name, spec in listed.items():
         _check_tensor(path, name, tensors[name], spec)

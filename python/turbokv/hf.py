@@ -40,6 +40,7 @@ from transformers.masking_utils import (
 from turbokv import hf_checks, ops
 from turbokv.cache import (
     HYBRID_LAYER_TYPES,
+    NEW_BATCH_HINT,
     NO_CACHE_LAYER_TYPES,
     STATE_LAYER_TYPES,
     TurboCache,
@@ -501,7 +502,7 @@ def _add_hooks(model) -> list:
         sources=sources,
         source_sizes=source_sizes,
     )
-    return [
+    return [model.register_forward_pre_hook(_check_batch, with_kwargs=True)] + [
         m.register_forward_pre_hook(
             functools.partial(
                 hook, cache_index=_cache_index(m), layer_argument=_layer_argument(m) if m in shared else None
@@ -510,6 +511,26 @@ def _add_hooks(model) -> list:
         )
         for m in modules
     ]
+
+
+def _check_batch(module, args, kwargs):
+    """A forward whose batch size is not the one a TurboCache holds is refused before any layer runs: a
+    hybrid model's linear-attention layers move their state before an attention layer could refuse it."""
+    cache = next((kwargs.get(k) for k in CACHE_PARAMETERS if isinstance(kwargs.get(k), TurboCache)), None)
+    if cache is None:
+        return None
+    held = cache._held_batch()
+    inputs = kwargs.get("input_ids")
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    if inputs is None and args and isinstance(args[0], torch.Tensor):
+        inputs = args[0]
+    if held is not None and inputs is not None and inputs.shape[0] != held:
+        raise ValueError(
+            f"input: got a batch of {inputs.shape[0]} sequences, expected the {held} this TurboCache holds; "
+            f"{NEW_BATCH_HINT}"
+        )
+    return None
 
 
 # ---------------------------------------------------------------------- patch / unpatch
