@@ -406,13 +406,15 @@ def test_hybrid_keeps_transformers_state_layers(family, gen):
 
 
 def _state_snapshot(cache) -> list:
-    """Every layer's token count and tensors, cloned: what an edit that raises must leave as it was."""
+    """Every layer's counters and tensors, cloned: what an edit that raises must leave as it was."""
     snap = []
     for layer in cache.layers:
-        tensors = [t.clone() for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+        fields = vars(layer)
+        tensors = [t.clone() for t in fields.values() if isinstance(t, torch.Tensor)]
         for name in ("conv_states", "recurrent_states"):
             tensors += [t.clone() for t in getattr(layer, name, None) or [] if isinstance(t, torch.Tensor)]
-        snap.append((int(layer.get_seq_length()), tensors))
+        numbers = {k: v for k, v in fields.items() if isinstance(v, int)}  # counters (bools too)
+        snap.append((numbers, tensors))
     return snap
 
 
