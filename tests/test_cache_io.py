@@ -497,6 +497,13 @@ def test_policy_cache_with_offsets_and_windows_round_trips(patched, gen, tmp_pat
         assert_same_generation(greedy(model, ids, mask, loaded), ref, exact=True)
     with safe_open(path, framework="pt") as f:
         assert f.metadata()["turbokv.format_version"] == "2" == str(FORMAT_VERSION)
+    asked = dict(k="q4_0", v="turbo3", rotate_k="on", rotate_v="on")
+    loaded = turbokv.TurboCache.load(path, model.config, sink_tokens=2, recent_tokens=5, **asked)
+    assert all((lay.sink_tokens, lay.recent_tokens) == (2, 5) for lay in loaded.turbo_layers)
+    with pytest.raises(CacheFileError, match=r"layers\[0\]\.recent_tokens: got 5 in the file, expected 16"):
+        turbokv.TurboCache.load(path, model.config, sink_tokens=2, recent_tokens=16, **asked)
+    with pytest.raises(CacheFileError, match=r"layers\[0\]\.sink_tokens: got 2 in the file, expected 0"):
+        turbokv.TurboCache.load(path, model.config, sink_tokens=0, **asked)
     with pytest.raises(ValueError, match="max_cache_len: got 64"):
         turbokv.TurboCache.load(path, model.config, max_cache_len=64)
 

@@ -55,3 +55,16 @@ def test_usage_error_is_one_line(files, argv, message):
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert lines[0].startswith(f"turbokv {argv[0]}: error: ")
     assert message.format(d=files) in lines[0]
+
+
+def test_ctx_beyond_the_models_positions_warns(capsys):
+    """Chunks longer than the model's positions are measured (the user may mean it) with a warning."""
+    from types import SimpleNamespace
+
+    from turbokv.cli import _check_positions
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192))
+    _check_positions(model, 8192)
+    assert capsys.readouterr().err == ""
+    _check_positions(model, 8193)
+    assert "warning: --ctx 8193 exceeds the model's 8192 positions" in capsys.readouterr().err

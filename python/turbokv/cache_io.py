@@ -479,6 +479,12 @@ def _check_expected(path: str, layers: list[dict], want: TurboCache, expected: d
         if not isinstance(layer, TurboLayer):
             continue
         entry = layers[i]
+        for name in ("sink_tokens", "recent_tokens"):
+            # A window size named by the caller must be the file's: the saved tokens outside the
+            # windows are already quantized, so a load cannot widen or narrow a window.
+            got, want_n = entry.get(name) or 0, getattr(layer, name)
+            if name in expected and got != want_n:
+                raise _fail(path, f"layers[{i}].{name}: got {got} in the file, expected {want_n} ({asked})")
         for side, spec in (("k", layer.k_spec), ("v", layer.v_spec)):
             got_fmt = entry[f"{side}_format"]
             if got_fmt != spec.format:
