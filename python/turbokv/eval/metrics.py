@@ -39,13 +39,22 @@ class Summary:
     kld_max: float
     rms_dp: float
     same_top: float
+    # Stored bits per K and V value at the evaluated length (TurboCache.bits_per_value: packed
+    # rows, exact windows, key offsets); NaN where no cache was measured.
+    k_bits: float = math.nan
+    v_bits: float = math.nan
+
+    @property
+    def bits(self) -> float:
+        """Mean bits per K/V value."""
+        return (self.k_bits + self.v_bits) / 2
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def summarize(stats: list[dict[str, torch.Tensor]]) -> Summary:
-    cat = {k: torch.cat([s[k] for s in stats]) for k in stats[0]}
+    cat = {k: torch.cat([s[k].cpu() for s in stats]) for k in stats[0]}
     kld = cat["kld"]
     n = kld.numel()
     q = torch.quantile(kld, torch.tensor([0.5, 0.9, 0.95, 0.99, 0.999], dtype=kld.dtype))
@@ -70,6 +79,7 @@ def format_summary(name: str, s: Summary) -> str:
     return "\n".join(
         [
             f"{name}: {s.tokens} scored tokens",
+            f"  bits per value {s.bits:10.4f}   (K {s.k_bits:.4f}, V {s.v_bits:.4f}; windows and offsets included)",
             f"  PPL            {s.ppl:10.4f}   (f16 cache {s.ppl_ref:.4f}, ratio {s.ppl / s.ppl_ref:.4f})",
             f"  mean KLD       {s.kld_mean:10.6f} ± {s.kld_stderr:.6f}",
             f"  KLD median     {s.kld_median:10.6f}",

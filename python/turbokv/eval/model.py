@@ -32,8 +32,18 @@ def default_model_path() -> Path:
     return path
 
 
-def load(path: str | Path | None = None, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` from a GGUF file, an HF model directory, or the default model."""
+# The weights' dtypes `--dtype` names.
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def default_device() -> str:
+    """Where the CLI runs a model unless told: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(path: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` from a GGUF file, an HF model directory, or the default model, with
+    weights of ``dtype`` on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,7 +61,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype = torch.float32):
     else:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model.eval()
+    model.to(device).eval()
     return model, tok
 
 

@@ -10,8 +10,9 @@ cache, computed once and stored as safetensors (fp16) for reuse.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -88,13 +89,14 @@ def make_cache(model, spec: CacheSpec) -> turbokv.TurboCache:
 
 
 @torch.no_grad()
-def scored_logprobs(model, chunk: torch.Tensor, spec: CacheSpec) -> torch.Tensor:
-    """Log-probabilities ``(ctx - ctx//2, vocab)`` predicting the second half of ``chunk``."""
+def scored_logprobs(model, chunk: torch.Tensor, spec: CacheSpec) -> tuple[torch.Tensor, turbokv.TurboCache]:
+    """Log-probabilities ``(ctx - ctx//2, vocab)`` predicting the second half of ``chunk``, and the
+    cache that held the chunk."""
     cache = make_cache(model, spec)
     with turbokv.patch(model):
         logits = model(chunk[None].to(model.device), **cache_kwargs(model, cache)).logits[0]
     first = chunk.numel() // 2
-    return torch.log_softmax(logits[first - 1 : -1].float(), dim=-1).cpu()
+    return torch.log_softmax(logits[first - 1 : -1].float(), dim=-1).cpu(), cache
 
 
 class Reference:
@@ -136,7 +138,7 @@ class Reference:
             return
         tensors = {}
         for i in tqdm(range(len(self.chunks)), desc="f16 reference", disable=not progress):
-            tensors[f"chunk_{i}"] = scored_logprobs(self.model, self.chunks[i], F16).half()
+            tensors[f"chunk_{i}"] = scored_logprobs(self.model, self.chunks[i], F16)[0].half()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(self.path), metadata={"key": self.key, "data": _digest(list(tensors.values()))})
 
@@ -167,10 +169,13 @@ def model_fingerprint(model) -> str:
 
 
 def evaluate(model, chunks: torch.Tensor, spec: CacheSpec, ref: Reference, progress: bool = True) -> Summary:
+    """Statistics of ``spec``'s cache against the f16 cache over ``chunks``, with its bits per value
+    at the chunks' length."""
     ref.ensure(progress)
     first = chunks.shape[1] // 2
-    stats = []
+    stats, bits = [], (math.nan, math.nan)
     for i in tqdm(range(len(chunks)), desc=spec.label, disable=not progress):
-        test = scored_logprobs(model, chunks[i], spec)
+        test, cache = scored_logprobs(model, chunks[i], spec)
+        bits = cache.bits_per_value()  # the same for every chunk: one length
         stats.append(token_stats(ref.get(i), test, chunks[i, first:]))
-    return summarize(stats)
+    return replace(summarize(stats), k_bits=bits[0], v_bits=bits[1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from turbokv import formats
 from turbokv.eval.runner import CacheSpec, Reference, evaluate
 
 COLUMNS = [
@@ -28,13 +27,12 @@ COLUMNS = [
 
 def run(model, chunks, ref: Reference, k_formats, v_formats, rotations, out_dir: Path, progress=True) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    head_dim = getattr(model.config, "head_dim", model.config.hidden_size // model.config.num_attention_heads)
     rows = []
     for rot in rotations:
         for k in k_formats:
             for v in v_formats:
                 s = evaluate(model, chunks, CacheSpec(k, v, rot, rot), ref, progress)
-                kb, vb = formats.bits_per_value(k, head_dim), formats.bits_per_value(v, head_dim)
+                kb, vb = s.k_bits, s.v_bits
                 rows.append(
                     {
                         "k": k,
