@@ -60,6 +60,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "smoke: the tier that covers each parameter value of each test once")
+    config.addinivalue_line("markers", "pairwise: a case of a pairwise grid (helpers.pairwise)")
     path = config.getoption("--results-log")
     if path and not hasattr(config, "workerinput"):
         config.pluginmanager.register(ResultsLog(path), "turbokv-results-log")
@@ -73,9 +74,10 @@ def _param_values(item) -> set[tuple[str, str]]:
     spec = getattr(item, "callspec", None)
     if spec is None:
         return set()
-    # The id of each parametrize list's entry (a row of several arguments counts as one case).
+    # The id of each parametrize list's entry (a row of several arguments counts as one case);
+    # a pairwise grid (helpers.pairwise) is covered value by value, not row by row.
     ids = getattr(spec, "_idlist", None)
-    if ids is not None:
+    if ids is not None and item.get_closest_marker("pairwise") is None:
         return set(enumerate(ids))
     return {(name, repr(value)) for name, value in spec.params.items()}
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
+import pytest
 import torch
 
 from turbokv import formats, ops, reference
@@ -90,3 +92,30 @@ SPEC_PACKED = ("q8_0", "q5_0", "q4_0", "turbo2", "turbo3", "turbo4")
 
 def spec_built(kf: str, vf: str) -> bool:
     return (kf == vf == "f16") or (kf in SPEC_PACKED and vf in SPEC_PACKED)
+
+
+def pairwise(**lists) -> tuple[str, list]:
+    """``pytest.mark.parametrize`` arguments over the named lists: cases in which every pair of values
+    of two of the parameters meets at least once (a greedy covering array), instead of the full
+    product. For kernel grids whose failures come from one parameter or an interaction of two
+    (a head dim with a format, a query count with a GQA group), at a fraction of the product's
+    cases. The cases carry the ``pairwise`` mark: the smoke tier covers each value of each
+    parameter, not each case (conftest.py)."""
+    names = list(lists)
+    values = [list(v) for v in lists.values()]
+    pairs = list(itertools.combinations(range(len(values)), 2))
+    todo = {(i, a, j, b) for i, j in pairs for a in range(len(values[i])) for b in range(len(values[j]))}
+    cases = []
+    while todo:
+        best = max(
+            itertools.product(*(range(len(v)) for v in values)),
+            key=lambda c: sum((i, c[i], j, c[j]) in todo for i, j in pairs),
+        )
+        todo -= {(i, best[i], j, best[j]) for i, j in pairs}
+        cases.append(best)
+    rows = []
+    for c in cases:
+        case = [v[k] for v, k in zip(values, c, strict=True)]
+        name = "-".join("x".join(map(str, x)) if isinstance(x, tuple) else str(x) for x in case)
+        rows.append(pytest.param(*case, marks=pytest.mark.pairwise, id=name))
+    return ",".join(names), rows

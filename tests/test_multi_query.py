@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import device_params
-from helpers import attention_args, make_cache, poison_cuda_memory, reference_errors, sides, spec_built
+from helpers import attention_args, make_cache, pairwise, poison_cuda_memory, reference_errors, sides, spec_built
 
 from turbokv import ops
 
@@ -26,14 +26,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
-@pytest.mark.parametrize("sq", [2, 5, 16, 64])
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (8, 1), (16, 1)])
-@pytest.mark.parametrize("case", range(len(CASES)))
-def test_multi_query_kernels_cuda(device, sq, hq, hkv, case, gen, monkeypatch):
+@pytest.mark.parametrize(*pairwise(sq=[2, 5, 16, 64], heads=[(4, 4), (8, 2), (8, 1), (16, 1)], case=range(len(CASES))))
+def test_multi_query_kernels_cuda(device, sq, heads, case, gen, monkeypatch):
     """The tensor-core kernels with several queries: chunks of 8 (query, head) rows that the
     causal diagonal or the window edge cuts, GQA 1 / 4 / 8 / 16 (MQA), odd lengths, left padding
     that starts after some queries (their rows are zeros); auto takes them, and the tiled
-    kernel agrees."""
+    kernel agrees. Every pair of query count, GQA shape and case (head dim, formats, masks)."""
+    hq, hkv = heads
     d, kf, vf, _, _ = CASES[case]
     args = _case_args(gen, case, sq, hq, hkv)
     dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)

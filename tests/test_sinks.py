@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 from conftest import device_params
-from helpers import attention_args, make_cache, poison_cuda_memory, reference_errors, sides, spec_built
+from helpers import attention_args, make_cache, pairwise, poison_cuda_memory, reference_errors, sides, spec_built
 
 import turbokv
 from turbokv import formats, ops, reference
@@ -199,12 +199,14 @@ def cuda_kernels(d, kf, vf, sq, g):
 
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
-@pytest.mark.parametrize("sq", [1, 3, 16, 64, 100])
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (8, 1), (16, 1)])
-@pytest.mark.parametrize("case", range(len(CASES)))
-def test_sinks_every_kernel_cuda(device, sq, hq, hkv, case, gen, monkeypatch):
+@pytest.mark.parametrize(
+    *pairwise(sq=[1, 3, 16, 64, 100], heads=[(4, 4), (8, 2), (8, 1), (16, 1)], case=range(len(CASES)))
+)
+def test_sinks_every_kernel_cuda(device, sq, heads, case, gen, monkeypatch):
     """spec / mma / simt / tiled (pinned) and auto, one query and several, each against the
-    reference with sinks; they all end in the merge kernel, which adds the sink once."""
+    reference with sinks; they all end in the merge kernel, which adds the sink once. Every
+    pair of query count, GQA shape and case."""
+    hq, hkv = heads
     d, kf, vf, dtype, kw = CASES[case]
     T = 300
     lengths, starts = [T, max(77, sq), sq + 3], [0, 10, min(sq + 1, 5)]

@@ -24,7 +24,12 @@ class Collected:
         for item in session.items:
             self.ids.append(item.nodeid)
             key = (item.originalname, "cuda" in item.keywords)
-            self.entries.setdefault(key, set()).update(enumerate(item.callspec._idlist))
+            spec = item.callspec
+            if item.get_closest_marker("pairwise"):  # covered value by value
+                values = {(name, repr(v)) for name, v in spec.params.items()}
+            else:
+                values = set(enumerate(spec._idlist))
+            self.entries.setdefault(key, set()).update(values)
 
 
 def collect(*args: str) -> Collected:
@@ -37,6 +42,22 @@ def test_smoke_covers_every_parametrize_entry():
     full, smoke = collect(), collect("-m", "smoke")
     assert 0 < len(smoke.ids) < len(full.ids) / 3
     assert smoke.entries == full.entries
+
+
+def test_pairwise_cases_meet_every_pair_of_values():
+    from itertools import combinations
+
+    from helpers import pairwise
+
+    lists = {"a": [1, 2, 3, 4, 5], "b": ["x", "y", "z", "w"], "c": range(6), "d": [True, False]}
+    names, rows = pairwise(**lists)
+    assert names == "a,b,c,d"
+    cases = [row.values for row in rows]
+    assert 30 <= len(cases) < 5 * 4 * 6 * 2 / 4
+    for (i, xs), (j, ys) in combinations(enumerate(lists.values()), 2):
+        assert {(c[i], c[j]) for c in cases} == {(x, y) for x in xs for y in ys}
+    assert all(row.marks[0].name == "pairwise" for row in rows)
+    assert len({row.id for row in rows}) == len(rows)
 
 
 def test_shards_partition_the_suite():
