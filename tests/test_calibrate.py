@@ -295,3 +295,37 @@ def test_calibration_arguments_are_checked_first(kwargs, message):
                 kwargs.get("sink_tokens", 1),
                 kwargs.get("recent_tokens", 16),
             )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, llama):
+    """The tiny model saved as an HF folder with a word-level tokenizer of its 96 ids (offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(calibrate.calibration_text().split()))[:95]
+    core = Tokenizer(models.WordLevel(vocab={w: i + 1 for i, w in enumerate(words)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    d = tmp_path_factory.mktemp("tiny-model")
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(d)
+    llama.save_pretrained(d)
+    return d
+
+
+def test_calibrate_cli_measures_each_policy_on_held_out_chunks(tmp_path, model_dir, capsys):
+    """`turbokv calibrate` prints beside each policy's predicted KLD the one measured on the chunks of
+    the text that follow the calibration chunks, and records it in the policy's info."""
+    from turbokv.cli import main
+
+    out = tmp_path / "p.json"
+    argv = ["calibrate", "--model", str(model_dir), "--bits", "3,4", "--ctx", "64", "--chunks", "1"]
+    assert main([*argv, "--check-chunks", "2", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    for bits in ("3", "4"):
+        info = Policy.load(tmp_path / f"p-{bits}.json").info
+        got = info["measured_kld"]
+        assert got["chunks"] == 2 and got["mean"] > 0 and got["stderr"] >= 0
+        assert f"measured {got['mean']:.5f}" in printed
+    assert printed.count("on 2 held-out chunks") == 2
+    assert main([*argv, "--check-chunks", "0", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert "held-out" not in capsys.readouterr().out

@@ -96,12 +96,14 @@ def _needle(args) -> None:
 def _calibrate(args) -> None:
     from turbokv import calibrate
     from turbokv.eval import model as model_mod
-    from turbokv.eval.runner import make_chunks
+    from turbokv.eval.runner import CacheSpec, Reference, evaluate, make_chunks
 
     model, tok = _load_model(args)
     _check_positions(model, args.ctx)
     text = Path(args.text).read_text() if args.text else calibrate.calibration_text()
-    ids = make_chunks(tok, text, args.ctx, args.chunks)
+    # The chunks after the calibration ones are held out: each policy's KLD is measured there.
+    every = make_chunks(tok, text, args.ctx, args.chunks + args.check_chunks)
+    ids, held = every[: args.chunks], every[args.chunks :]
     source = args.text or "pydoc_data.topics"
     where = f"on {model.device}, {model.dtype}"
     print(f"model: {model_mod.describe(model)} {where}; calibration text: {source} ({len(ids)} chunks of {args.ctx})")
@@ -116,16 +118,29 @@ def _calibrate(args) -> None:
     )
     budgets = [float(b) for b in args.bits.split(",")]
     out = Path(args.out)
+    if len(held) < args.check_chunks:
+        print(
+            f"calibrate: the text holds {len(held)} chunks after the calibration ones (--check-chunks asked for more)"
+        )
+    reference = Reference(model, held, str(args.model or "default")) if len(held) else None
     for bits in budgets:
         info = {"model": str(args.model or "default"), "calibration_text": source}
         policy = calibrate.policy_for(measured, bits, args.tokens, info, args.sink_tokens, args.recent_tokens)
         path = out if len(budgets) == 1 else out.with_name(f"{out.stem}-{bits:g}{out.suffix}")
         policy.save(path)
+        predicted = policy.info["predicted_kld"]
+        check = ""
+        if len(held):
+            s = evaluate(model, held, CacheSpec("policy", "policy", policy=str(path)), reference, progress=False)
+            policy.info["measured_kld"] = {"mean": s.kld_mean, "stderr": s.kld_stderr, "chunks": len(held)}
+            policy.save(path)
+            ratio = f" ({s.kld_mean / predicted:.2f}x the prediction)" if predicted > 0 else ""
+            check = f"; measured {s.kld_mean:.5f} ± {s.kld_stderr:.5f} on {len(held)} held-out chunks{ratio}"
         pairs = " ".join(f"{lp.k}/{lp.v}" for lp in policy.layers if lp is not None)
         print(
             f"wrote {path}: {policy.info['bits_per_value']:.4f} bits per value at {args.tokens} tokens "
             f"({args.sink_tokens} sink + {args.recent_tokens} recent tokens exact), "
-            f"predicted KLD {policy.info['predicted_kld']:.5f} (sum of the slots' measured KLD)\n"
+            f"predicted KLD {predicted:.5f} (sum of the slots' measured KLD){check}\n"
             f"  K/V per layer: {pairs}"
         )
 
@@ -250,6 +265,7 @@ def check_args(args) -> None:
         budgets = _bits_list(args.bits)
         _positive("--tokens", args.tokens)
         _positive("--chunks", args.chunks)
+        _positive("--check-chunks", args.check_chunks, 0)
         if args.formats is not None:
             _formats_list("--formats", args.formats)
         if args.sink_tokens + args.recent_tokens >= args.tokens:
@@ -333,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     ca.add_argument("--text", default=None, help="calibration text file (default: Python's pydoc topics)")
     ca.add_argument("--ctx", type=int, default=512, help="tokens per calibration chunk (default 512)")
     ca.add_argument("--chunks", type=int, default=2, help="calibration chunks (default 2)")
+    ca.add_argument(
+        "--check-chunks", type=int, default=2, help="chunks after those, held out: each policy's KLD measured (2)"
+    )
     ca.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
     nd = sub.add_parser("needle", help="passkey retrieval at depths x context lengths, each cache against f16")

@@ -1,4 +1,5 @@
-"""Typed wrappers around ``torch.ops.turbokv.*`` plus their fake (meta) kernels.
+"""Typed wrappers around ``torch.ops.turbokv.*`` (the ops' schemas are in cpp/ops.cpp, their
+meta kernels for torch.compile in cpp/meta.cpp).
 
 Shapes: rows ``(..., d)``; packed rows ``(..., row_bytes)`` uint8; caches
 ``(B, Hkv, T, row_bytes)`` uint8; queries ``(B, Hq, Sq, d)``.
