@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The README's quality table: the default model on WikiText-2, one row per cache setting.
+"""The quality tables (benchmarks/results/quality_*.md): the default model on WikiText-2, a row per cache setting.
 
 Rows: f16; q8_0, q5_0, q4_1, q4_0 with and without rotation; turbo4, turbo3, turbo2;
 q8_0-K with turbo4-V and turbo3-V. Prints a markdown table (rows are flushed as they

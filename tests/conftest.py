@@ -126,5 +126,15 @@ class ResultsLog:
             line += "\n    " + "\n    ".join(errors or text[-4:])
         elif report.skipped and isinstance(report.longrepr, tuple):
             line += f" {report.longrepr[2]}"
+        self._write(line)
+
+    def pytest_collectreport(self, report):
+        # A module skipped or broken at import (a missing package, a compiler) is one result too.
+        if report.outcome == "passed":
+            return
+        why = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr).strip()[-300:]
+        self._write(f"{report.outcome.upper()} {report.nodeid} [collect] {why}")
+
+    def _write(self, line: str) -> None:
         with open(self.path, "a") as f:
             f.write(line + "\n")

@@ -1,11 +1,11 @@
 """Every causal-LM family of the installed transformers, built small, and what TurboCache does with it.
 
-One source of truth for tests/test_families.py and tools/family_table.py (the README's table):
+One source of truth for tests/test_families.py and tools/family_table.py (docs/models.md's table):
 :func:`families` enumerates ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` (one entry per model class),
 :func:`build` makes a tiny random-weight model of one, and :func:`run` generates greedily with
 DynamicCache + SDPA and with an f16 + rotation TurboCache, unpatched and under ``turbokv.patch``,
-and says what happened (:class:`Outcome`). ``EXPECTED`` names the families the README and issue 18
-talk about with the outcome they must keep.
+and says what happened (:class:`Outcome`). ``EXPECTED`` names the families docs/models.md
+talks about with the outcome they must keep.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ SMALL = dict(
 TOWER = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, depth=1)
 
 
-# Families no lossy cache can match (the README table says so; tests/test_families.py keeps them as strict
+# Families no lossy cache can match (docs/models.md says so; tests/test_families.py keeps them as strict
 # xfails and checks them otherwise): model type -> why.
 NOT_COMPARABLE = {
     "hrm_text": "float16 K/V alone changes this random model's tokens: its 8 recurrent passes grow a 3e-3 "
@@ -207,7 +207,7 @@ class Outcome:
 
 
 def describe(outcome: Outcome) -> str:
-    """The README's words for an outcome."""
+    """The words of docs/models.md for an outcome."""
     reason = outcome.detail.split(": ", 1)[-1]  # without the exception's class
     reason = reason.split(" fused: ", 1)[-1].split("; use TurboCache without patch()")[0]
     return {

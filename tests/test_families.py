@@ -20,7 +20,7 @@ from turbokv.hf import cache_kwargs
 
 FAMILIES = families()
 
-# The families the README and issue 18 name: "equal" (unpatched and patched), "patch refused: <words of
+# The families docs/models.md names: "equal" (unpatched and patched), "patch refused: <words of
 # the reason>" (unpatched equal), "refused: <words>" (TurboCache refuses the model) or "not built: <words>".
 # Flip an entry when turbokv learns the feature.
 EXPECTED = {

@@ -1,4 +1,4 @@
-"""Print the README's table of model families: what tests/test_families.py runs, run again here.
+"""Print the table of model families in docs/models.md: what tests/test_families.py runs, run again here.
 
     HF_HUB_OFFLINE=1 .venv/bin/python tools/family_table.py [model_type ...]
 

@@ -25,7 +25,7 @@ PROMPT = (
 CACHES = [CacheSpec("f16", "f16", "off", "off"), CacheSpec("turbo3", "turbo3"), CacheSpec("q4_0", "q4_0", "on", "on")]
 # The recommended settings for the default model at about 3.5 and 4.5 bits per value: policies from
 # `turbokv calibrate --bits 3.5,4.5` (per-layer formats, key offsets, 1 sink + 16 recent tokens exact),
-# calibrated on Python's pydoc text; another model needs its own (README: calibrating your own model).
+# calibrated on Python's pydoc text; another model needs its own (docs/evaluation.md: calibrating your own model).
 POLICIES = Path(__file__).parent / "policies"
 DEFAULT_POLICIES = [CacheSpec("policy", "policy", policy=str(POLICIES / f"smollm2-135m-{b}.json")) for b in (3.5, 4.5)]
 
