@@ -70,18 +70,18 @@ def speed_chart(out: Path) -> None:
 
 def quality_chart(out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    seen: dict[str, tuple[float, float]] = {}
+    points: dict[str, list[tuple[float, float]]] = {}  # each setting at each length, shortest first
     for path in sorted(RESULTS.glob("quality_*.md"), key=lambda p: int(re.sub(r"\D", "", p.stem))):
         rows = quality_rows(path)
         tokens = int(re.sub(r"\D", "", path.stem))
         ax.scatter([r[1] for r in rows], [r[2] for r in rows], label=f"{tokens} tokens", s=18, zorder=3)
         for label, bits, kld in rows:
-            if label in seen:  # the same setting at another length: a line from where it was
-                ax.plot([seen[label][0], bits], [seen[label][1], kld], color="gray", lw=0.6, zorder=2)
-                if abs(seen[label][0] - bits) < 0.05:
-                    continue  # same bits: the first label serves
+            points.setdefault(label, []).append((bits, kld))
+    for label, xy in points.items():
+        ax.plot([p[0] for p in xy], [p[1] for p in xy], color="gray", lw=0.6, zorder=2)
+        ends = [xy[0]] if abs(xy[0][0] - xy[-1][0]) < 0.05 else [xy[0], xy[-1]]  # name the shortest and longest
+        for bits, kld in ends:
             ax.annotate(label, (bits, kld), fontsize=6, xytext=(3, 2), textcoords="offset points")
-            seen[label] = (bits, kld)
     ax.set_yscale("log")
     ax.set_xlabel("stored bits per K/V value (at the context length)")
     ax.set_ylabel("mean KLD against the f16 cache")
