@@ -1,7 +1,8 @@
 // Every turbokv op schema, declared once. Backends add implementations in
-// cpu/*.cpp and cuda/*.cu with TORCH_LIBRARY_IMPL; Python adds fake kernels
-// (python/turbokv/ops.py). Rotation of a side is (rot_group, rot_seed):
-// rot_group 0 = none, rot_seed None = plain Hadamard without sign diagonals.
+// cpu/*.cpp and cuda/*.cu with TORCH_LIBRARY_IMPL, the meta (fake) kernels torch.compile
+// traces with are in meta.cpp; python/turbokv/ops.py wraps the ops with types.
+// Rotation of a side is (rot_group, rot_seed): rot_group 0 = none, rot_seed None = plain
+// Hadamard without sign diagonals.
 // attention's sinks: one logit per query head that joins the softmax denominator (no value).
 // attention_lse: attention's output and each row's log-sum-exp (B, Hq, Sq) float32, the logit
 // of its denominator (sink included; -inf where the row saw no key), so that attention over

@@ -274,10 +274,9 @@ int decode_fast_path(const AttentionArgs& a, const DevSide& ks, const DevSide& v
 enum class Path { kTiled, kSimt, kMma, kSpec, kFlash };
 
 // From this many (query, head) rows per KV head and sequence, auto runs a call of several
-// queries with f16 K and V rows on the flash kernel. By measurement (benchmarks/RESULTS.md,
-// H200, 32k keys, G = 4): f16 Sq = 8 / 16 0.104 / 0.110 ms against the spec kernel's 0.115 /
-// 0.207. Packed formats stay on the spec kernel: its word-wide decoders in registers beat the
-// flash kernel's decode into shared memory a value at a time (q4_0 Sq = 16: 0.114 against 0.174).
+// queries with f16 K and V rows on the flash kernel, which is faster there by measurement
+// (benchmarks/results/bench_prefill_kernels.md). Packed formats stay on the spec kernel: its
+// word-wide decoders in registers beat the flash kernel's decode into shared memory.
 constexpr int kFlashMinRows = 32;
 
 MmaKernel mma_for_dp(int nt, int dp, bool multi = false) {
@@ -447,7 +446,7 @@ Path choose_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, c
   if (!flash_why && a.Sq > 1 && a.G * a.Sq >= kFlashMinRows && ks.fmt == kFmt_f16 && vs.fmt == kFmt_f16)
     return Path::kFlash;
   if (!spec_why) return Path::kSpec;
-  // By measurement (benchmarks/RESULTS.md, H100): the format-specialised kernel is the fastest
+  // By measurement (benchmarks/results/): the format-specialised kernel is the fastest
   // wherever it is built (taken above); of the generic ones, the tensor-core kernel wins where
   // decoding a value is a load and a convert (f16, bf16, q8_0), the SIMT kernel elsewhere.
   const auto cheap = [](const DevSide& s) {

@@ -198,7 +198,7 @@ __device__ __forceinline__ void stage_rows(uint8_t* dst, const uint8_t* src, int
 // into registers where a warp holds whole rows (and those of the rotation's signs), finish()
 // rotates the rows into qs and synchronises the block. A kernel fetches before it issues its
 // first key chunks and finishes after: loads issued behind a whole grid's prefetch wait for
-// it (H100, q4_0 decode of 8448 keys: the query prologue took 5.8 us of a 14 us kernel).
+// it, and a short decode call then spends much of its time in the query prologue.
 template <int DP>
 struct QueryRows {
   static constexpr int E = DP / 32;

@@ -43,8 +43,8 @@ struct SpecConfig {
   static constexpr int kBufK = buf(TK, kStrideK, KF::kPadRows), kBufV = buf(TK, kStrideV, VF::kPadRows);
   static constexpr int kStage = kBufK + kBufV;
   // Stages per warp: 4 blocks of 4 warps per SM when they fit in shared memory (56 KiB a
-  // block on the H100/H200), else 3 blocks, else fewer stages. (5 blocks, 96 registers, 2-3
-  // stages: no faster, H100 2026-11-24: the decoders are bound by the ALU pipe, not latency.)
+  // block on Hopper), else 3 blocks, else fewer stages. More blocks with fewer registers are
+  // no faster: the decoders are bound by the ALU pipe, not by latency.
   static constexpr int stages() {
     for (int blocks : {4, 3, 2})
       for (int st : {4, 3, 2})
@@ -185,8 +185,7 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 2 : 4)
   queries.fetch(q, q_bf16, P, b, h, ks);
   // The sequence's length and start are requested before the key prefetch below: a load
   // issued after it waits behind the whole grid's prefetch (tens of MB at long contexts) in
-  // the memory pipeline, and the prologue with it (H100, q4_0 at 64k tokens: 6.5 instead of
-  // 10.7 us to the end of the prologue, median over the warps).
+  // the memory pipeline, and the prologue with it.
   const int64_t len_in = load_before_copies(P.lengths + b);
   const int64_t start_in = P.starts ? load_before_copies(P.starts + b) : 0;
   // Without starts or a window a split begins at split * span whatever the length, so the

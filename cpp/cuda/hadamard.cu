@@ -33,7 +33,7 @@ __device__ __forceinline__ T from_acc(A x) {
 // A lane holds E = 16 values (a chunk of 512 per warp, a whole number of groups of 16..512):
 // the butterflies of h < 16 stay in the lane, the rest (3 of 7 stages for groups of 128) go
 // through shuffles. One 16-byte load per lane (fp16: 8 values) sent 4 of 7 through shuffles,
-// and on an H200 the shuffles, not the bytes, limited the kernel. The next chunk's loads are
+// and then the shuffles, not the bytes, limited the kernel. The next chunk's loads are
 // issued before the current chunk is rotated and stored: a warp keeps loads in flight while
 // it computes.
 constexpr int kE = 16;
