@@ -326,6 +326,7 @@ def test_calibrate_cli_measures_each_policy_on_held_out_chunks(tmp_path, model_d
         got = info["measured_kld"]
         assert got["chunks"] == 2 and got["mean"] > 0 and got["stderr"] >= 0
         assert f"measured {got['mean']:.5f}" in printed
+        assert info["calibration_kld"] > 0 and f"predicted KLD {info['calibration_kld']:.5f}" in printed
     assert printed.count("on 2 held-out chunks") == 2
     assert main([*argv, "--check-chunks", "0", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     assert "held-out" not in capsys.readouterr().out
