@@ -298,7 +298,7 @@ def _needle_args(args) -> None:
         if not 0 <= depth <= 1:
             raise UsageError(f"--depths: got {d!r}, expected numbers in [0, 1]")
     _positive("--trials", args.trials)
-    for item in (args.caches or "").split(",") if args.caches else []:
+    for item in args.caches.split(",") if args.caches else []:
         if item.endswith(".json"):
             if not Path(item).is_file():
                 raise UsageError(f"--caches: got {item}, expected a policy file from `turbokv calibrate`")
