@@ -66,7 +66,9 @@ def test_run_scores_every_cell_with_the_same_keys(tmp_path):
     with torch.no_grad():
         logits = model(p.ids[None]).logits[0, -p.answer - 1 : -1]
     found, logp = needle.score(model, p, F16)
-    assert found == bool((logits.argmax(-1) == p.ids[-p.answer :]).all())
+    top2 = logits.float().topk(2, -1).values
+    if bool((top2[:, 0] - top2[:, 1] > 1e-2).all()):  # no near tie that f16 storage of K/V could flip
+        assert found == bool((logits.argmax(-1) == p.ids[-p.answer :]).all())
     want = torch.log_softmax(logits.float(), -1).gather(-1, p.ids[-p.answer :, None]).sum().item()
     assert logp == pytest.approx(want, rel=5e-3)  # K and V stored in f16 by the f16 cache
 

@@ -11,6 +11,7 @@ the top token does.
 
 from __future__ import annotations
 
+import inspect
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,13 @@ def score(model, prompt: Prompt, spec: CacheSpec) -> tuple[bool, float]:
     """(found: every answer token is the top token, the answer's log-likelihood) under ``spec``'s cache."""
     cache = make_cache(model, spec)
     ids = prompt.ids[None].to(model.device)
+    # Only the answer's positions are scored: the head over the whole context (49k-token
+    # vocabularies at 8k tokens: gigabytes of logits) is skipped where the model allows.
+    keep = (
+        {"logits_to_keep": prompt.answer + 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    )
     with turbokv.patch(model):
-        logits = model(ids, **cache_kwargs(model, cache)).logits[0, -prompt.answer - 1 : -1].float()
+        logits = model(ids, **cache_kwargs(model, cache), **keep).logits[0, -prompt.answer - 1 : -1].float()
     target = ids[0, -prompt.answer :]
     logp = torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum().item()
     return bool((logits.argmax(-1) == target).all()), logp
