@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 from typing import NamedTuple
 
 import torch
@@ -166,11 +165,9 @@ def run(batch: int, tokens: int, copy_gbs: float, uniform_only: bool, extra: boo
             rows.append(("turbokv turbo3 eager call", nbytes, bench_ms(fused, n, graph=False)))
         if name in ("turbo3", "q4_0", "f16"):
             # The generic kernels, pinned (head dims and formats the specialised one is not built for).
-            before = os.environ.get("TURBOKV_ATTENTION_KERNEL", "auto")
             for kernel in ("mma", "simt"):
-                os.environ["TURBOKV_ATTENTION_KERNEL"] = kernel
-                rows.append((f"turbokv {name} {kernel} kernel", nbytes, bench_ms(fused, n)))
-            os.environ["TURBOKV_ATTENTION_KERNEL"] = before
+                with turbokv.ops.pinned_kernels(attention=kernel):
+                    rows.append((f"turbokv {name} {kernel} kernel", nbytes, bench_ms(fused, n)))
         if name == "q4_0":
 
             def deq(i, kc=kc, vc=vc, name=name, kr=kr, vr=vr):
@@ -189,7 +186,15 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--uniform-only", action="store_true", help="only K format == V format")
     ap.add_argument("--no-extra", action="store_true", help="no pinned-kernel, no-rotation, eager or dequant rows")
+    ap.add_argument(
+        "--decode-values", type=int, default=0, help="pin the SIMT decode kernel's values per lane (4, 8, 16)"
+    )
     args = ap.parse_args()
+    with turbokv.ops.pinned_kernels(decode_values=args.decode_values):
+        report(args)
+
+
+def report(args: argparse.Namespace) -> None:
     copy_gbs = copy_bandwidth()
     print(
         f"turbokv bench_attention, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}"

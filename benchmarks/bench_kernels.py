@@ -10,7 +10,6 @@ Bandwidth counts bytes read plus written.
 from __future__ import annotations
 
 import datetime
-import os
 
 import torch
 
@@ -103,9 +102,8 @@ def main() -> None:
             t = ms(run)
             print(f"{f'prefill {Sq} causal, turbokv {name}':<40} {t:>8.3f}   {t_sdpa / t:.2f}x SDPA")
             if Sq == 4096 and name == "turbo3":  # the op's own tiled kernel (chunked prefill, padding, softcap)
-                os.environ["TURBOKV_ATTENTION_KERNEL"] = "tiled"
-                t = ms(run)
-                del os.environ["TURBOKV_ATTENTION_KERNEL"]
+                with turbokv.ops.pinned_kernels(attention="tiled"):
+                    t = ms(run)
                 print(f"{f'prefill {Sq} causal, tiled kernel {name}':<40} {t:>8.3f}   {t_sdpa / t:.2f}x SDPA")
 
 

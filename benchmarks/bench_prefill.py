@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-from contextlib import contextmanager
 
 import torch
 from bench_attention import copies_for, read_bandwidth, warm_calls
@@ -67,19 +65,6 @@ def time_ms(fn, n: int, graph: bool) -> float:
         end.synchronize()
         best = min(best, start.elapsed_time(end) / iters)
     return best
-
-
-@contextmanager
-def kernel_env(value: str):
-    before = os.environ.get("TURBOKV_ATTENTION_KERNEL")
-    os.environ["TURBOKV_ATTENTION_KERNEL"] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TURBOKV_ATTENTION_KERNEL"]
-        else:
-            os.environ["TURBOKV_ATTENTION_KERNEL"] = before
 
 
 def sdpa_baselines(q, ks, vs, starts, padded, n, graph) -> dict[str, float]:
@@ -157,7 +142,7 @@ def shape_rows(B, T, sq, padded, fmts, read_gbs):
         for kernel, limit in (("spec", MAX_FUSED_WORK), ("flash", MAX_FLASH_WORK), ("auto", MAX_FLASH_WORK)):
             fused_ms[kernel] = float("nan")
             if B * sq * T <= limit and (kernel != "flash" or sq > 1):
-                with kernel_env(kernel):
+                with turbokv.ops.pinned_kernels(attention=kernel):
                     fused_ms[kernel] = time_ms(fused, n, graph)
         timed = sq >= 16 or fmt == "q4_0"
         t_deq = time_ms(deq, n, graph=False) if timed else float("nan")

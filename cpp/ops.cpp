@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "cpu/attention_kernel.h"
+#include "kernel_choice.h"
 #if TURBOKV_WITH_CUDA
 #include "cuda/device_config.h"
 #endif
@@ -81,9 +82,36 @@ static PyObject* cuda_device_config(PyObject*, PyObject* arg) {
 #endif
 }
 
+// kernel_choice() -> dict: the kernels pinned by set_kernel_choice (kernel_choice.h): attention,
+// smem_limit, decode_values, cpu_isa; "auto" / 0 where the ops choose.
+static PyObject* kernel_choice(PyObject*, PyObject*) {
+  return guarded([] {
+    const turbokv::KernelChoice c = turbokv::kernel_choice();
+    return Py_BuildValue("{s:s,s:i,s:i,s:s}", "attention", turbokv::attention_kernel_name(c.attention), "smem_limit",
+                         c.smem_limit, "decode_values", c.decode_values, "cpu_isa", turbokv::cpu_isa_name(c.cpu_isa));
+  });
+}
+
+// set_kernel_choice(attention, smem_limit, decode_values, cpu_isa): pin kernels for every later
+// op call of this process (python: turbokv.ops.pinned_kernels).
+static PyObject* set_kernel_choice(PyObject*, PyObject* args) {
+  const char* attention = nullptr;
+  const char* cpu_isa = nullptr;
+  int smem_limit = 0, decode_values = 0;
+  if (!PyArg_ParseTuple(args, "siis", &attention, &smem_limit, &decode_values, &cpu_isa)) return nullptr;
+  return guarded([&] {
+    turbokv::set_kernel_choice(attention, smem_limit, decode_values, cpu_isa, turbokv::cpu::avx2_available());
+    Py_RETURN_NONE;
+  });
+}
+
 static PyMethodDef turbokv_methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
      "The copy of the CPU attention kernel this process runs: avx2, baseline, native."},
+    {"kernel_choice", kernel_choice, METH_NOARGS,
+     "The kernels pinned for this process: attention, smem_limit, decode_values, cpu_isa (auto / 0: chosen)."},
+    {"set_kernel_choice", set_kernel_choice, METH_VARARGS,
+     "Pin kernels for every later op call: set_kernel_choice(attention, smem_limit, decode_values, cpu_isa)."},
     {"cuda_device_config", cuda_device_config, METH_O,
      "What the CUDA kernels chose for device `index`: capability, sms, smem_optin, smem_limit, kernel_arch, "
      "ptx_arch, pdl."},

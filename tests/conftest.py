@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 
@@ -25,6 +26,14 @@ def gen(request) -> torch.Generator:
     g = torch.Generator().manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     return g
+
+
+@pytest.fixture
+def pin_kernels():
+    """``pin_kernels(attention="spec", smem_limit=...)`` pins kernels (turbokv.ops.pinned_kernels)
+    from that call to the end of the test; each call adds to the last; the test's end restores them."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **fields: stack.enter_context(turbokv.ops.pinned_kernels(**fields))
 
 
 def cuda_ready() -> tuple[bool, str]:

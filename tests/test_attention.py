@@ -208,10 +208,10 @@ CUDA_ONLY = [p for p in device_params() if p != "cpu"]
     "kf,vf", [("turbo3", "turbo3"), ("q4_0", "q8_0"), ("f16", "bf16"), ("q8_0", "q8_0"), ("turbo4", "q5_1")]
 )
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_decode_kernels_agree_cuda(device, kf, vf, d, gen, monkeypatch):
+def test_decode_kernels_agree_cuda(device, kf, vf, d, gen, pin_kernels):
     """The tensor-core decode kernel, the SIMT one and the tiled one give the same attention.
 
-    TURBOKV_ATTENTION_KERNEL pins each; auto takes the format-specialised kernel where one is
+    ops.pinned_kernels pins each; auto takes the format-specialised kernel where one is
     built (spec_built), else the generic tensor-core kernel for f16/bf16/q8_0 rows
     and the SIMT one for the rest; pinning a kernel where it cannot run is a clear error.
     """
@@ -224,7 +224,7 @@ def test_decode_kernels_agree_cuda(device, kf, vf, d, gen, monkeypatch):
     expected = "spec" if spec_built(kf, vf) else "mma" if {kf, vf} <= cheap else "simt"
     outs = {}
     for kernel in {"mma", "simt", "tiled", "auto", expected}:
-        monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
+        pin_kernels(attention=kernel)
         poison_cuda_memory()
         outs[kernel] = torch.ops.turbokv.attention(*dev).double().cpu()
     err, ref_err = reference_errors(args, outs["mma"].half())
@@ -232,13 +232,10 @@ def test_decode_kernels_agree_cuda(device, kf, vf, d, gen, monkeypatch):
     assert torch.equal(outs["auto"], outs[expected])
     for other in ("simt", "tiled"):
         torch.testing.assert_close(outs["mma"], outs[other], rtol=0, atol=4 * ref_err + 1e-6)
-    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "simt")
+    pin_kernels(attention="simt")
     q3 = torch.randn(3, 8, 3, d, generator=gen).half().to(device)
-    with pytest.raises(RuntimeError, match="SIMT decode kernel is built for one query per sequence"):
+    with pytest.raises(RuntimeError, match="pinned kernel simt cannot run this call: it is built for one query per"):
         torch.ops.turbokv.attention(q3, dev[1], dev[2], torch.tensor([300, 17, 3], device=device), *dev[4:])
-    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "fastest")
-    with pytest.raises(RuntimeError, match="got 'fastest', expected auto, flash, spec, mma, simt or tiled"):
-        torch.ops.turbokv.attention(*dev)
 
 
 SPEC_FORMATS = ("f16",) + SPEC_PACKED
@@ -248,7 +245,7 @@ SPEC_FORMATS = ("f16",) + SPEC_PACKED
 @pytest.mark.parametrize("fmt", SPEC_FORMATS)
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 1), (3, 3)])
-def test_spec_decode_kernel_cuda(device, fmt, d, hq, hkv, gen, monkeypatch):
+def test_spec_decode_kernel_cuda(device, fmt, d, hq, hkv, gen, pin_kernels):
     """The format-specialised tensor-core decode kernel (each format's own bit tricks and dim
     order) against the reference: odd lengths, left padding, GQA 4 / 8 / 1, bf16 and f16
     queries; it is what auto runs for these formats, and the tiled kernel agrees with it."""
@@ -261,7 +258,7 @@ def test_spec_decode_kernel_cuda(device, fmt, d, hq, hkv, gen, monkeypatch):
         dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
         outs = {}
         for kernel in ("spec", "auto", "tiled"):
-            monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
+            pin_kernels(attention=kernel)
             poison_cuda_memory()
             outs[kernel] = torch.ops.turbokv.attention(*dev).double().cpu()
         assert outs["spec"].isfinite().all()
@@ -279,7 +276,7 @@ GQA_SHAPES = [(8, 2), (8, 1), (4, 4), (16, 1), (12, 3)]
 @pytest.mark.parametrize("pair", range(len(MIXED_PAIRS)))
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("sq", [1, 5])
-def test_spec_kernel_mixed_pairs_cuda(device, pair, d, sq, gen, monkeypatch):
+def test_spec_kernel_mixed_pairs_cuda(device, pair, d, sq, gen, pin_kernels):
     """K and V in different formats (what calibrated policies and q8_0-K / turbo-V choose): the
     specialised kernel reads each side through its own decoder, for decode and several queries,
     GQA 1-8 and MQA, f16 and bf16 queries, odd lengths and left padding; auto takes it."""
@@ -293,7 +290,7 @@ def test_spec_kernel_mixed_pairs_cuda(device, pair, d, sq, gen, monkeypatch):
     dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     outs = {}
     for kernel in ("spec", "auto"):
-        monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
+        pin_kernels(attention=kernel)
         poison_cuda_memory()
         outs[kernel] = torch.ops.turbokv.attention(*dev).cpu()
     assert outs["spec"].isfinite().all()
@@ -306,7 +303,7 @@ def test_spec_kernel_mixed_pairs_cuda(device, pair, d, sq, gen, monkeypatch):
 @pytest.mark.parametrize("fmt", ["f16", "q8_0"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("kgroup", [16, 32, 64])
-def test_spec_decode_rotation_groups_cuda(device, fmt, d, kgroup, gen, monkeypatch):
+def test_spec_decode_rotation_groups_cuda(device, fmt, d, kgroup, gen, pin_kernels):
     """The specialised kernel's query rotation takes each lane's sign bits out of one word
     per side (its E = d / 32 values are consecutive bits of a group): groups smaller than
     a 32-bit word of signs (16) and than a row, with K and V rotated by different groups."""
@@ -316,7 +313,7 @@ def test_spec_decode_rotation_groups_cuda(device, fmt, d, kgroup, gen, monkeypat
     q = torch.randn(2, 8, 1, d, generator=gen).to(torch.float16)
     args = attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor([0, 0]), fmt, fmt, kr, vr)
     dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "spec")
+    pin_kernels(attention="spec")
     poison_cuda_memory()
     out = torch.ops.turbokv.attention(*dev).cpu()
     err, ref_err = reference_errors(args, out)
@@ -372,9 +369,9 @@ def test_bytes_outside_the_lengths_never_matter(device, fmt, d, gen):
 
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
-def test_spec_kernel_refuses_what_it_is_not_built_for_cuda(device, gen, monkeypatch):
+def test_spec_kernel_refuses_what_it_is_not_built_for_cuda(device, gen, pin_kernels):
     """Pinning the specialised kernel on a call it has no variant for is a clear error."""
-    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "spec")
+    pin_kernels(attention="spec")
     for kf, vf, d, match in (("f16", "q4_0", 128, "both in f16"), ("q5_1", "q5_1", 128, "each in q8_0, q5_0")):
         kr, vr = sides(kf, vf, d)
         kc, vc = make_cache(gen, 1, 2, 40, d, kf, vf, kr, vr)
@@ -442,10 +439,10 @@ def test_decode_step_replays_in_a_cuda_graph(device, vf, sq, gen):
     "sq,lengths,starts",
     [(300, [300, 300], None), (300, [300, 300], [0, 57]), (128, [320, 200], [0, 0]), (100, [250, 100], [30, 99])],
 )
-def test_prefill_via_sdpa_cuda(device, dtype, sq, lengths, starts, gen, monkeypatch):
+def test_prefill_via_sdpa_cuda(device, dtype, sq, lengths, starts, gen, pin_kernels):
     """A prefill of >= PREFILL_SDPA_MIN_QUERIES queries (a whole prompt, left padded, a chunk after
     a cached prefix) takes dequantize + SDPA; it stays inside the error budget and agrees with the
-    op's tensor-core kernel, which TURBOKV_ATTENTION_KERNEL=mma forces."""
+    op's tensor-core kernel, which pinning mma forces."""
     d, kf, vf = 128, "turbo3", "q4_0"
     kr, vr = sides(kf, vf, d)
     kc, vc = make_cache(gen, 2, 2, 320, d, kf, vf, kr, vr, scale=2.0)
@@ -459,7 +456,7 @@ def test_prefill_via_sdpa_cuda(device, dtype, sq, lengths, starts, gen, monkeypa
     fast = turbokv.attention(dev[0], dev[1], dev[2], dev[3], dev[4], **kw)
     err, ref_err = reference_errors(args, fast)
     assert err <= 2 * ref_err + 1e-6, f"error {err:.3e} > 2 x reference error {ref_err:.3e}"
-    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "mma")
+    pin_kernels(attention="mma")
     assert turbokv.ops._prefill_spans(dev[0], dev[1], dev[3], dev[4], True, 0, 0.0) is None
     fused = turbokv.attention(dev[0], dev[1], dev[2], dev[3], dev[4], **kw)
     torch.testing.assert_close(fast.double(), fused.double(), rtol=0, atol=4 * ref_err + 1e-6)

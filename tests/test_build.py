@@ -18,7 +18,8 @@ from test_attention import run_budget
 
 import turbokv
 
-_C = turbokv.ops._C
+ops = turbokv.ops
+_C = ops._C
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 AVX2_FLAGS = {"avx2", "fma", "f16c"}
 # Dynamic shared memory per block of smaller GPUs than the H100 / H200 (227 KiB).
@@ -40,8 +41,6 @@ def test_cpu_kernel_copy_follows_the_cpu():
     isa = _C.cpu_isa()
     if isa == "native":
         pytest.skip("built with TURBOKV_NATIVE=ON: one kernel copy, tuned for the build machine")
-    if os.environ.get("TURBOKV_CPU_ISA", "auto") != "auto":
-        pytest.skip(f"TURBOKV_CPU_ISA={os.environ['TURBOKV_CPU_ISA']} pins the copy")
     if not X86:
         assert isa == "baseline"
     elif not cpu_flags():
@@ -50,39 +49,43 @@ def test_cpu_kernel_copy_follows_the_cpu():
         assert isa == ("avx2" if AVX2_FLAGS <= cpu_flags() else "baseline")
 
 
-CHILD = """
-import sys, torch
-sys.path.insert(0, {tests!r})
-import turbokv
-from test_attention import run_budget
-gen = torch.Generator().manual_seed(0)
-for kf, vf, d, sq in [("turbo3", "turbo3", 128, 1), ("q4_1", "q5_0", 96, 5), ("f16", "bf16", 64, 3),
-                      ("turbo4", "q8_0", 256, 1)]:
-    run_budget("cpu", gen, 2, 8, 2, 137, d, sq, kf, vf, [137, 60], softcap=20.0)
-print(turbokv.ops._C.cpu_isa())
-"""
-
-
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])
-def test_each_cpu_kernel_copy_meets_the_budget(isa):
-    """Each copy, pinned with TURBOKV_CPU_ISA in a child process, against the fp64 reference."""
+def test_each_cpu_kernel_copy_meets_the_budget(isa, pin_kernels, gen):
+    """Each copy, pinned with ops.pinned_kernels, against the fp64 reference."""
     if _C.cpu_isa() == "native":
         pytest.skip("built with TURBOKV_NATIVE=ON: one kernel copy, tuned for the build machine")
     if isa == "avx2" and not (X86 and AVX2_FLAGS <= cpu_flags()):
         pytest.skip("this CPU has no AVX2+FMA+F16C (or is not x86)")
-    env = {**os.environ, "TURBOKV_CPU_ISA": isa}
-    code = CHILD.format(tests=str(Path(__file__).parent))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-1] == isa
+    pin_kernels(cpu_isa=isa)
+    assert _C.cpu_isa() == isa
+    for kf, vf, d, sq in [("turbo3", "turbo3", 128, 1), ("q4_1", "q5_0", 96, 5), ("f16", "bf16", 64, 3)]:
+        run_budget("cpu", gen, 2, 8, 2, 137, d, sq, kf, vf, [137, 60], softcap=20.0)
 
 
-def test_unknown_cpu_isa_is_refused():
-    env = {**os.environ, "TURBOKV_CPU_ISA": "avx9"}
-    code = "import turbokv, turbokv.ops\ntry:\n    turbokv.ops._C.cpu_isa()\nexcept ValueError as e:\n    print(e)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "TURBOKV_CPU_ISA: got 'avx9', expected auto, avx2 or baseline" in out.stdout
+def test_pinned_kernels_are_checked_and_restored():
+    """Each field is checked by name before anything changes; the block's end restores the choice."""
+    before = ops.kernel_choice()
+    assert before == {"attention": "auto", "smem_limit": 0, "decode_values": 0, "cpu_isa": "auto"}
+    with ops.pinned_kernels(attention="tiled", smem_limit=4096):
+        assert ops.kernel_choice() == {**before, "attention": "tiled", "smem_limit": 4096}
+        with ops.pinned_kernels(cpu_isa="baseline"):
+            assert ops.kernel_choice()["attention"] == "tiled" and _C.cpu_isa() == "baseline"
+        assert ops.kernel_choice()["cpu_isa"] == "auto"
+    assert ops.kernel_choice() == before
+    bad = [
+        (dict(attention="fastest"), "attention: got 'fastest', expected auto, flash, spec, mma, simt or tiled"),
+        (dict(cpu_isa="avx9"), "cpu_isa: got 'avx9', expected auto, avx2 or baseline"),
+        (dict(smem_limit=-1), "smem_limit: got -1, expected bytes"),
+        (dict(smem_limit="lots"), "smem_limit: got 'lots', expected an int"),
+        (dict(decode_values=5), "decode_values: got 5, expected 4, 8 or 16"),
+    ]
+    if _C.cpu_isa() != "avx2":  # this build or CPU has no AVX2 copy: pinning it is refused
+        bad.append((dict(cpu_isa="avx2"), "cpu_isa: got 'avx2', but this build or this CPU has no AVX2"))
+    for fields, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            with ops.pinned_kernels(**{"decode_values": 8, **fields}):
+                pass
+        assert ops.kernel_choice() == before
 
 
 def cuda_archs(*args: str, arch_list: str | None = None) -> subprocess.CompletedProcess:
@@ -153,41 +156,38 @@ def test_cuda_launch_choices_follow_the_device():
     [("f16", 128, 1000), ("f16", 128, 9000), ("f16", 256, 300), ("q8_0", 256, 300), ("turbo3", 128, 300)],
 )
 @pytest.mark.parametrize("sq", [1, 4])
-def test_attention_within_a_smaller_gpus_shared_memory(monkeypatch, limit, fmt, d, T, sq, gen):
+def test_attention_within_a_smaller_gpus_shared_memory(pin_kernels, limit, fmt, d, T, sq, gen):
     """With the shared memory of an sm_86 / sm_80 GPU, attention takes kernels that fit, and meets the budget."""
     need_cuda()
-    monkeypatch.setenv("TURBOKV_SMEM_LIMIT", str(limit))
+    pin_kernels(smem_limit=limit)
     c = _C.cuda_device_config(torch.cuda.current_device())
     assert c["smem_limit"] == min(limit, c["smem_optin"])
     run_budget("cuda", gen, 2, 8, 2, T, d, sq, fmt, fmt, [T, T // 2])
 
 
 @pytest.mark.cuda
-def test_tiled_kernel_takes_fewer_queries_per_block_to_fit(monkeypatch, gen):
+def test_tiled_kernel_takes_fewer_queries_per_block_to_fit(pin_kernels, gen):
     """f32 queries of head dim 256 (the tiled kernel): its 4 queries x 4 heads per block take 98 KiB;
     with 90 KiB it takes 2 queries per block (81 KiB)."""
     need_cuda()
-    monkeypatch.setenv("TURBOKV_SMEM_LIMIT", str(90 * 1024))
+    pin_kernels(smem_limit=90 * 1024)
     run_budget("cuda", gen, 2, 8, 2, 300, 256, 8, "q4_0", "turbo3", [300, 100], dtype=torch.float32)
 
 
 @pytest.mark.cuda
-def test_kernels_that_do_not_fit_are_refused_by_name(monkeypatch, gen):
+def test_kernels_that_do_not_fit_are_refused_by_name(gen, pin_kernels):
     need_cuda()
-    monkeypatch.setenv("TURBOKV_SMEM_LIMIT", str(SMEM_SM86))
+    pin_kernels(smem_limit=SMEM_SM86)
     # f16 rows of 128: the 3-stage specialised shape (102 KiB) gives way to the 2-stage one.
-    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "spec")
+    pin_kernels(attention="spec")
     run_budget("cuda", gen, 1, 8, 2, 1000, 128, 1, "f16", "f16", [1000])
     # f16 rows of 256 fit neither tensor-core kernel in 99 KiB.
     for kernel in ("spec", "mma"):
-        monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
-        with pytest.raises(RuntimeError, match=f"KERNEL={kernel}.*shared memory.*{SMEM_SM86} bytes"):
+        pin_kernels(attention=kernel)
+        with pytest.raises(RuntimeError, match=f"pinned kernel {kernel}.*shared memory.*{SMEM_SM86} bytes"):
             run_budget("cuda", gen, 1, 8, 2, 300, 256, 1, "f16", "f16", [300])
     # The tiled kernel with one query per block still needs 73 KiB at head dim 256.
-    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "tiled")
-    monkeypatch.setenv("TURBOKV_SMEM_LIMIT", str(32 * 1024))
+    pin_kernels(attention="tiled")
+    pin_kernels(smem_limit=32 * 1024)
     with pytest.raises(RuntimeError, match=r"more than this GPU allows \(32768 bytes\)"):
         run_budget("cuda", gen, 1, 8, 2, 300, 256, 1, "q4_0", "q4_0", [300], dtype=torch.float32)
-    monkeypatch.setenv("TURBOKV_SMEM_LIMIT", "lots")
-    with pytest.raises(ValueError, match="TURBOKV_SMEM_LIMIT: got 'lots'"):
-        run_budget("cuda", gen, 1, 8, 2, 300, 128, 1, "q4_0", "q4_0", [300])

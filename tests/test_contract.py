@@ -48,15 +48,15 @@ def _cache(gen, fmt, b, h, t, device, nan_k=(), nan_v=()):
     return kc, vc, kr, vr
 
 
-def _attend(q, kc, vc, lengths, starts, fmt, kr, vr, kernel, monkeypatch, **kw):
-    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
+def _attend(q, kc, vc, lengths, starts, fmt, kr, vr, kernel, pin_kernels, **kw):
+    pin_kernels(attention=kernel)
     args = attention_args(q, kc, vc, lengths, starts, fmt, fmt, kr, vr, **kw)
     return torch.ops.turbokv.attention(*args).float().cpu(), args
 
 
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("fmt", ["f16", "q8_0", "q4_0", "turbo3"])
-def test_nan_rule_is_sdpas(device, fmt, gen, monkeypatch):
+def test_nan_rule_is_sdpas(device, fmt, gen, pin_kernels):
     """NaN query row -> that row NaN; NaN K or V in a slot a row sees -> that row NaN, also when
     a whole tile of keys is NaN; NaN in slots no row sees (left padding, past the length) never
     matters; the reference follows the same rule."""
@@ -72,7 +72,7 @@ def test_nan_rule_is_sdpas(device, fmt, gen, monkeypatch):
     q[1, 3] = math.nan  # one head of seq 1
     q = q.to(device)
     for kernel in _kernels(device, fmt, 1):
-        out, args = _attend(q, kc, vc, lengths, starts, fmt, kr, vr, kernel, monkeypatch)
+        out, args = _attend(q, kc, vc, lengths, starts, fmt, kr, vr, kernel, pin_kernels)
         ref = reference.attention(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)).float()
         assert out[0].isnan().all(), f"{kernel}: a tile of NaN keys was taken for masked"
         assert out[1, 3].isnan().all(), f"{kernel}: a NaN query row gave {out[1, 3, 0, :4]}"
@@ -82,14 +82,14 @@ def test_nan_rule_is_sdpas(device, fmt, gen, monkeypatch):
 
 
 @pytest.mark.parametrize("device", device_params())
-def test_nan_in_causally_hidden_slots_never_matters(device, gen, monkeypatch):
+def test_nan_in_causally_hidden_slots_never_matters(device, gen, pin_kernels):
     """Chunked prefill: query i must not be poisoned by a NaN K / V at a later position it cannot see."""
     fmt, t, sq = "q8_0", 48, 8
     kc, vc, kr, vr = _cache(gen, fmt, 1, 1, t, device, nan_k=[(0, t - 1)], nan_v=[(0, t - 2)])
     q = torch.randn(1, 4, sq, D, generator=gen).half().to(device)
     lengths = torch.tensor([t], device=device)
     for kernel in _kernels(device, fmt, sq):
-        out, _ = _attend(q, kc, vc, lengths, None, fmt, kr, vr, kernel, monkeypatch)
+        out, _ = _attend(q, kc, vc, lengths, None, fmt, kr, vr, kernel, pin_kernels)
         assert out[0, :, : sq - 2].isfinite().all(), f"{kernel}: earlier queries saw a later NaN"
         assert out[0, :, sq - 2 :].isnan().all(), f"{kernel}: the queries that see the NaN are not NaN"
 
@@ -117,7 +117,7 @@ def test_a_tile_of_minus_inf_scores_weighs_nothing_beside_finite_ones(gen):
 
 @pytest.mark.parametrize("device", [p for p in device_params() if p != "cpu"])
 @pytest.mark.parametrize("kernel", ["flash", "auto"])
-def test_flash_rows_with_no_visible_key_stay_zeros_beside_a_nan_cuda(device, kernel, gen, monkeypatch):
+def test_flash_rows_with_no_visible_key_stay_zeros_beside_a_nan_cuda(device, kernel, gen, pin_kernels):
     """The flash kernel's 64 rows (16 queries x a group of 4, f16: auto takes it) share each key
     tile: a left-padded query that sees no key stays zeros even when a later query of its block
     sees a NaN V in the same tile; the rows that see the NaN are NaN."""
@@ -125,7 +125,7 @@ def test_flash_rows_with_no_visible_key_stay_zeros_beside_a_nan_cuda(device, ker
     kc, vc, kr, vr = _cache(gen, "f16", 2, 1, t, device, nan_v=[(0, t - 1), (1, 75)])
     q = torch.randn(2, 4, sq, D, generator=gen).half().to(device)
     lengths, starts = torch.tensor([t, t], device=device), torch.tensor([0, 70], device=device)
-    out, _ = _attend(q, kc, vc, lengths, starts, "f16", kr, vr, kernel, monkeypatch)
+    out, _ = _attend(q, kc, vc, lengths, starts, "f16", kr, vr, kernel, pin_kernels)
     # Query i sits at position t - sq + i: seq 1's queries 0-5 (positions 64-69) are before its
     # start, queries 11-15 see slot 75; seq 0's last query sees slot 79.
     assert torch.equal(out[1, :, :6], torch.zeros_like(out[1, :, :6])), f"{kernel}: a row with no key is not zeros"
@@ -135,12 +135,12 @@ def test_flash_rows_with_no_visible_key_stay_zeros_beside_a_nan_cuda(device, ker
 
 
 @pytest.mark.parametrize("device", device_params())
-def test_rows_with_no_visible_key_are_zeros(device, gen, monkeypatch):
+def test_rows_with_no_visible_key_are_zeros(device, gen, pin_kernels):
     fmt = "turbo3"
     kc, vc, kr, vr = _cache(gen, fmt, 2, 1, 40, device)
     q = torch.randn(2, 2, 1, D, generator=gen).half().to(device)
     lengths, starts = torch.tensor([40, 30], device=device), torch.tensor([40, 0], device=device)
-    out, _ = _attend(q, kc, vc, lengths, starts, fmt, kr, vr, "auto", monkeypatch, causal=False)
+    out, _ = _attend(q, kc, vc, lengths, starts, fmt, kr, vr, "auto", pin_kernels, causal=False)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and out[1].abs().sum() > 0
 
 

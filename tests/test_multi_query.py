@@ -27,7 +27,7 @@ CASES = [
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize(*pairwise(sq=[2, 5, 16, 64], heads=[(4, 4), (8, 2), (8, 1), (16, 1)], case=range(len(CASES))))
-def test_multi_query_kernels_cuda(device, sq, heads, case, gen, monkeypatch):
+def test_multi_query_kernels_cuda(device, sq, heads, case, gen, pin_kernels):
     """The tensor-core kernels with several queries: chunks of 8 (query, head) rows that the
     causal diagonal or the window edge cuts, GQA 1 / 4 / 8 / 16 (MQA), odd lengths, left padding
     that starts after some queries (their rows are zeros); auto takes them, and the tiled
@@ -41,7 +41,7 @@ def test_multi_query_kernels_cuda(device, sq, heads, case, gen, monkeypatch):
     kernels = ["mma", "tiled", "auto"] + (["spec"] if spec else []) + (["flash"] if flash else [])
     outs = {}
     for kernel in kernels:
-        monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
+        pin_kernels(attention=kernel)
         poison_cuda_memory()
         outs[kernel] = torch.ops.turbokv.attention(*dev).cpu()
     _, ref_err = reference_errors(args, outs["tiled"])
@@ -97,7 +97,7 @@ FLASH_CASES = [
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("case", range(len(FLASH_CASES)))
-def test_flash_kernel_many_tiles_cuda(device, case, gen, monkeypatch):
+def test_flash_kernel_many_tiles_cuda(device, case, gen, pin_kernels):
     """The flash kernel (64 rows a block, each K/V tile decoded once into shared memory) against
     the reference and the tiled kernel: tiles of 32 / 64 keys cut by sequence ends, left padding
     and the causal diagonal, 2 KV heads of 4 query heads, several blocks of rows."""
@@ -105,7 +105,7 @@ def test_flash_kernel_many_tiles_cuda(device, case, gen, monkeypatch):
     dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     outs = {}
     for kernel in ("flash", "tiled"):
-        monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
+        pin_kernels(attention=kernel)
         poison_cuda_memory()
         outs[kernel] = torch.ops.turbokv.attention(*dev).cpu()
     _, ref_err = reference_errors(args, outs["tiled"])

@@ -202,7 +202,7 @@ def cuda_kernels(d, kf, vf, sq, g):
 @pytest.mark.parametrize(
     *pairwise(sq=[1, 3, 16, 64, 100], heads=[(4, 4), (8, 2), (8, 1), (16, 1)], case=range(len(CASES)))
 )
-def test_sinks_every_kernel_cuda(device, sq, heads, case, gen, monkeypatch):
+def test_sinks_every_kernel_cuda(device, sq, heads, case, gen, pin_kernels):
     """spec / mma / simt / tiled (pinned) and auto, one query and several, each against the
     reference with sinks; they all end in the merge kernel, which adds the sink once. Every
     pair of query count, GQA shape and case."""
@@ -215,7 +215,7 @@ def test_sinks_every_kernel_cuda(device, sq, heads, case, gen, monkeypatch):
     dev = to(device, args) + (sinks.to(device),)
     outs = {}
     for kernel in cuda_kernels(d, kf, vf, sq, hq // hkv):
-        monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
+        pin_kernels(attention=kernel)
         poison_cuda_memory()
         outs[kernel] = torch.ops.turbokv.attention(*dev).cpu()
         check_against_reference(args, sinks, outs[kernel])
@@ -227,11 +227,11 @@ def test_sinks_every_kernel_cuda(device, sq, heads, case, gen, monkeypatch):
 @pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("kernel", ["auto", "spec", "mma", "simt", "tiled"])
 @pytest.mark.parametrize("T", [4097, 70001])
-def test_sinks_long_decode_cuda(device, kernel, T, gen, monkeypatch):
+def test_sinks_long_decode_cuda(device, kernel, T, gen, pin_kernels):
     """Long caches: many key splits, the sink added once in the merge (not once per split)."""
     args = case_args(gen, 2, 8, 2, T, 128, 1, "turbo3", "turbo3", [T, T // 3 + 1], None)
     sinks = torch.linspace(4.0, 14.0, 8)  # around the row maxima of a long row
-    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
+    pin_kernels(attention=kernel)
     poison_cuda_memory()
     out = torch.ops.turbokv.attention(*to(device, args), sinks.to(device))
     check_against_reference(args, sinks, out)
@@ -239,15 +239,15 @@ def test_sinks_long_decode_cuda(device, kernel, T, gen, monkeypatch):
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("kernel", ["auto", "spec", "mma", "simt", "tiled"])
-def test_sink_edges_every_kernel_cuda(device, kernel, gen, monkeypatch):
+def test_sink_edges_every_kernel_cuda(device, kernel, gen, pin_kernels):
     """The edge values of test_sink_edges on each pinned decode kernel."""
-    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", kernel)
+    pin_kernels(attention=kernel)
     test_sink_edges(device, 1, gen)
 
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("starts", [[0, 0], [0, 37]])
-def test_prefill_with_sinks_skips_the_sdpa_shortcut_cuda(device, starts, gen, monkeypatch):
+def test_prefill_with_sinks_skips_the_sdpa_shortcut_cuda(device, starts, gen, pin_kernels):
     """A whole prompt on the GPU (f16, >= PREFILL_SDPA_MIN_QUERIES queries) takes dequantize +
     SDPA without sinks; with sinks it runs the op's kernels (SDPA has no sink), within the
     reference's budget, and equals the op pinned to its kernel."""
@@ -260,7 +260,7 @@ def test_prefill_with_sinks_skips_the_sdpa_shortcut_cuda(device, starts, gen, mo
     kw = dict(k_format="turbo3", v_format="turbo3", k_rot=kr, v_rot=vr, sinks=sinks.to(device))
     out = turbokv.attention(*dev[:5], **kw)
     check_against_reference(args, sinks, out)
-    monkeypatch.setenv("TURBOKV_ATTENTION_KERNEL", "spec")
+    pin_kernels(attention="spec")
     assert torch.equal(out, turbokv.attention(*dev[:5], **kw))
 
 

@@ -7,12 +7,11 @@ fails here even where the sanitizer says nothing. Exits 1 on a wrong or non-fini
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import torch
 
-from turbokv import reference
+from turbokv import ops, reference
 from turbokv.rotation import auto_rotation
 
 KERNELS = ("spec", "flash", "mma", "simt", "tiled")
@@ -32,10 +31,10 @@ def run_one(kernel: str, kf: str, vf: str, d: int, sq: int, mask: dict, gen: tor
     starts = torch.tensor([0, 3]) if mask.get("starts") else None
     args = (q, kc, vc, lengths, starts, kf, kr.group, kr.seed, vf, vr.group, vr.seed, 1.0 / math.sqrt(d))
     args += (mask.get("causal", True), mask.get("window", 0), mask.get("softcap", 0.0))
-    os.environ["TURBOKV_ATTENTION_KERNEL"] = kernel
     dev = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
     try:
-        out = torch.ops.turbokv.attention(*dev)
+        with ops.pinned_kernels(attention=kernel):
+            out = torch.ops.turbokv.attention(*dev)
     except RuntimeError as e:
         if "cannot run this call" in str(e) or "is built for" in str(e):
             return "not built"

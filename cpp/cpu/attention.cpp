@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../kernel_choice.h"
 #include "../op_checks.h"
 #include "attention_kernel.h"
 
@@ -18,44 +19,25 @@ namespace {
 
 constexpr int kRowsPerTask = 64;  // query rows (heads x queries) per task, at least one query
 
-// Whether this CPU runs the AVX2+FMA+F16C copy (the OS saves the AVX registers, too: the
-// compiler runtime's check includes that).
-bool cpu_has_avx2() {
-#if defined(TURBOKV_CPU_AVX2_COPY)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
-
 struct Kernel {
   AttendTask fn;
   const char* isa;
 };
 
-// The kernel copy attention runs, chosen once per process (attention_kernel.h).
+// The kernel copy attention runs: the pinned one (kernel_choice.h), else AVX2 where the CPU has
+// it. set_kernel_choice refuses avx2 where this returns false.
 const Kernel& chosen_kernel() {
-  static const Kernel k = [] {
-    const char* env = std::getenv("TURBOKV_CPU_ISA");
-    const std::string want = env ? env : "auto";
-    TORCH_CHECK_VALUE(want == "auto" || want == "avx2" || want == "baseline", "TURBOKV_CPU_ISA: got '", want,
-                      "', expected auto, avx2 or baseline");
-#if defined(TURBOKV_CPU_AVX2_COPY)
-    const bool avx2 = cpu_has_avx2();
-    TORCH_CHECK_VALUE(want != "avx2" || avx2, "TURBOKV_CPU_ISA: got 'avx2', but this CPU lacks AVX2, FMA or F16C");
-    if (avx2 && want != "baseline") return Kernel{&avx2::attend_task, "avx2"};
-#else
-    TORCH_CHECK_VALUE(want != "avx2", "TURBOKV_CPU_ISA: got 'avx2', but this build has no AVX2 copy of the kernel ",
-                      "(not x86, or built with TURBOKV_NATIVE=ON)");
-#endif
 #if defined(TURBOKV_CPU_NATIVE)
-    return Kernel{&baseline::attend_task, "native"};  // the one copy, tuned for the build machine
+  static const Kernel native{&baseline::attend_task, "native"};  // the one copy, tuned for the build machine
+  return native;
 #else
-    return Kernel{&baseline::attend_task, "baseline"};
+  static const Kernel base{&baseline::attend_task, "baseline"};
+#if defined(TURBOKV_CPU_AVX2_COPY)
+  static const Kernel wide{&avx2::attend_task, "avx2"};
+  if (avx2_available() && kernel_choice().cpu_isa != CpuIsa::kBaseline) return wide;
 #endif
-  }();
-  return k;
+  return base;
+#endif
 }
 
 // Both ops' work: the output (B, Hq, Sq, d) in q's dtype and, with want_lse, each row's
@@ -118,6 +100,19 @@ std::tuple<at::Tensor, at::Tensor> attention_lse_cpu(TURBOKV_ATTENTION_PARAMS) {
 TORCH_LIBRARY_IMPL(turbokv, CPU, m) {
   m.impl("attention", &attention_cpu);
   m.impl("attention_lse", &attention_lse_cpu);
+}
+
+bool avx2_available() {
+#if defined(TURBOKV_CPU_AVX2_COPY) && !defined(TURBOKV_CPU_NATIVE)
+  // The OS saves the AVX registers, too: the compiler runtime's check includes that.
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return has;
+#else
+  return false;
+#endif
 }
 
 const char* attention_isa() { return chosen_kernel().isa; }

@@ -54,10 +54,12 @@ void attend_task(const AttnShape& P, const AttnSide& ks, const AttnSide& vs, con
                  float* out, float* ws);
 }
 
-// The copy of the kernel attention runs: "avx2", "baseline", or "native" (a TURBOKV_NATIVE=ON
-// build has one copy, tuned for the build machine). Chosen once per process from the CPU;
-// TURBOKV_CPU_ISA = auto | avx2 | baseline overrides it (tests, benchmarks), and raises when it
-// names a copy this build or this CPU lacks.
+// The copy of the kernel attention runs now: "avx2", "baseline", or "native" (a TURBOKV_NATIVE=ON
+// build has one copy, tuned for the build machine). AVX2 where the CPU has it, unless a caller
+// pinned the baseline (kernel_choice.h: tests, benchmarks).
 const char* attention_isa();
+
+// Whether this build has an AVX2+FMA+F16C copy and this CPU runs it.
+bool avx2_available();
 
 }  // namespace turbokv::cpu

@@ -23,12 +23,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
 #include <tuple>
 
+#include "../kernel_choice.h"
 #include "attention_decode.cuh"
 #include "attention_flash.cuh"
 #include "attention_merge.cuh"
@@ -256,21 +256,17 @@ int decode_fast_path(const AttentionArgs& a, const DevSide& ks, const DevSide& v
                        vs.row_bytes % 16 == 0;
   const bool floats = ks.family == static_cast<int>(Family::kFloat) || vs.family == static_cast<int>(Family::kFloat);
   if (floats && !aligned) return 0;
-  // Registers: the q and output slices are GMAX x E floats each. TURBOKV_DECODE_E (4, 8, 16)
-  // overrides the choice for G <= 4, for benchmarking.
-  static const int forced = [] {
-    const char* v = std::getenv("TURBOKV_DECODE_E");
-    return v ? std::atoi(v) : 0;
-  }();
-  const int e = a.G > 4 ? 8 : (forced == 4 || forced == 8 || forced == 16 ? forced : 16);
+  // Registers: the q and output slices are GMAX x E floats each. A pinned decode_values
+  // (kernel_choice.h: 4, 8 or 16) overrides the choice for G <= 4, for benchmarking.
+  const int pinned = kernel_choice().decode_values;
+  const int e = a.G > 4 ? 8 : (pinned ? pinned : 16);
   const int lpk = ks.dp / e;
   if (ks.dp % e != 0 || lpk < 1 || lpk > 32 || (lpk & (lpk - 1)) != 0) return 0;
   return e;
 }
 
-// Which kernel runs a call. TURBOKV_ATTENTION_KERNEL = auto | flash | spec | mma | simt | tiled
-// (read per call) pins one for tests and benchmarks; a pinned kernel that cannot run the call is
-// an error.
+// Which kernel runs a call: chosen from the shapes and the device, or pinned by a caller
+// (kernel_choice.h: tests, benchmarks); a pinned kernel that cannot run the call is an error.
 enum class Path { kTiled, kSimt, kMma, kSpec, kFlash };
 
 // From this many (query, head) rows per KV head and sequence, auto runs a call of several
@@ -409,40 +405,34 @@ const char* spec_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide&
 // for f16 rows of 256, say), and a pinned one is an error.
 Path choose_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
                  const at::Tensor& kc, const at::Tensor& vc, int smem_max) {
-  const char* env = std::getenv("TURBOKV_ATTENTION_KERNEL");
-  const std::string want = env ? env : "auto";
+  const AttentionKernel want = kernel_choice().attention;
   const char* unfit = mma_unfit(a, ks, vs, q, kc, vc, smem_max);
   const char* spec_why = spec_unfit(a, ks, vs, q, kc, vc, smem_max);
   const char* flash_why = flash_unfit(a, ks, vs, q, kc, vc, smem_max);
-  if (want == "flash") {
-    TORCH_CHECK(!flash_why,
-                "attention: TURBOKV_ATTENTION_KERNEL=flash, but the flash kernel cannot run this call: ", flash_why,
-                " (", smem_max, " bytes)");
-    return Path::kFlash;
+  switch (want) {
+    case AttentionKernel::kFlash:
+      TORCH_CHECK(!flash_why, "attention: the pinned kernel flash cannot run this call: ", flash_why, " (", smem_max,
+                  " bytes)");
+      return Path::kFlash;
+    case AttentionKernel::kSpec:
+      TORCH_CHECK(!spec_why,
+                  "attention: the pinned kernel spec (format-specialised, tensor cores) cannot run this call: ",
+                  spec_why, " (", smem_max, " bytes)");
+      return Path::kSpec;
+    case AttentionKernel::kMma:
+      TORCH_CHECK(!unfit, "attention: the pinned kernel mma (tensor cores) cannot run this call: ", unfit, " (",
+                  smem_max, " bytes)");
+      return Path::kMma;
+    case AttentionKernel::kSimt:
+      TORCH_CHECK(decode_fast_path(a, ks, vs, kc, vc) != 0,
+                  "attention: the pinned kernel simt cannot run this call: it is built for one query per sequence, "
+                  "GQA groups <= 8 and equal K/V row sizes whose head dim splits into 4..32 lanes");
+      return Path::kSimt;
+    case AttentionKernel::kTiled:
+      return Path::kTiled;
+    case AttentionKernel::kAuto:
+      break;
   }
-  if (want == "spec") {
-    TORCH_CHECK(
-        !spec_why,
-        "attention: TURBOKV_ATTENTION_KERNEL=spec, but the format-specialised tensor-core kernel cannot run this "
-        "call: ",
-        spec_why, " (", smem_max, " bytes)");
-    return Path::kSpec;
-  }
-  if (want == "mma") {
-    TORCH_CHECK(!unfit,
-                "attention: TURBOKV_ATTENTION_KERNEL=mma, but the tensor-core kernel cannot run this call: ", unfit,
-                " (", smem_max, " bytes)");
-    return Path::kMma;
-  }
-  if (want == "simt") {
-    TORCH_CHECK(decode_fast_path(a, ks, vs, kc, vc) != 0,
-                "attention: TURBOKV_ATTENTION_KERNEL=simt, but the SIMT decode kernel is built for one query per "
-                "sequence, GQA groups <= 8 and equal K/V row sizes whose head dim splits into 4..32 lanes");
-    return Path::kSimt;
-  }
-  if (want == "tiled") return Path::kTiled;
-  TORCH_CHECK(want == "auto", "TURBOKV_ATTENTION_KERNEL: got '", want,
-              "', expected auto, flash, spec, mma, simt or tiled");
   if (!flash_why && a.Sq > 1 && a.G * a.Sq >= kFlashMinRows && ks.fmt == kFmt_f16 && vs.fmt == kFmt_f16)
     return Path::kFlash;
   if (!spec_why) return Path::kSpec;

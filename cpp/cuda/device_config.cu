@@ -4,10 +4,9 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
-#include <cstdlib>
 #include <mutex>
-#include <string>
 
+#include "../kernel_choice.h"
 #include "device_config.h"
 
 #ifndef TURBOKV_CUDA_ARCHS
@@ -61,12 +60,8 @@ const DeviceConfig& device_config(int device) {
 
 int smem_limit(int device) {
   const int limit = device_config(device).smem_optin;
-  const char* env = std::getenv("TURBOKV_SMEM_LIMIT");
-  if (env == nullptr || *env == '\0') return limit;
-  char* end = nullptr;
-  const long v = std::strtol(env, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && v > 0, "TURBOKV_SMEM_LIMIT: got '", env, "', expected a number of bytes > 0");
-  return v < limit ? static_cast<int>(v) : limit;
+  const int pinned = kernel_choice().smem_limit;
+  return pinned > 0 && pinned < limit ? pinned : limit;
 }
 
 }  // namespace turbokv::cuda

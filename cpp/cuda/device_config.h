@@ -20,8 +20,8 @@ struct DeviceConfig {
 const DeviceConfig& device_config(int device);
 
 // Dynamic shared memory per block that kernels may plan for on `device`: its opt-in limit, or
-// TURBOKV_SMEM_LIMIT (bytes, read per call) when lower, so that a test on a large GPU takes
-// the choices of a smaller one (sm_86 / sm_89 / sm_120: 99 KiB, sm_80: 163 KiB, sm_90: 227 KiB).
+// the pinned smem_limit (kernel_choice.h) when lower, so that a test on a large GPU takes the
+// choices of a smaller one (sm_86 / sm_89 / sm_120: 99 KiB, sm_80: 163 KiB, sm_90: 227 KiB).
 int smem_limit(int device);
 
 }  // namespace turbokv::cuda

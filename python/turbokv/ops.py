@@ -8,8 +8,9 @@ A rotation is a :class:`turbokv.rotation.Rotation` (``group`` 0 = none).
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
+from collections.abc import Iterator
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -18,7 +19,7 @@ from torch.nn.attention.bias import causal_lower_right
 from turbokv.rotation import Rotation
 
 try:  # loading the shared object registers the ops with the dispatcher
-    from turbokv import _C  # noqa: F401
+    from turbokv import _C
 except ImportError as e:  # pragma: no cover - only on a broken install
     raise ImportError(
         "turbokv: the native extension turbokv._C failed to load; rebuild with "
@@ -35,6 +36,43 @@ _SDPA_BACKENDS = [
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.MATH,
 ]
+
+
+def kernel_choice() -> dict[str, str | int]:
+    """The kernels pinned for this process (:func:`pinned_kernels`); ``"auto"`` / 0 where the ops choose."""
+    return _C.kernel_choice()
+
+
+@contextlib.contextmanager
+def pinned_kernels(
+    *,
+    attention: str | None = None,
+    smem_limit: int | None = None,
+    decode_values: int | None = None,
+    cpu_isa: str | None = None,
+) -> Iterator[None]:
+    """Run the ops with the kernels named, inside the ``with`` block (tests and benchmarks).
+
+    Production code pins nothing: each op chooses its kernel from the shapes and the device.
+    ``attention``: ``auto | flash | spec | mma | simt | tiled`` (CUDA; a pinned kernel that
+    cannot run a call raises, naming why); ``smem_limit``: bytes of shared memory per block the
+    CUDA kernels plan for, below the device's (0: the device's), so a large GPU takes the
+    choices of a smaller one; ``decode_values``: 4, 8 or 16 values per lane for the SIMT decode
+    kernel (0: its own); ``cpu_isa``: ``auto | avx2 | baseline``, the copy of the CPU attention
+    kernel. Fields left None keep their value. Process-wide (every thread), restored on exit;
+    a bad value raises ``ValueError`` naming it and changes nothing.
+    """
+    for name, value in (("smem_limit", smem_limit), ("decode_values", decode_values)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"{name}: got {value!r}, expected an int")
+    before = _C.kernel_choice()
+    asked = dict(attention=attention, smem_limit=smem_limit, decode_values=decode_values, cpu_isa=cpu_isa)
+    now = {**before, **{k: v for k, v in asked.items() if v is not None}}
+    _C.set_kernel_choice(now["attention"], now["smem_limit"], now["decode_values"], now["cpu_isa"])
+    try:
+        yield
+    finally:
+        _C.set_kernel_choice(before["attention"], before["smem_limit"], before["decode_values"], before["cpu_isa"])
 
 
 def native_loaded(device_type: str = "cpu") -> bool:
@@ -152,8 +190,8 @@ def attention(
     from PREFILL_PER_SEQUENCE_MIN_QUERIES queries): there attention is
     compute-bound and those kernels' tensor-core pipelines win, while the dequantized copy is
     one pass over the keys. Same values as the op within rounding (it reads the same packed
-    cache); TURBOKV_ATTENTION_KERNEL other than auto forces the op, and so do sinks (SDPA
-    has no sink; the op's kernels add it where they normalise).
+    cache); an attention kernel pinned with :func:`pinned_kernels` forces the op, and so do
+    sinks (SDPA has no sink; the op's kernels add it where they normalise).
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -248,7 +286,7 @@ def _prefill_spans(q, k_cache, lengths, starts, causal, window, softcap) -> list
         return None
     if q.dim() != 4 or k_cache.dim() != 4 or q.shape[2] < PREFILL_SDPA_MIN_QUERIES:
         return None
-    if os.environ.get("TURBOKV_ATTENTION_KERNEL", "auto") != "auto":
+    if _C.kernel_choice()["attention"] != "auto":
         return None
     if lengths.shape != (q.shape[0],) or k_cache.shape[0] != q.shape[0] or lengths.is_floating_point():
         return None  # let the op report the shape or dtype error
