@@ -24,8 +24,8 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import turbokv
-from turbokv import formats
-from turbokv.rotation import auto_rotation
+from turbokv.core import formats
+from turbokv.core.rotation import auto_rotation
 
 HQ, HKV, D = 32, 8, 128
 FORMATS = ("f16", "q8_0", "q4_0", "turbo4", "turbo3", "turbo2")
@@ -166,7 +166,7 @@ def run(batch: int, tokens: int, copy_gbs: float, uniform_only: bool, extra: boo
         if name in ("turbo3", "q4_0", "f16"):
             # The generic kernels, pinned (head dims and formats the specialised one is not built for).
             for kernel in ("mma", "simt"):
-                with turbokv.ops.pinned_kernels(attention=kernel):
+                with turbokv.core.ops.pinned_kernels(attention=kernel):
                     rows.append((f"turbokv {name} {kernel} kernel", nbytes, bench_ms(fused, n)))
         if name == "q4_0":
 
@@ -190,7 +190,7 @@ def main() -> None:
         "--decode-values", type=int, default=0, help="pin the SIMT decode kernel's values per lane (4, 8, 16)"
     )
     args = ap.parse_args()
-    with turbokv.ops.pinned_kernels(decode_values=args.decode_values):
+    with turbokv.core.ops.pinned_kernels(decode_values=args.decode_values):
         report(args)
 
 

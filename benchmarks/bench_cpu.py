@@ -23,8 +23,8 @@ import time
 import torch
 
 import turbokv
-from turbokv import formats
-from turbokv.rotation import auto_rotation
+from turbokv.core import formats
+from turbokv.core.rotation import auto_rotation
 from turbokv.synthetic import kv, queries
 
 

@@ -21,6 +21,10 @@ Caches, each in the same run (``--only`` picks by substring):
 * DynamicCache, eager (SDPA)              * StaticCache, compiled (CUDA graphs)
 * TurboCache, patched, eager              * TurboCache static, patched, compiled
 * TurboCache, unpatched (dequantize + SDPA every step; decode only)
+* with ``--windows``: each format with 1 sink + 16 recent exact tokens, eager and static compiled,
+  and the shipped policies' layouts (``--policies``, default the two of the default model: their
+  per-layer K / V format pairs, cycled over this model's layers, and their exact tokens; the key
+  offsets, calibrated for another model, are left out), static compiled
 * transformers' QuantizedCache, int4, eager (it is not compileable), with the quanto and the HQQ
   backends where optimum-quanto / hqq are installed (the GPU machine needs their wheels carried);
   the output says why a backend did not run.
@@ -37,12 +41,15 @@ import importlib
 import importlib.metadata
 import platform
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
 import turbokv
-from turbokv.hf import cache_kwargs
+from turbokv.demo import DEFAULT_POLICIES
+from turbokv.hf.attention import cache_kwargs
+from turbokv.hf.policy import Policy
 
 FORMATS = ("q4_0", "turbo4", "turbo3")
 SCENARIOS = ("padded", "turn", "assisted", "decode")
@@ -77,6 +84,7 @@ class Bench:
     def __init__(self, model: transformers.PreTrainedModel, device: torch.device):
         self.model, self.device = model, device
         self.cuda = device.type == "cuda"
+        self.policies: dict[str, str] = {}  # name -> policy file, for the "policy NAME" rows
 
     def sync(self) -> None:
         if self.cuda:
@@ -103,9 +111,18 @@ class Bench:
             return transformers.QuantizedCache(backend=fmt, config=cfg, nbits=4), False, False
         if name == "StaticCache compiled":
             return transformers.StaticCache(config=cfg, max_cache_len=capacity), self.cuda, False
+        if name.startswith("policy"):
+            policy = Policy.load(self.policies[fmt])
+            pairs = [(lp.k, lp.v) for lp in policy.layers if lp is not None]
+            overrides = {i: pairs[i % len(pairs)] for i in range(cfg.num_hidden_layers)}
+            windows = dict(sink_tokens=policy.sink_tokens, recent_tokens=policy.recent_tokens)
+            cache = turbokv.TurboCache(cfg, overrides=overrides, max_cache_len=capacity, **windows)
+            return cache, self.cuda, True
         if "+windows" in name:
             sink, recent = WINDOWS
-            return turbokv.TurboCache(cfg, k=fmt, v=fmt, sink_tokens=sink, recent_tokens=recent), False, True
+            static = dict(max_cache_len=capacity) if name.endswith("static compiled") else {}
+            cache = turbokv.TurboCache(cfg, k=fmt, v=fmt, sink_tokens=sink, recent_tokens=recent, **static)
+            return cache, self.cuda and bool(static), True
         if name.endswith("patched eager"):
             return turbokv.TurboCache(cfg, k=fmt, v=fmt), False, True
         if name.endswith("static compiled"):
@@ -135,13 +152,17 @@ def kv_note(cache: transformers.Cache) -> str:
     return f"KV {cache.nbytes() / cache.f16_nbytes():.3f}x f16"
 
 
-def cache_names(fmts: list[str], peers: list[str], unpatched: bool, only: str, windows: bool = False) -> list[str]:
+def cache_names(
+    fmts: list[str], peers: list[str], unpatched: bool, only: str, windows: bool = False, policies: tuple = ()
+) -> list[str]:
     """Row names in run order; ``only``: comma-separated substrings, a row runs if its name has one;
-    ``windows``: also each format with the exact token windows (WINDOWS: sink + recent tokens)."""
+    ``windows``: also each format with the exact token windows (WINDOWS: sink + recent tokens) and
+    each of ``policies`` (names) static compiled."""
     names = ["DynamicCache eager", "StaticCache compiled"] + [f"QuantizedCache {b} int4 eager" for b in peers]
     for f in fmts:
         names += [f"turbo {f} patched eager", f"turbo {f} static compiled"] + [f"turbo {f} unpatched"] * unpatched
-        names += [f"turbo {f} +windows patched eager"] * windows
+        names += [f"turbo {f} +windows patched eager", f"turbo {f} +windows static compiled"] * windows
+    names += [f"policy {p} static compiled" for p in policies] * windows
     return [n for n in names if not only or any(k in n for k in only.split(","))]
 
 
@@ -232,14 +253,14 @@ def kv_bytes_per_token(cfg, name: str) -> float:
     rows = cfg.num_hidden_layers * cfg.num_key_value_heads
     if not name.startswith("turbo"):
         return rows * cfg.head_dim * 2 * 2
-    return rows * 2 * turbokv.formats.row_bytes(name.split()[1], cfg.head_dim)
+    return rows * 2 * turbokv.core.formats.row_bytes(name.split()[1], cfg.head_dim)
 
 
 def run_decode(bench: Bench, args, fmts: list[str], peers: list[str]) -> None:
     cfg = bench.model.config
-    names = cache_names(fmts, peers, not args.skip_unpatched, args.only, args.windows)
+    names = cache_names(fmts, peers, not args.skip_unpatched, args.only, args.windows, tuple(bench.policies))
     print(f"decode: caches filled with random K/V, {args.steps} greedy steps timed, {cfg.num_hidden_layers} layers")
-    print(f"{'B':>3} {'ctx':>6} {'cache':<34} {'ms/step':>8} {'tok/s':>8} {'peak GiB':>9}  note")
+    print(f"{'B':>3} {'ctx':>6} {'cache':<42} {'ms/step':>8} {'tok/s':>8} {'peak GiB':>9}  note")
     for shape in args.shapes.split(","):
         b, t = (int(x) for x in shape.split("x"))
         for name in names:
@@ -247,7 +268,7 @@ def run_decode(bench: Bench, args, fmts: list[str], peers: list[str]) -> None:
             if "compiled" in name and not bench.cuda:
                 note = "; ".join(filter(None, ["eager on cpu", note]))
             peak = f"{peak:>9.1f}" if bench.cuda else f"{'-':>9}"
-            print(f"{b:>3} {t:>6} {name:<34} {ms:>8.2f} {b * 1e3 / ms:>8.1f} {peak}  {note}", flush=True)
+            print(f"{b:>3} {t:>6} {name:<42} {ms:>8.2f} {b * 1e3 / ms:>8.1f} {peak}  {note}", flush=True)
         print()
     if not bench.cuda:
         return
@@ -273,7 +294,14 @@ def main() -> None:
     ap.add_argument("--shapes", default="1x4096,8x16384", help="decode: batch x context, comma-separated")
     ap.add_argument("--steps", type=int, default=16, help="decode: timed steps")
     ap.add_argument("--skip-unpatched", action="store_true", help="decode: leave out the unpatched TurboCache rows")
-    ap.add_argument("--windows", action="store_true", help="also rows with exact token windows (1 sink + 16 recent)")
+    ap.add_argument(
+        "--windows", action="store_true", help="also rows with exact token windows (1 sink + 16 recent) and policies"
+    )
+    ap.add_argument(
+        "--policies",
+        default=",".join(spec.policy for spec in DEFAULT_POLICIES),
+        help="policy files whose layouts --windows also runs (comma-separated)",
+    )
     generate_scenarios.add_arguments(ap)
     args = ap.parse_args()
     scenarios = args.scenarios.split(",")
@@ -291,6 +319,7 @@ def main() -> None:
     for phase, which, layers in phases:
         t0 = time.perf_counter()
         bench = Bench(build(args.layers or layers, args.hidden, device), device)
+        bench.policies = {Path(p).stem: p for p in args.policies.split(",") if p}
         weights = sum(p.numel() * p.element_size() for p in bench.model.parameters())
         print(f"\nLlama-3-8B-shaped, {bench.model.config.num_hidden_layers} layers, hidden {args.hidden}, ", end="")
         print(f"random bf16 weights {weights / 2**30:.1f} GiB")

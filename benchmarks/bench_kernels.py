@@ -14,7 +14,7 @@ import datetime
 import torch
 
 import turbokv
-from turbokv.rotation import auto_rotation
+from turbokv.core.rotation import auto_rotation
 
 
 def ms(fn, iters: int = 20) -> float:
@@ -59,7 +59,7 @@ def main() -> None:
     pos = torch.arange(S, device="cuda")[None]
     for name in ("f16", "q8_0", "q4_0", "turbo4", "turbo3", "turbo2"):
         kr, vr = auto_rotation(name, d, "k"), auto_rotation(name, d, "v")
-        rb = turbokv.formats.row_bytes(name, d)
+        rb = turbokv.core.formats.row_bytes(name, d)
         kc = torch.empty(B, H, S, rb, device="cuda", dtype=torch.uint8)
         vc = torch.empty_like(kc)
 
@@ -102,7 +102,7 @@ def main() -> None:
             t = ms(run)
             print(f"{f'prefill {Sq} causal, turbokv {name}':<40} {t:>8.3f}   {t_sdpa / t:.2f}x SDPA")
             if Sq == 4096 and name == "turbo3":  # the op's own tiled kernel (chunked prefill, padding, softcap)
-                with turbokv.ops.pinned_kernels(attention="tiled"):
+                with turbokv.core.ops.pinned_kernels(attention="tiled"):
                     t = ms(run)
                 print(f"{f'prefill {Sq} causal, tiled kernel {name}':<40} {t:>8.3f}   {t_sdpa / t:.2f}x SDPA")
 

@@ -34,8 +34,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 import turbokv
-from turbokv import ops
-from turbokv.rotation import auto_rotation
+from turbokv.core import ops
+from turbokv.core.rotation import auto_rotation
 
 HQ, HKV, D = 32, 8, 128
 # Work per shape (B x Sq x T, a causal whole prompt counted at half): larger shapes are skipped.
@@ -142,7 +142,7 @@ def shape_rows(B, T, sq, padded, fmts, read_gbs):
         for kernel, limit in (("spec", MAX_FUSED_WORK), ("flash", MAX_FLASH_WORK), ("auto", MAX_FLASH_WORK)):
             fused_ms[kernel] = float("nan")
             if B * sq * T <= limit and (kernel != "flash" or sq > 1):
-                with turbokv.ops.pinned_kernels(attention=kernel):
+                with turbokv.core.ops.pinned_kernels(attention=kernel):
                     fused_ms[kernel] = time_ms(fused, n, graph)
         timed = sq >= 16 or fmt == "q4_0"
         t_deq = time_ms(deq, n, graph=False) if timed else float("nan")

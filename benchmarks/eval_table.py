@@ -17,9 +17,9 @@ import argparse
 import datetime
 from pathlib import Path
 
-from turbokv.eval import model as model_mod
-from turbokv.eval.runner import CacheSpec, Reference, default_text_path, evaluate, make_chunks
-from turbokv.eval.sweep import pareto
+from turbokv.quality import model as model_mod
+from turbokv.quality.runner import CacheSpec, Reference, default_text_path, evaluate, make_chunks
+from turbokv.quality.sweep import pareto
 
 # The rows behind the targets come first (q4_0 with/without rotation, turbo4, turbo3).
 ROWS = [CacheSpec("f16", "f16", "off", "off"), CacheSpec("q8_0", "q8_0", "off", "off"), CacheSpec("q8_0", "q8_0")]

@@ -24,9 +24,9 @@ import argparse
 import torch
 
 import turbokv
-from turbokv.calibrate import _cache_kwargs, calibration_text, capture
-from turbokv.eval import model as eval_model
-from turbokv.eval.runner import default_text_path, make_chunks
+from turbokv.quality import model as eval_model
+from turbokv.quality.calibrate import _cache_kwargs, calibration_text, capture
+from turbokv.quality.runner import default_text_path, make_chunks
 
 
 def key_scales(model, ids: torch.Tensor, captured, alpha: float) -> dict[int, torch.Tensor]:

@@ -39,7 +39,7 @@ import torch
 import transformers
 
 import turbokv
-from turbokv.hf import cache_kwargs
+from turbokv.hf.attention import cache_kwargs
 
 PAD = 0
 

@@ -20,7 +20,7 @@ import transformers
 from bench_generate import build
 
 import turbokv
-from turbokv.hf import cache_kwargs
+from turbokv.hf.attention import cache_kwargs
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import sys
 import torch
 
 import turbokv
-from turbokv.rotation import auto_rotation
+from turbokv.core.rotation import auto_rotation
 
 tokens = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
 names = sys.argv[2].split(",") if len(sys.argv) > 2 else ["f16", "turbo3"]

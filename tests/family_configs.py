@@ -21,7 +21,7 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import turbokv
-from turbokv.hf import cache_kwargs, turbokv_attention
+from turbokv.hf.attention import cache_kwargs, turbokv_attention
 
 LAYERS = 4
 VOCAB = 256
@@ -280,7 +280,7 @@ def differs(out: _Greedy, ref: _Greedy) -> str | None:
 
 def _turbo_tokens(model, ids, mask) -> _Greedy:
     try:
-        cache = turbokv.TurboCache(model.config, k="f16", v="f16", rotate_k="on", rotate_v="on")
+        cache = turbokv.TurboCache.for_config(model.config, k="f16", v="f16", rotate_k="on", rotate_v="on")
         return _generate(model, ids, mask, cache)
     except Exception as e:
         if _turbokv_refusal(e):

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from turbokv import formats, ops, reference
-from turbokv.rotation import Rotation, auto_rotation
+from turbokv.core import formats, ops, reference
+from turbokv.core.rotation import Rotation, auto_rotation
 
 
 def make_cache(gen, B, Hkv, T, d, kf, vf, kr, vr, scale=1.0):

@@ -143,9 +143,9 @@ def attention_layers(model) -> int:
 
 
 def build(name: str, seed: int = 0):
-    import turbokv.cache
+    import turbokv.hf.cache
 
-    if name in HYBRIDS and not turbokv.cache.STATE_LAYER_TYPES:
+    if name in HYBRIDS and not turbokv.hf.layer.STATE_LAYER_TYPES:
         pytest.skip(f"transformers {transformers.__version__} has no linear-attention cache layers")
     torch.manual_seed(seed)
     try:

@@ -11,7 +11,7 @@ import torch
 from hf_models import build, transformers
 
 import turbokv
-from turbokv.hf import cache_kwargs
+from turbokv.hf.attention import cache_kwargs
 
 
 def test_crop_zero_keeps_every_token(gen):

@@ -12,8 +12,8 @@ from conftest import device_params
 from helpers import SPEC_PACKED, attention_args, make_cache, poison_cuda_memory, reference_errors, sides, spec_built
 
 import turbokv
-from turbokv import formats, reference
-from turbokv.rotation import K_SEED, V_SEED, Rotation
+from turbokv.core import formats, reference
+from turbokv.core.rotation import K_SEED, V_SEED, Rotation
 
 
 def run_budget(device, gen, B, Hq, Hkv, T, d, Sq, kf, vf, lengths, starts=None, dtype=torch.float16, **kw):
@@ -451,13 +451,13 @@ def test_prefill_via_sdpa_cuda(device, dtype, sq, lengths, starts, gen, pin_kern
     args = attention_args(q, kc, vc, torch.tensor(lengths), st, kf, vf, kr, vr)
     dev = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
     kw = dict(k_format=kf, v_format=vf, k_rot=kr, v_rot=vr)
-    assert turbokv.ops._prefill_spans(dev[0], dev[1], dev[3], dev[4], True, 0, 0.0) is not None
+    assert turbokv.core.ops._prefill_spans(dev[0], dev[1], dev[3], dev[4], True, 0, 0.0) is not None
     poison_cuda_memory()
     fast = turbokv.attention(dev[0], dev[1], dev[2], dev[3], dev[4], **kw)
     err, ref_err = reference_errors(args, fast)
     assert err <= 2 * ref_err + 1e-6, f"error {err:.3e} > 2 x reference error {ref_err:.3e}"
     pin_kernels(attention="mma")
-    assert turbokv.ops._prefill_spans(dev[0], dev[1], dev[3], dev[4], True, 0, 0.0) is None
+    assert turbokv.core.ops._prefill_spans(dev[0], dev[1], dev[3], dev[4], True, 0, 0.0) is None
     fused = turbokv.attention(dev[0], dev[1], dev[2], dev[3], dev[4], **kw)
     torch.testing.assert_close(fast.double(), fused.double(), rtol=0, atol=4 * ref_err + 1e-6)
 

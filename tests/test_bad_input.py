@@ -7,8 +7,8 @@ import torch
 from conftest import device_params
 
 import turbokv
-from turbokv import formats
-from turbokv.rotation import K_SEED, Rotation, auto_rotation
+from turbokv.core import formats
+from turbokv.core.rotation import K_SEED, Rotation, auto_rotation
 
 ERRORS = (RuntimeError, ValueError, TypeError)
 D = 128

@@ -18,7 +18,7 @@ from test_attention import run_budget
 
 import turbokv
 
-ops = turbokv.ops
+ops = turbokv.core.ops
 _C = ops._C
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 AVX2_FLAGS = {"avx2", "fma", "f16c"}

@@ -3,7 +3,7 @@ raises an error that names the argument, or gives the reference result.
 
 One test per root cause: fixed batch shape per layer, masks that are not left padding,
 constructor validation, the explicit binding of cache layers to attention modules, and
-``turbokv.hf`` reachable after ``import turbokv``.
+``turbokv.hf.attention`` reachable after ``import turbokv``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from hf_models import build, transformers
 
 import turbokv
-from turbokv.hf import cache_kwargs, turbokv_attention
+from turbokv.hf.attention import cache_kwargs, turbokv_attention
 
 
 def f16_cache(config, **kw):
@@ -220,13 +220,13 @@ def config_with_layers(config, n: int):
     return config
 
 
-# ---------------------------------------------------------------- 5. turbokv.hf after import turbokv
+# ---------------------------------------------------------------- 5. turbokv.hf.attention after import turbokv
 
 
 def test_hf_is_reachable_after_import_turbokv():
-    """``turbokv.hf.cache_kwargs`` after a plain ``import turbokv`` (in a fresh interpreter: this one has
-    imported turbokv.hf already)."""
-    code = "import turbokv; print(turbokv.hf.cache_kwargs.__name__)"
+    """``turbokv.hf.attention.cache_kwargs`` after a plain ``import turbokv`` (in a fresh interpreter: this one has
+    imported turbokv.hf.attention already)."""
+    code = "import turbokv; print(turbokv.hf.attention.cache_kwargs.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "cache_kwargs"

@@ -1,4 +1,4 @@
-"""TurboCache.save / TurboCache.load (turbokv.cache_io): prompt caching across processes.
+"""TurboCache.save / TurboCache.load (turbokv.hf.cache_file): prompt caching across processes.
 
 Generation continued from a loaded cache gives the tokens of continuing the cache that was saved;
 a file that is not a cache, damaged, edited, newer or written for another model is refused by name.
@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import turbokv
-from turbokv.cache_io import FORMAT_VERSION, HEADER_HASH, CacheFileError, header_sha256
-from turbokv.hf import cache_kwargs, turbokv_attention
+from turbokv.hf.attention import cache_kwargs, turbokv_attention
+from turbokv.hf.cache_file import FORMAT_VERSION, HEADER_HASH, CacheFileError, header_sha256
 
 MAX_NEW = 10
 PREFIX, SUFFIX = 16, 4  # the saved prompt, then the new turn that continues it
@@ -118,7 +118,7 @@ t = load_file({str(tmp_path / "inputs.safetensors")!r})
 cache = turbokv.TurboCache.load({str(tmp_path / "prompt.safetensors")!r}, model.config)
 with turbokv.patch(model):
     out = model.generate(t["ids"], attention_mask=t["mask"], max_new_tokens={MAX_NEW}, do_sample=False,
-                         **turbokv.hf.cache_kwargs(model, cache))
+                         **turbokv.hf.attention.cache_kwargs(model, cache))
 print(json.dumps(out.tolist()))
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -198,7 +198,7 @@ def test_file_holds_the_valid_tokens_and_the_header(gen, tmp_path):
         assert entry["k_rotation"] == {"group": layer.k_rot.group, "seed": layer.k_rot.seed}
         assert (entry["batch"], entry["kv_heads"], entry["head_dim"], entry["length"]) == (3, 1, 64, PREFIX)
         assert entry["sliding_window"] == (8 if i == 1 else None)
-        assert shapes[f"layers.{i}.k"] == (3, 1, PREFIX, turbokv.formats.row_bytes("q8_0", 64))
+        assert shapes[f"layers.{i}.k"] == (3, 1, PREFIX, turbokv.core.formats.row_bytes("q8_0", 64))
         assert len(entry["tensors"][f"layers.{i}.v"]["sha256"]) == 64
 
 

@@ -15,10 +15,11 @@ pytest.importorskip("transformers", reason="transformers is needed for the cache
 import hf_models  # noqa: E402
 
 import turbokv  # noqa: E402
-from turbokv import calibrate, formats  # noqa: E402
-from turbokv.cache import TurboCache  # noqa: E402
-from turbokv.hf import cache_kwargs  # noqa: E402
-from turbokv.policy import LayerPolicy, Policy  # noqa: E402
+from turbokv.core import formats
+from turbokv.hf.attention import cache_kwargs  # noqa: E402
+from turbokv.hf.cache import TurboCache  # noqa: E402
+from turbokv.hf.policy import LayerPolicy, Policy  # noqa: E402
+from turbokv.quality import calibrate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +175,7 @@ def test_calibrate_tiny_model(tmp_path, llama):
 
 
 def test_pareto_plot(tmp_path):
-    from turbokv.eval.sweep import pareto
+    from turbokv.quality.sweep import pareto
 
     pareto([(4.5, 0.042, "q4_0/q4_0 on"), (3.5, 0.07, "policy p-3.5.json"), (16.0, 0.0, "f16")], tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
@@ -185,11 +186,11 @@ def test_calibrate_with_exact_windows(tmp_path, llama):
     the windows' bits taken out of the budget, and the policy's cache built with them."""
     torch.manual_seed(0)
     ids = torch.randint(1, 96, (1, 32))
-    calls = turbokv.hf.turbokv_attention.calls
+    calls = turbokv.hf.attention.turbokv_attention.calls
     policy = calibrate.calibrate(
         llama, ids, 5.0, ("turbo2", "turbo4", "q8_0"), tokens=32, sink_tokens=1, recent_tokens=4
     )
-    assert turbokv.hf.turbokv_attention.calls > calls, "the sensitivities must run the fused (windowed) path"
+    assert turbokv.hf.attention.turbokv_attention.calls > calls, "the sensitivities must run the fused (windowed) path"
     assert policy.info["measured_with_windows"] == [1, 4]
     assert (policy.sink_tokens, policy.recent_tokens) == (1, 4)
     # 5 of the 32 tokens at 16 bits (on top of their packed rows) and the offsets leave 5.0 - 2.5 - 0.25

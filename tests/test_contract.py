@@ -11,7 +11,7 @@ from conftest import cuda_ready, device_params
 from helpers import attention_args, sides
 
 import turbokv
-from turbokv import formats, reference
+from turbokv.core import formats, reference
 
 D = 128
 CUDA_KERNELS = ("auto", "spec", "mma", "simt", "tiled")

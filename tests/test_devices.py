@@ -20,7 +20,7 @@ from conftest import cuda_ready
 from hf_models import build, transformers
 
 import turbokv
-from turbokv.hf import cache_kwargs, turbokv_attention
+from turbokv.hf.attention import cache_kwargs, turbokv_attention
 
 MAX_NEW = 12
 HERE = pathlib.Path(__file__).parent
@@ -53,7 +53,7 @@ def test_evaluation_on_cuda_measures_what_the_cpu_does(tmp_path, monkeypatch):
     ok, why = cuda_ready()
     if not ok:
         pytest.skip(why)
-    from turbokv.eval import runner
+    from turbokv.quality import runner
 
     monkeypatch.setattr(runner, "CACHE_DIR", tmp_path)
     model = build("llama128")

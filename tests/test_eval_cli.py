@@ -11,8 +11,8 @@ import pytest
 import turbokv
 
 pytest.importorskip("transformers", reason="transformers is needed to load the model")
-from turbokv.eval import model as model_mod  # noqa: E402
-from turbokv.eval.runner import default_text_path  # noqa: E402
+from turbokv.quality import model as model_mod  # noqa: E402
+from turbokv.quality.runner import default_text_path  # noqa: E402
 
 try:
     model_mod.default_model_path()
@@ -24,7 +24,7 @@ except FileNotFoundError as e:  # printed as the skip reason
 pytestmark = pytest.mark.skipif(not HAVE_INPUTS, reason=WHY)
 
 
-POLICIES = Path(turbokv.__file__).parent / "policies"
+POLICIES = Path(turbokv.__file__).parent / "hf" / "policies"
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_policy_with_window_flags_is_refused(capsys):
 def test_bits_per_value_at_the_evaluated_length(results):
     """Each result counts its stored bits at the chunks' length: the formats' rows, and on top the
     exact windows' 16-bit tokens (17 of 128) and a policy's offsets, as the policy file counts them."""
-    from turbokv.policy import Policy
+    from turbokv.hf.policy import Policy
 
     assert (results["f16"]["k_bits"], results["f16"]["v_bits"]) == (16.0, 16.0)
     assert (results["q4_0"]["k_bits"], results["q4_0"]["v_bits"]) == (4.5, 4.5)  # 18 bytes a block of 32

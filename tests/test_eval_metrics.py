@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from turbokv.eval.metrics import summarize, token_stats
+from turbokv.quality.metrics import summarize, token_stats
 
 
 def test_identical_distributions_give_zero(gen):

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers is needed for the evaluation")
 import hf_models  # noqa: E402
 
-from turbokv.eval import runner  # noqa: E402
+from turbokv.quality import runner  # noqa: E402
 
 
 @pytest.fixture

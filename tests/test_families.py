@@ -15,8 +15,8 @@ import torch
 from family_configs import NOT_COMPARABLE, Family, families, run
 
 import turbokv
-from turbokv import hf_checks
-from turbokv.hf import cache_kwargs
+from turbokv.hf import checks
+from turbokv.hf.attention import cache_kwargs
 
 FAMILIES = families()
 
@@ -53,7 +53,7 @@ EXPECTED = {
     "qwen3_next": "equal",
     "lfm2": "equal",
     "granitemoehybrid": "equal",
-    # transformers' MiniMax takes only its own cache class: TurboCache(config) builds one, compared with MiniMaxCache
+    # transformers' MiniMax takes only its own cache class: TurboCache.for_config builds one, compared with MiniMaxCache
     "minimax": "equal",
 }
 
@@ -109,11 +109,11 @@ class _Module(torch.nn.Module):
 )
 def test_call_kwargs_that_change_the_math_are_refused_by_name(kwargs, named):
     with pytest.raises(NotImplementedError, match=named):
-        hf_checks.check_call_kwargs(_Module(), kwargs)
+        checks.check_call_kwargs(_Module(), kwargs)
 
 
 def test_call_kwargs_that_do_not_change_the_math_pass():
-    hf_checks.check_call_kwargs(
+    checks.check_call_kwargs(
         _Module(),
         {"position_ids": torch.arange(3), "use_cache": True, "is_causal": True, "cu_seq_lens_q": None},
     )
@@ -151,7 +151,7 @@ def test_hrm_cache_slots_hold_what_dynamic_cache_holds():
     model = family_configs.build(family)
     ids, mask = family_configs.prompts()
     ref_cache = F16DynamicCache(config=model.config)
-    cache = turbokv.TurboCache(model.config, k="f16", v="f16", rotate_k="off", rotate_v="off")
+    cache = turbokv.TurboCache.for_config(model.config, k="f16", v="f16", rotate_k="off", rotate_v="off")
     with torch.no_grad():
         ref = model(ids, attention_mask=mask, **cache_kwargs(model, ref_cache)).logits
         out = model(ids, attention_mask=mask, **cache_kwargs(model, cache)).logits

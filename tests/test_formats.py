@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from turbokv import formats, reference
-from turbokv.rotation import K_SEED
+from turbokv.core import formats, reference
+from turbokv.core.rotation import K_SEED
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,10 +116,10 @@ def test_op_mse_with_norm_correction(name, gen):
     x = torch.randn(60000, 128, generator=gen)
     x = x / x.norm(dim=-1, keepdim=True)
     y = turbokv.dequantize(
-        turbokv.quantize(x, name, turbokv.rotation.Rotation(128, K_SEED)),
+        turbokv.quantize(x, name, turbokv.core.rotation.Rotation(128, K_SEED)),
         name,
         128,
-        turbokv.rotation.Rotation(128, K_SEED),
+        turbokv.core.rotation.Rotation(128, K_SEED),
     )
     mse = ((y.double() - x.double()) ** 2).sum(-1).mean().item()
     assert mse == pytest.approx(NORM_CORRECTED[name], rel=0.01)

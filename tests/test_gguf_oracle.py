@@ -68,4 +68,4 @@ def test_reference_matches_gguf(name, gen):
     x = torch.cat([adversarial_rows(gen), torch.randn(64, 32, generator=gen)])
     with np.errstate(all="ignore"):
         theirs = gguf.quants.quantize(x.numpy(), BLOCK_FORMATS[name])
-    np.testing.assert_array_equal(turbokv.reference.quantize(x, name).numpy(), theirs)
+    np.testing.assert_array_equal(turbokv.core.reference.quantize(x, name).numpy(), theirs)

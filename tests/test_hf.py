@@ -10,7 +10,7 @@ from conftest import device_params
 from hf_models import FAMILIES, attention_layers, build, transformers
 
 import turbokv
-from turbokv.hf import cache_kwargs, turbokv_attention
+from turbokv.hf.attention import cache_kwargs, turbokv_attention
 
 MAX_NEW = 12
 
@@ -33,7 +33,7 @@ def greedy(model, ids, cache, mask=None, **kw):
 
 
 def f16_cache(model):
-    return turbokv.TurboCache(model.config, k="f16", v="f16", rotate_k="on", rotate_v="on")
+    return turbokv.TurboCache.for_config(model.config, k="f16", v="f16", rotate_k="on", rotate_v="on")
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -109,7 +109,8 @@ def test_hybrid_beam_search_equals_dynamic_cache(family, gen):
 
 
 def test_minimax_gets_a_cache_of_its_own_class(gen, tmp_path):
-    """MiniMax's model takes only a MiniMaxCache: TurboCache(config) of a MiniMax config is one, and beam
+    """MiniMax's model takes only a MiniMaxCache: TurboCache.for_config of a MiniMax config builds one
+    (TurboCache(config) refuses, naming for_config), and beam
     search on it (batch edits of the lightning-attention states and the packed K/V) gives the beams of a
     MiniMaxCache that reorders its states too (transformers' own reorders only its attention layers, so its
     beams continue from other beams' states), patched; crop and save refuse by name."""
@@ -125,6 +126,8 @@ def test_minimax_gets_a_cache_of_its_own_class(gen, tmp_path):
     model.set_attn_implementation("sdpa")
     cache = f16_cache(model)
     assert isinstance(cache, MiniMaxCache) and isinstance(cache, turbokv.TurboCache)
+    with pytest.raises(TypeError, match=r"minimax config.*TurboCache\.for_config\(config, \.\.\.\), which builds Mini"):
+        turbokv.TurboCache(model.config, k="f16", v="f16")
     ids, mask = left_padded(gen)
     kw = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
     ref = model.generate(ids, past_key_values=Reordering(), **kw)
@@ -255,13 +258,13 @@ def test_unsupported_inputs_are_named(gen):
     cfg = transformers.LlamaConfig(num_hidden_layers=2, layer_types=["linear_attention", "conv"])
     with pytest.raises(ValueError, match="expected some attention layers"):
         turbokv.TurboCache(cfg)
-    layer = turbokv.TurboLayer(turbokv.cache.SideSpec("turbo3"), turbokv.cache.SideSpec("turbo3"))
+    layer = turbokv.TurboLayer(turbokv.hf.layer.SideSpec("turbo3"), turbokv.hf.layer.SideSpec("turbo3"))
     with pytest.raises(ValueError, match="MLA"):
         layer.update(torch.randn(1, 1, 2, 192), torch.randn(1, 1, 2, 128))
     with pytest.raises(ValueError, match="rotate: got 'maybe'"):
-        turbokv.cache.SideSpec("turbo3", "maybe")
+        turbokv.hf.layer.SideSpec("turbo3", "maybe")
     model = build("llama64")
-    turbokv.hf.register()
+    turbokv.hf.attention.register()
     model.set_attn_implementation("turbokv")  # the attention function without patch()'s binding hooks
     with pytest.raises(RuntimeError, match="LlamaAttention was not bound to a cache"):
         model(prompt(gen), past_key_values=turbokv.TurboCache(model.config))
@@ -304,14 +307,16 @@ def compile_config(device: str):
 
 
 @pytest.mark.parametrize("device", device_params())
-def test_static_cache_compiled_generation_matches_eager(device, gen):
-    """generate() compiles the decode step for a static TurboCache (fullgraph) and gives the eager tokens."""
+@pytest.mark.parametrize("windows", [{}, {"sink_tokens": 1, "recent_tokens": 4}])
+def test_static_cache_compiled_generation_matches_eager(device, windows, gen):
+    """generate() compiles the decode step for a static TurboCache (fullgraph) and gives the eager
+    tokens; with exact sink and recent tokens too (what the shipped policies keep)."""
     torch._dynamo.reset()
     model = build("llama64").to(device)
     ids, mask = (t.to(device) for t in left_padded(gen))
     with turbokv.patch(model):
-        eager = greedy(model, ids, static_cache(model, "q4_0", "turbo3"), mask, disable_compile=True)
-        cache = static_cache(model, "q4_0", "turbo3")
+        eager = greedy(model, ids, static_cache(model, "q4_0", "turbo3", **windows), mask, disable_compile=True)
+        cache = static_cache(model, "q4_0", "turbo3", **windows)
         # The cache's key among generate()'s model kwargs: "past_key_values" in transformers 5.17,
         # "cache" in 5.24.
         assert cache.is_compileable and model._valid_auto_compile_criteria(
@@ -360,8 +365,8 @@ def test_cache_kwargs_follows_the_models_forward():
         def forward(self, input_ids, cache=None): ...
 
     marker = object()
-    assert turbokv.hf.cache_kwargs(Before(), marker) == {"past_key_values": marker}
-    assert turbokv.hf.cache_kwargs(After(), marker) == {"cache": marker}
+    assert turbokv.hf.attention.cache_kwargs(Before(), marker) == {"past_key_values": marker}
+    assert turbokv.hf.attention.cache_kwargs(After(), marker) == {"cache": marker}
 
 
 # ---------------------------------------------------------------- hybrid models
@@ -390,8 +395,8 @@ def test_hybrid_keeps_transformers_state_layers(family, gen):
     assert tokens == out.sequences.shape[1] - 1
     d = cache.turbo_layers[0].head_dim
     assert cache.f16_nbytes() == n_attn * 3 * model.config.num_key_value_heads * tokens * d * 2 * 2
-    state = sum(kind in turbokv.cache.STATE_LAYER_TYPES for kind in cache.layer_types)
-    hybrid = sum(kind in turbokv.cache.HYBRID_LAYER_TYPES for kind in cache.layer_types)
+    state = sum(kind in turbokv.hf.layer.STATE_LAYER_TYPES for kind in cache.layer_types)
+    hybrid = sum(kind in turbokv.hf.layer.HYBRID_LAYER_TYPES for kind in cache.layer_types)
     assert (f"({state} with transformers' state layers)" in repr(cache)) == bool(state)
     assert (f"({hybrid} hybrid, with a recurrent state" in repr(cache)) == bool(hybrid)
     # The next turn of a chat continues on the same caches.

@@ -16,9 +16,9 @@ from hf_models import COMMON, transformers
 from transformers.masking_utils import chunked_causal_mask_function, sdpa_mask
 
 import turbokv
-from turbokv import cache as turbo_cache
-from turbokv.cache import SideSpec, TurboLayer
-from turbokv.hf import _chunk_cuts, _fused_attention, cache_kwargs, turbokv_attention
+from turbokv.hf import layer as turbo_layer
+from turbokv.hf.attention import _chunk_cuts, _fused_attention, cache_kwargs, turbokv_attention
+from turbokv.hf.layer import SideSpec, TurboLayer
 
 MAX_NEW = 8
 CHUNK = 8
@@ -184,7 +184,7 @@ def test_chunked_op_split_matches_chunked_mask(device, formats, gen):
         torch.testing.assert_close(got.double().cpu(), expected, rtol=0, atol=2e-4)
         if sq > chunk:
             # the mask matters here: the plain causal op is far from it
-            plain = turbokv.ops.attention(
+            plain = turbokv.core.ops.attention(
                 q,
                 layer.k_packed,
                 layer.v_packed,
@@ -238,7 +238,7 @@ def test_llama4_chunked_with_exact_windows():
 
     with turbokv.patch(model):
         out, cache = two_turns(model, windowed, torch.Generator().manual_seed(1))
-    assert all(layer.windows is not None for layer in cache.turbo_layers)
+    assert all(layer.exact is not None for layer in cache.turbo_layers)
     assert torch.equal(out, ref), f"{(out != ref).sum().item()} of {out.numel()} tokens differ"
 
 
@@ -270,7 +270,7 @@ def test_smollm3_nope_equal_dynamic_cache(patched):
 
 def test_kv_sources_follow_transformers():
     config = build(gemma3n).config
-    sources = turbo_cache.kv_sources(config)
+    sources = turbo_layer.kv_sources(config)
     assert sources == {4: 2, 5: 3}
     modes = getattr(config, "kv_sharing_modes", None)  # transformers >= 5.2x marks them
     if modes is not None:

@@ -9,7 +9,7 @@ import torch
 from conftest import device_params
 from helpers import attention_args, make_cache, pairwise, poison_cuda_memory, reference_errors, sides, spec_built
 
-from turbokv import ops
+from turbokv.core import ops
 
 CUDA_ONLY = [p for p in device_params() if p != "cpu"]
 

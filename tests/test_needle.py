@@ -10,8 +10,8 @@ import pytest
 import torch
 from hf_models import build
 
-from turbokv.eval import needle
-from turbokv.eval.runner import F16, CacheSpec
+from turbokv.quality import needle
+from turbokv.quality.runner import F16, CacheSpec
 
 
 class CharTokenizer:

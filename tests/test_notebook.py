@@ -15,8 +15,8 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "outlier_sprea
 
 
 def test_outlier_notebook_runs(tmp_path, monkeypatch):
-    from turbokv.eval import model as model_mod
-    from turbokv.eval.runner import default_text_path
+    from turbokv.quality import model as model_mod
+    from turbokv.quality.runner import default_text_path
 
     try:
         model_mod.default_model_path()

@@ -20,9 +20,9 @@ from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 import turbokv  # noqa: F401  (loads the native ops)
-from turbokv import formats, reference
-from turbokv.formats import ROTATION_GROUPS
-from turbokv.rotation import MAX_SEED, Rotation, auto_rotation
+from turbokv.core import formats, reference
+from turbokv.core.formats import ROTATION_GROUPS
+from turbokv.core.rotation import MAX_SEED, Rotation, auto_rotation
 
 ALL_FORMATS = tuple(formats.FORMATS)
 HEAD_DIMS = (32, 64, 96, 128)  # multiples of 32: every format takes them (turbo pads 32 -> 64, 96 -> 128)

@@ -10,8 +10,8 @@ from conftest import device_params
 from helpers import assert_packed_match
 
 import turbokv
-from turbokv import formats, reference
-from turbokv.rotation import K_SEED, Rotation, auto_rotation
+from turbokv.core import formats, reference
+from turbokv.core.rotation import K_SEED, Rotation, auto_rotation
 
 ALL = list(formats.FORMATS)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

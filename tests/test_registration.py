@@ -12,7 +12,7 @@ from conftest import cuda_ready
 from helpers import sides
 
 import turbokv
-from turbokv import formats
+from turbokv.core import formats
 
 OPS = ("hadamard", "quantize", "dequantize", "cache_append", "attention", "attention_lse")
 
@@ -23,7 +23,7 @@ def test_native_cpu_kernel_is_registered(name):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"turbokv::{name}", "CPU")
     assert turbokv.native_loaded("cpu")
     # The op resolves to the C++ extension, not to a Python implementation.
-    assert "turbokv/_C" in turbokv.ops._C.__file__.replace("\\", "/")
+    assert "turbokv/_C" in turbokv.core.ops._C.__file__.replace("\\", "/")
 
 
 @pytest.mark.cuda
@@ -101,7 +101,7 @@ def test_extension_uses_the_processes_cpp_runtime():
     """The extension links the libstdc++ that torch loaded and carries no copy of its own: with a
     static copy (a toolchain that links libstdc++ statically), every error message that
     formatted an integer crashed the process (its num_put facet came from the other copy)."""
-    so = turbokv.ops._C.__file__
+    so = turbokv.core.ops._C.__file__
     defined = subprocess.run(["nm", "-D", "--defined-only", so], capture_output=True, text=True, check=True).stdout
     assert "_ZNSt6locale7classicEv" not in defined, "the extension defines std::locale::classic(): a static libstdc++"
     child = (

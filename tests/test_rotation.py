@@ -7,8 +7,8 @@ import torch
 from conftest import cuda_ready, device_params
 
 import turbokv
-from turbokv import reference
-from turbokv.rotation import K_SEED, V_SEED, hadamard_matrix, rotation_matrix, signs, splitmix64_at
+from turbokv.core import reference
+from turbokv.core.rotation import K_SEED, V_SEED, hadamard_matrix, rotation_matrix, signs, splitmix64_at
 
 GROUPS = [16, 32, 64, 128, 256, 512]
 # s1 then s2 of a 16-group for K_SEED: a pinned regression vector for every implementation.

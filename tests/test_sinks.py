@@ -14,7 +14,7 @@ from conftest import device_params
 from helpers import attention_args, make_cache, pairwise, poison_cuda_memory, reference_errors, sides, spec_built
 
 import turbokv
-from turbokv import formats, ops, reference
+from turbokv.core import formats, ops, reference
 
 CUDA_ONLY = [p for p in device_params() if p != "cpu"]
 

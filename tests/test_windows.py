@@ -1,4 +1,4 @@
-"""Exact token windows (turbokv.windows) and what they rest on: the op's log-sum-exp output and
+"""Exact token windows (turbokv.hf.exact_tokens) and what they rest on: the op's log-sum-exp output and
 merge_attention. Every result is checked against attention written out key by key: a query at
 position p reads the sink keys [0, s) and its recent keys [p - w + 1, p] exact (f16) and every
 other key as the packed format stores it."""
@@ -13,10 +13,11 @@ import torch
 from helpers import attention_args, make_cache, sides
 
 import turbokv
-from turbokv import ops, reference
-from turbokv.cache import SideSpec, TurboCache, TurboLayer
-from turbokv.hf import _fused_attention, cache_kwargs
-from turbokv.policy import LayerPolicy, Policy
+from turbokv.core import ops, reference
+from turbokv.hf.attention import _fused_attention, cache_kwargs
+from turbokv.hf.cache import TurboCache
+from turbokv.hf.layer import SideSpec, TurboLayer
+from turbokv.hf.policy import LayerPolicy, Policy
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -173,8 +174,10 @@ def _run(layer, q, starts=None, window=0, softcap=0.0):
 @pytest.mark.parametrize("s, w", [(0, 4), (2, 0), (2, 4), (3, 1)])
 # window 3: not more than w = 4, so the packed part is empty and the recent part takes the window.
 @pytest.mark.parametrize("window, softcap, padded", [(0, 0.0, False), (6, 0.0, True), (3, 0.0, False), (0, 25.0, True)])
-def test_windowed_layer_matches_per_query_reference(device, fmt, s, w, window, softcap, padded):
-    """A prompt, decode steps and a chunk after a prefix: each call's attention, key by key."""
+@pytest.mark.parametrize("static", [False, True])
+def test_windowed_layer_matches_per_query_reference(device, fmt, s, w, window, softcap, padded, static):
+    """A prompt, decode steps and a chunk after a prefix: each call's attention, key by key; in a
+    dynamic layer and in a static one (fixed stores, a decode step without host syncs)."""
     gen = torch.Generator().manual_seed(7)
     b, hq, hkv, d, total = 2, 4, 2, 64, 23
     k = torch.randn(b, hkv, total, d, generator=gen) + 0.5
@@ -182,7 +185,14 @@ def test_windowed_layer_matches_per_query_reference(device, fmt, s, w, window, s
     q = torch.randn(b, hq, total, d, generator=gen)
     offset = torch.randn(hkv, d, generator=gen) * 0.3
     starts = torch.tensor([0, 3]) if padded else None
-    layer = TurboLayer(SideSpec(fmt), SideSpec(fmt), sliding_window=window or None, sink_tokens=s, recent_tokens=w)
+    layer = TurboLayer(
+        SideSpec(fmt),
+        SideSpec(fmt),
+        sliding_window=window or None,
+        sink_tokens=s,
+        recent_tokens=w,
+        max_cache_len=32 if static else None,
+    )
     layer.set_k_offset(offset.to(device))
     pos = 0
     # A prompt in two chunks (the first shorter than the sink), decode, decode, a chunk, decode, a chunk.
@@ -207,7 +217,7 @@ def test_windowed_layer_matches_per_query_reference(device, fmt, s, w, window, s
         torch.testing.assert_close(got, want, atol=3e-4, rtol=1e-3, msg=f"call of {n} tokens at {pos}")
         pos += n
     # What stays exact between calls: the sink and the last w tokens; the rest is packed.
-    assert layer.windows.tokens(pos) == min(s, pos) + min(w, pos - s)
+    assert layer.exact.tokens(pos) == min(s, pos) + min(w, pos - s)
     # The fallback path's K/V: exact at the sink and the last w positions, dequantized elsewhere.
     kd = layer.dequantized()[0].cpu()
     exact_at = [j for j in range(pos) if j < s or j >= pos - w]
@@ -231,20 +241,22 @@ def test_one_query_of_a_prompt_alone(device, s, w, window):
     args = dict(k_format="q4_0", v_format="q4_0", k_rot=layer.k_rot, v_rot=layer.v_rot, scale=d**-0.5, window=window)
     want = _window_reference(q, k, v, 0, starts, s, w, "q4_0", window=window)
     for p in range(n):
-        got = layer.windows.attention(
+        got = layer.exact.attention(
             q[:, :, p : p + 1].to(device), (layer.k_packed, layer.v_packed), p + 1, starts.to(device), **args
         )
         torch.testing.assert_close(got.cpu(), want[:, :, p : p + 1], atol=3e-4, rtol=1e-3, msg=f"query {p}")
 
 
-def test_windowed_layer_crop_and_batch_edits():
+@pytest.mark.parametrize("static", [False, True])
+def test_windowed_layer_crop_and_batch_edits(static):
     """Assisted generation's crop and beam search's reorder keep every later call equal to the
     key-by-key reference. The recent store holds the last w tokens only, so a crop re-reads the
     positions it brings back into the window from the packed cache (their quantized values)."""
     gen = torch.Generator().manual_seed(11)
     b, hq, hkv, d, s, w, fmt = 2, 2, 1, 64, 1, 4, "q4_0"
     k, v, q = (torch.randn(b, h, 30, d, generator=gen) for h in (hkv, hkv, hq))
-    layer = TurboLayer(SideSpec(fmt), SideSpec(fmt), sink_tokens=s, recent_tokens=w)
+    cap = 32 if static else None
+    layer = TurboLayer(SideSpec(fmt), SideSpec(fmt), sink_tokens=s, recent_tokens=w, max_cache_len=cap)
     layer.fused_next = True
     layer.update(k[:, :, :20], v[:, :, :20])
     layer.crop(-2)  # 18 left: the window [14, 18) reaches back to 14, 15, which only the packed cache holds
@@ -265,7 +277,7 @@ def test_windowed_layer_crop_and_batch_edits():
     )
     torch.testing.assert_close(_run(layer, q.flip(0)[:, :, 12:13]), want, atol=3e-4, rtol=1e-3)
     layer.crop(-13)  # everything: the next prompt starts from nothing, as in a fresh layer
-    assert layer.windows.tokens(0) == 0 and layer.windows.recent_k.shape[2] == 0
+    assert layer.exact.tokens(0) == 0 and (static or layer.exact.recent_k.shape[2] == 0)
     layer.fused_next = True
     layer.update(k[:, :, :7], v[:, :, :7])
     want = _window_reference(q[:, :, :7], k[:, :, :7], v[:, :, :7], 0, None, s, w, fmt)
@@ -295,7 +307,7 @@ def test_float_windows_change_nothing_in_a_model(dtype, fmt, tol):
                 step = model(ids[:, 15:], attention_mask=mask, **cache_kwargs(model, cache)).logits
             outs.append(torch.cat([first, step], 1).float())
             if windows:
-                assert all(lay.windows.format == fmt for lay in cache.turbo_layers)
+                assert all(lay.exact.format == fmt for lay in cache.turbo_layers)
     for got in outs[1:]:
         torch.testing.assert_close(got, outs[0], atol=tol, rtol=1e-4)
 
@@ -308,7 +320,7 @@ def test_float_windows_change_nothing_in_a_model(dtype, fmt, tol):
     [
         ({"sink_tokens": -1}, "sink_tokens: got -1"),
         ({"recent_tokens": True}, "recent_tokens: got True"),
-        ({"recent_tokens": 4, "max_cache_len": 64}, "max_cache_len=64"),
+        ({"sink_tokens": 4, "recent_tokens": 61, "max_cache_len": 64}, "at most max_cache_len exact tokens"),
     ],
 )
 def test_window_arguments_are_checked(kw, match):
@@ -337,9 +349,9 @@ def test_policy_windows_round_trip(tmp_path):
     policy.save(tmp_path / "p.json")
     cache = TurboCache.from_policy(config, tmp_path / "p.json")
     assert all((lay.sink_tokens, lay.recent_tokens) == (2, 8) for lay in cache.turbo_layers)
-    # The static cache has no windows: asked for by name, or left out on request.
-    with pytest.raises(ValueError, match="max_cache_len: got 64 .* keeps 2 sink \\+ 8 recent tokens"):
-        TurboCache.from_policy(config, tmp_path / "p.json", max_cache_len=64)
+    # The static cache keeps them too, unless left out on request.
+    static = TurboCache.from_policy(config, tmp_path / "p.json", max_cache_len=64)
+    assert all((lay.sink_tokens, lay.recent_tokens, lay.max_cache_len) == (2, 8, 64) for lay in static.turbo_layers)
     static = TurboCache.from_policy(config, tmp_path / "p.json", max_cache_len=64, windows=False)
     assert all((lay.sink_tokens, lay.recent_tokens) == (0, 0) for lay in static.turbo_layers)
     text = (tmp_path / "p.json").read_text().replace('"recent_tokens": 8', '"recent_tokens": -3')
@@ -348,17 +360,19 @@ def test_policy_windows_round_trip(tmp_path):
         Policy.load(tmp_path / "bad.json")
 
 
-@pytest.mark.parametrize("beams", [1, 2])
-def test_generate_with_f16_windows_equals_without(beams):
-    """generate() (greedy and beam search: reorder_cache on the exact stores) through the windows:
-    with f16 packed rows nothing is lossy, so the tokens equal a cache without windows."""
+@pytest.mark.parametrize("beams, static", [(1, False), (2, False), (1, True), (2, True)])
+def test_generate_with_f16_windows_equals_without(beams, static):
+    """generate() (greedy and beam search: reorder_cache on the exact stores) through the windows,
+    dynamic and static caches: with f16 packed rows nothing is lossy, so the tokens equal a cache
+    without windows."""
     from hf_models import build
 
     model = build("llama64")
     ids = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(2))
     outs = []
     for windows in ({}, {"sink_tokens": 1, "recent_tokens": 3}):
-        cache = TurboCache(model.config, k="f16", v="f16", rotate_k="off", rotate_v="off", **windows)
+        kw = dict(k="f16", v="f16", rotate_k="off", rotate_v="off", max_cache_len=32 if static else None)
+        cache = TurboCache(model.config, **kw, **windows)
         with torch.no_grad(), turbokv.patch(model):
             outs.append(
                 model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=12, do_sample=False, num_beams=beams)

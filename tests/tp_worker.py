@@ -18,7 +18,7 @@ import torch.distributed as dist
 import transformers
 
 import turbokv
-from turbokv.hf import cache_kwargs
+from turbokv.hf.attention import cache_kwargs
 
 
 def main(model_dir: str, out_path: str, prompts: str, max_new_tokens: str) -> None:
@@ -39,11 +39,11 @@ def main(model_dir: str, out_path: str, prompts: str, max_new_tokens: str) -> No
 
     result = {"dynamic": tokens(transformers.DynamicCache(config=model.config))}
     result["turbo_unpatched"] = tokens(turbo_cache())
-    calls = turbokv.hf.turbokv_attention.calls
+    calls = turbokv.hf.attention.turbokv_attention.calls
     with turbokv.patch(model):
         cache = turbo_cache()
         result["turbo_patched"] = tokens(cache)
-    result["fused_calls"] = turbokv.hf.turbokv_attention.calls - calls
+    result["fused_calls"] = turbokv.hf.attention.turbokv_attention.calls - calls
     heads = [layer.k_packed.shape[1] for layer in cache.turbo_layers]
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, heads)

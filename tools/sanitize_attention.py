@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from turbokv import ops, reference
-from turbokv.rotation import auto_rotation
+from turbokv.core import ops, reference
+from turbokv.core.rotation import auto_rotation
 
 KERNELS = ("spec", "flash", "mma", "simt", "tiled")
 # (K, V) pairs: each family on each side, mixed and uniform.

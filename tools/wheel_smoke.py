@@ -14,9 +14,9 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import turbokv
-from turbokv import reference
-from turbokv.hf import cache_kwargs
-from turbokv.rotation import auto_rotation
+from turbokv.core import reference
+from turbokv.core.rotation import auto_rotation
+from turbokv.hf.attention import cache_kwargs
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
     print(f"turbokv from {where}; cpu kernel copy {turbokv.ops._C.cpu_isa()}; cuda archs {turbokv.ops._C.CUDA_ARCHS!r}")
     # The main job's calibrated policies ship as package data (JSON + safetensors offsets).
     from turbokv.demo import DEFAULT_POLICIES
-    from turbokv.policy import Policy
+    from turbokv.hf.policy import Policy
 
     for spec in DEFAULT_POLICIES:
         assert "site-packages" in spec.policy, spec.policy

@@ -19,7 +19,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _load_model(args):
     """``(model, tokenizer)`` as --model, --device and --dtype ask."""
-    from turbokv.eval import model as model_mod
+    from turbokv.quality import model as model_mod
 
     return model_mod.load(args.model, model_mod.DTYPES[args.dtype], args.device or model_mod.default_device())
 
@@ -33,7 +33,10 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
 
 def _add_window_args(p: argparse.ArgumentParser, sink: int, recent: int) -> None:
     p.add_argument(
-        "--sink-tokens", type=int, default=sink, help=f"first tokens kept exact, f16 (default {sink}; turbokv.windows)"
+        "--sink-tokens",
+        type=int,
+        default=sink,
+        help=f"first tokens kept exact, f16 (default {sink}; turbokv.hf.exact_tokens)",
     )
     p.add_argument(
         "--recent-tokens", type=int, default=recent, help=f"each query's last tokens kept exact, f16 (default {recent})"
@@ -41,8 +44,8 @@ def _add_window_args(p: argparse.ArgumentParser, sink: int, recent: int) -> None
 
 
 def _prepare(args):
-    from turbokv.eval import model as model_mod
-    from turbokv.eval.runner import Reference, default_text_path, make_chunks
+    from turbokv.quality import model as model_mod
+    from turbokv.quality.runner import Reference, default_text_path, make_chunks
 
     model, tok = _load_model(args)
     _check_positions(model, args.ctx)
@@ -57,7 +60,7 @@ def _prepare(args):
 def _needle_caches(args) -> list:
     """The caches ``--caches`` names (formats or policy files), f16 first."""
     from turbokv.demo import DEFAULT_POLICIES
-    from turbokv.eval.runner import F16, CacheSpec
+    from turbokv.quality.runner import F16, CacheSpec
 
     if args.caches is None:
         specs = [F16, CacheSpec("q4_0", "q4_0", "on", "on"), CacheSpec("turbo3", "turbo3")]
@@ -75,8 +78,8 @@ def _needle_caches(args) -> list:
 def _needle(args) -> None:
     import json
 
-    from turbokv.eval import model as model_mod
-    from turbokv.eval import needle
+    from turbokv.quality import model as model_mod
+    from turbokv.quality import needle
 
     lengths = [int(n) for n in args.lengths.split(",")]
     depths = [float(d) for d in args.depths.split(",")]
@@ -94,9 +97,9 @@ def _needle(args) -> None:
 
 
 def _calibrate(args) -> None:
-    from turbokv import calibrate
-    from turbokv.eval import model as model_mod
-    from turbokv.eval.runner import CacheSpec, Reference, evaluate, make_chunks
+    from turbokv.quality import calibrate
+    from turbokv.quality import model as model_mod
+    from turbokv.quality.runner import CacheSpec, Reference, evaluate, make_chunks
 
     model, tok = _load_model(args)
     _check_positions(model, args.ctx)
@@ -163,7 +166,7 @@ def _positive(flag: str, value: int, least: int = 1) -> None:
 
 
 def _formats_list(flag: str, text: str) -> list[str]:
-    from turbokv import formats
+    from turbokv.core import formats
 
     names = [f.strip() for f in text.split(",")]
     for name in names:
@@ -251,7 +254,7 @@ def check_args(args) -> None:
         _formats_list("--k", args.k)
         _formats_list("--v", args.v)
         if args.policy is not None:
-            from turbokv.policy import Policy
+            from turbokv.hf.policy import Policy
 
             if not Path(args.policy).is_file():
                 raise UsageError(f"--policy: got {args.policy}, expected a policy file from `turbokv calibrate`")
@@ -394,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     if args.command == "demo":
         from turbokv import demo as demo_mod
-        from turbokv.eval import model as model_mod
+        from turbokv.quality import model as model_mod
 
         device = args.device or model_mod.default_device()
         demo_mod.main(args.tokens, args.model, device, model_mod.DTYPES[args.dtype])
@@ -407,8 +410,8 @@ def _run(args) -> int:
     elif args.command == "needle":
         _needle(args)
     elif args.command == "eval":
-        from turbokv.eval.metrics import format_summary
-        from turbokv.eval.runner import CacheSpec, evaluate
+        from turbokv.quality.metrics import format_summary
+        from turbokv.quality.runner import CacheSpec, evaluate
 
         model, chunks, ref = _prepare(args)
         rotations = (args.rotate_k or args.rotate, args.rotate_v or args.rotate)
@@ -434,7 +437,7 @@ def _run(args) -> int:
             else:
                 Path(args.json).write_text(payload + "\n")
     elif args.command == "sweep":
-        from turbokv.eval import sweep
+        from turbokv.quality import sweep
 
         model, chunks, ref = _prepare(args)
         rows = sweep.run(

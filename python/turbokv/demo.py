@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 import turbokv
-from turbokv.eval import model as model_mod
-from turbokv.eval.metrics import summarize, token_stats
-from turbokv.eval.runner import CacheSpec, make_cache
-from turbokv.hf import cache_kwargs
+from turbokv.hf.attention import cache_kwargs
+from turbokv.quality import model as model_mod
+from turbokv.quality.metrics import summarize, token_stats
+from turbokv.quality.runner import CacheSpec, make_cache
 
 PROMPT = (
     "The history of the printing press begins in the fifteenth century. Johannes Gutenberg, a goldsmith "
@@ -26,7 +26,7 @@ CACHES = [CacheSpec("f16", "f16", "off", "off"), CacheSpec("turbo3", "turbo3"), 
 # The recommended settings for the default model at about 3.5 and 4.5 bits per value: policies from
 # `turbokv calibrate --bits 3.5,4.5` (per-layer formats, key offsets, 1 sink + 16 recent tokens exact),
 # calibrated on Python's pydoc text; another model needs its own (docs/evaluation.md: calibrating your own model).
-POLICIES = Path(__file__).parent / "policies"
+POLICIES = Path(__file__).parent / "hf" / "policies"
 DEFAULT_POLICIES = [CacheSpec("policy", "policy", policy=str(POLICIES / f"smollm2-135m-{b}.json")) for b in (3.5, 4.5)]
 
 

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from turbokv import formats, ops, reference
-from turbokv.rotation import Rotation, auto_rotation
+from turbokv.core import formats, ops, reference
+from turbokv.core.rotation import Rotation, auto_rotation
 from turbokv.synthetic import kv, queries
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from turbokv.formats import ROTATION_GROUPS
+from turbokv.core.formats import ROTATION_GROUPS
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
@@ -108,7 +108,7 @@ def auto_rotation(fmt: str, head_dim: int, side: str) -> Rotation:
     blocks of the largest power of two dividing d (<= 512) and V in blocks of 64
     (llama.cpp's attn-rot choice); f16/bf16 are not rotated.
     """
-    from turbokv import formats
+    from turbokv.core import formats
 
     f = formats.get(fmt)
     if side not in ("k", "v"):

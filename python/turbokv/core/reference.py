@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from turbokv import formats
-from turbokv.rotation import signs
+from turbokv.core import formats
+from turbokv.core.rotation import signs
 
 # ---------------------------------------------------------------- rotation
 

@@ -3,7 +3,7 @@
 ``calibrate(model, ids, bits)`` on calibration text (never the evaluation text):
 
 1. one f16 forward captures every attention layer's post-RoPE K/V: the key offsets are their
-   mean per KV head (exact shifts, see turbokv.policy), and the per-format quantization error of
+   mean per KV head (exact shifts, see turbokv.hf.policy), and the per-format quantization error of
    each layer and side is measured on them;
 2. sensitivity: the model's KL divergence from its f16-cache output when ONE layer/side is
    quantized (the rest f16). ``measure="all"`` runs that for every candidate format;
@@ -20,9 +20,9 @@ from collections.abc import Sequence
 
 import torch
 
-from turbokv import formats, ops
-from turbokv.policy import LayerPolicy, Policy
-from turbokv.rotation import auto_rotation
+from turbokv.core import formats, ops
+from turbokv.core.rotation import auto_rotation
+from turbokv.hf.policy import LayerPolicy, Policy
 
 DEFAULT_FORMATS = ("turbo2", "turbo3", "turbo4", "q4_0", "q5_0", "q8_0")
 PROBE = "turbo3"
@@ -40,7 +40,7 @@ def _text_config(config):
 
 
 def _cache_kwargs(model, cache) -> dict:
-    from turbokv.hf import cache_kwargs
+    from turbokv.hf.attention import cache_kwargs
 
     return cache_kwargs(model, cache)
 
@@ -49,7 +49,7 @@ def _cache_kwargs(model, cache) -> dict:
 def _logprobs(model, ids: torch.Tensor, cache, patched: bool = False) -> torch.Tensor:
     """``(B, T, vocab)`` log-probabilities of ``ids`` ``(B, T)`` run through ``cache``: unpatched
     (dequantized K/V, any model), or patched (the fused path: each query's own exact window)."""
-    from turbokv.hf import patch
+    from turbokv.hf.attention import patch
 
     with patch(model) if patched else contextlib.nullcontext():
         logits = model(ids.to(model.device), **_cache_kwargs(model, cache)).logits
@@ -58,7 +58,7 @@ def _logprobs(model, ids: torch.Tensor, cache, patched: bool = False) -> torch.T
 
 def _patchable(model) -> bool:
     """Whether turbokv.patch accepts ``model`` (its refusals name what it does not support)."""
-    from turbokv.hf import patch
+    from turbokv.hf.attention import patch
 
     try:
         with patch(model):
@@ -74,9 +74,9 @@ def _kld(ref: torch.Tensor, test: torch.Tensor) -> float:
 @torch.no_grad()
 def capture(model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Post-RoPE ``(B, Hkv, T, d)`` float32 K and V of every attention layer for ``ids`` ``(B, T)``."""
-    from turbokv.cache import TurboCache
+    from turbokv.hf.cache import TurboCache
 
-    cache = TurboCache(model.config, k="f16", v="f16", rotate_k="off", rotate_v="off")
+    cache = TurboCache.for_config(model.config, k="f16", v="f16", rotate_k="off", rotate_v="off")
     captured = {}
     layers = cache.layers
 
@@ -120,14 +120,14 @@ def sensitivity(
     """
     from tqdm import tqdm
 
-    from turbokv.cache import TurboCache
+    from turbokv.hf.cache import TurboCache
 
     if measure not in ("probe", "all"):
         raise ValueError(f"measure: got {measure!r}, expected 'probe' or 'all'")
     sink, recent = windows
     patched = bool(sink or recent) and _patchable(model)
     kw = dict(sink_tokens=sink, recent_tokens=recent) if patched else {}
-    ref = _logprobs(model, ids, TurboCache(model.config, k="f16", v="f16"), patched)
+    ref = _logprobs(model, ids, TurboCache.for_config(model.config, k="f16", v="f16"), patched)
     probe = PROBE if PROBE in fmts else fmts[0]
     run = list(fmts) if measure == "all" else [probe]
     table = {}
@@ -136,7 +136,7 @@ def sensitivity(
         row = {}
         for f in run:
             pair = (f, "f16") if side == "k" else ("f16", f)
-            cache = TurboCache(model.config, k="f16", v="f16", overrides={i: pair}, **kw)
+            cache = TurboCache.for_config(model.config, k="f16", v="f16", overrides={i: pair}, **kw)
             if side == "k" and k_offsets is not None:
                 cache.layers[i].set_k_offset(k_offsets[i])
             row[f] = _kld(ref, _logprobs(model, ids, cache, patched))

@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import turbokv
-from turbokv.eval.metrics import Summary, summarize, token_stats
-from turbokv.eval.model import CACHE_DIR
-from turbokv.hf import cache_kwargs
+from turbokv.hf.attention import cache_kwargs
+from turbokv.quality.metrics import Summary, summarize, token_stats
+from turbokv.quality.model import CACHE_DIR
 
 WIKITEXT = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -48,7 +48,7 @@ class CacheSpec:
     rotate_k: str = "auto"
     rotate_v: str = "auto"
     policy: str | None = None  # a policy file (turbokv calibrate): its per-layer formats replace k / v
-    sink_tokens: int = 0  # exact token windows (turbokv.windows); a policy file carries its own
+    sink_tokens: int = 0  # exact token windows (turbokv.hf.exact_tokens); a policy file carries its own
     recent_tokens: int = 0
 
     @property
@@ -77,7 +77,7 @@ def make_cache(model, spec: CacheSpec) -> turbokv.TurboCache:
     """An empty TurboCache for ``model`` as ``spec`` describes it (its policy file, or formats and windows)."""
     if spec.policy:
         return turbokv.TurboCache.from_policy(model.config, spec.policy)
-    return turbokv.TurboCache(
+    return turbokv.TurboCache.for_config(
         model.config,
         k=spec.k,
         v=spec.v,

@@ -21,7 +21,7 @@ Tensors: ``layers.{i}.k`` / ``layers.{i}.v``, the packed ``(B, Hkv, length, row_
 (the valid tokens, not the capacity slack); ``layers.{i}.conv.{s}`` / ``layers.{i}.recurrent.{s}``,
 a state layer's states as transformers holds them. Version 2 adds, where an attention layer has
 them: ``layers.{i}.k_offset`` (its key offset, ``(Hkv, d)`` float32) and the exact token windows
-(turbokv.windows; entry fields ``sink_tokens``, ``recent_tokens``, ``recent_start``):
+(turbokv.hf.exact_tokens; entry fields ``sink_tokens``, ``recent_tokens``, ``recent_start``):
 ``layers.{i}.sink_k`` / ``sink_v`` / ``recent_k`` / ``recent_v``, ``(B, Hkv, n, d)`` f16 / bf16. A
 file without them is written as version 1, which earlier turbokv versions read.
 
@@ -41,16 +41,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import turbokv
-from turbokv import formats
-from turbokv.cache import HYBRID_LAYER_TYPES, STATE_LAYER_TYPES, SideSpec, TurboCache, TurboLayer
-from turbokv.rotation import Rotation
+from turbokv.core import formats
+from turbokv.core.rotation import Rotation
+from turbokv.hf.layer import HYBRID_LAYER_TYPES, STATE_LAYER_TYPES, SideSpec, TurboLayer
+
+if TYPE_CHECKING:  # annotations only: cache.py imports this module
+    from turbokv.hf.cache import TurboCache
 
 FORMAT_NAME = "turbokv-cache"
 # 2: an attention layer may hold a key offset (a calibrated policy) and exact token windows.
@@ -84,12 +88,16 @@ class CacheFileError(ValueError):
 
 
 def save(cache: TurboCache, path: str | os.PathLike) -> None:
-    """Write ``cache`` (every layer initialized, e.g. after a prefill) to ``path``.
+    """Write ``cache`` (a TurboCache, every layer initialized, e.g. after a prefill) to ``path``.
 
     The file is written next to ``path`` and renamed into place, so a reader never sees half a file.
     """
-    if not isinstance(cache, TurboCache):
-        raise TypeError(f"cache: got {type(cache).__name__}, expected a TurboCache")
+    static_windows = [i for i, layer in enumerate(cache.layers) if getattr(layer, "exact", None) is not None]
+    if static_windows and cache.is_compileable:
+        raise NotImplementedError(
+            f"cache: layers {static_windows} of this static cache keep exact token windows, which the file format "
+            "does not hold for a static cache yet; save a dynamic cache (max_cache_len=None)"
+        )
     hybrid = [i for i, kind in enumerate(cache.layer_types) if kind in HYBRID_LAYER_TYPES]
     if hybrid:
         raise NotImplementedError(
@@ -185,8 +193,8 @@ def _turbo_entry(i: int, kind: str, layer: TurboLayer) -> tuple[dict, dict[str, 
     named = {f"layers.{i}.k": _host(layer.k_packed[:, :, :n]), f"layers.{i}.v": _host(layer.v_packed[:, :, :n])}
     if layer.k_offset is not None:
         named[f"layers.{i}.k_offset"] = _host(layer.k_offset)
-    if layer.windows is not None:
-        w = layer.windows
+    if layer.exact is not None:
+        w = layer.exact
         entry.update(sink_tokens=w.sink, recent_tokens=w.recent, recent_start=w.r0)
         named.update(
             {f"layers.{i}.{name}": _host(getattr(w, name)) for name in WINDOW_TENSORS if getattr(w, name) is not None}
@@ -230,11 +238,14 @@ def _state_entry(i: int, kind: str, layer, attention_length: int) -> tuple[dict,
 def load(
     path: str | os.PathLike,
     config,
+    build: Callable[..., TurboCache],
     device: str | torch.device = "cpu",
     max_cache_len: int | None = None,
     **expected,
 ) -> TurboCache:
     """A TurboCache holding what ``path`` holds, for a model of ``config``, on ``device``.
+
+    ``build(config, **kwargs)`` makes the empty cache (``TurboCache.for_config``).
 
     ``max_cache_len``: None keeps the saved capacity (static if the saved cache was static);
     an int gives a static cache of that many tokens (at least the saved token count).
@@ -257,10 +268,10 @@ def load(
         cap = max_cache_len
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < longest:
             raise ValueError(f"max_cache_len: got {cap!r}, expected an int >= the {longest} tokens saved in {path}")
-    cache = TurboCache(config, max_cache_len=cap)
+    cache = build(config, max_cache_len=cap)
     _check_model(path, header, config, cache)
     if expected:
-        _check_expected(path, layers, TurboCache(config, **expected), expected)
+        _check_expected(path, layers, build(config, **expected), expected)
     for i, _, layer in _model_layers(cache):
         if isinstance(layer, TurboLayer):
             _restore_turbo(path, i, layers[i], layer, tensors, device)
@@ -536,8 +547,8 @@ def _restore_turbo(path: str, i: int, entry: dict, layer: TurboLayer, tensors: d
         if tuple(offset.shape) != (h, d):
             raise _fail(path, f"tensor 'layers.{i}.k_offset': got shape {list(offset.shape)}, expected {[h, d]}")
         layer.set_k_offset(offset.to(device))
-    if layer.windows is not None:
-        _restore_windows(path, i, entry, layer.windows, tensors, device)
+    if layer.exact is not None:
+        _restore_windows(path, i, entry, layer.exact, tensors, device)
     layer.length = n
 
 

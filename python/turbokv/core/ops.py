@@ -3,7 +3,7 @@ meta kernels for torch.compile in cpp/meta.cpp).
 
 Shapes: rows ``(..., d)``; packed rows ``(..., row_bytes)`` uint8; caches
 ``(B, Hkv, T, row_bytes)`` uint8; queries ``(B, Hq, Sq, d)``.
-A rotation is a :class:`turbokv.rotation.Rotation` (``group`` 0 = none).
+A rotation is a :class:`turbokv.core.rotation.Rotation` (``group`` 0 = none).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from turbokv.rotation import Rotation
+from turbokv.core.rotation import Rotation
 
 try:  # loading the shared object registers the ops with the dispatcher
     from turbokv import _C

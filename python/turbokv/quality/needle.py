@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 import turbokv
-from turbokv.eval.runner import CacheSpec, make_cache
-from turbokv.hf import cache_kwargs
+from turbokv.hf.attention import cache_kwargs
+from turbokv.quality.runner import CacheSpec, make_cache
 
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "

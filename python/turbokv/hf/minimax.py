@@ -1,7 +1,7 @@
 """TurboCache for MiniMax, whose model accepts no cache but its own class (``MiniMaxCache``).
 
-``TurboCache(config)`` of a MiniMax config builds this (``TurboCache.__new__``): a TurboCache that is
-also a ``MiniMaxCache``. The attention layers are TurboLayers as in any TurboCache; MiniMax's
+``TurboCache.for_config(config)`` of a MiniMax config builds this (registered below): a TurboCache
+that is also a ``MiniMaxCache``. The attention layers are TurboLayers as in any TurboCache; MiniMax's
 lightning-attention layers keep their state where the model puts it, in ``linear_cache`` (one tensor
 per layer, uncompressed), as ``MiniMaxCache`` does. Like ``MiniMaxCache``, it cannot be cropped.
 """
@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
-from turbokv.cache import _HF_LAYERS, STATE_LAYER_TYPES, TurboCache
+from turbokv.hf.cache import TurboCache
+from turbokv.hf.layer import _HF_LAYERS, STATE_LAYER_TYPES
 
 
 class MiniMaxTurboCache(TurboCache, MiniMaxCache):
-    """A TurboCache for MiniMax models; build it as ``TurboCache(config, ...)``."""
+    """A TurboCache for MiniMax models; build it as ``TurboCache.for_config(config, ...)``."""
 
     is_croppable = False
 
@@ -63,3 +64,6 @@ class MiniMaxTurboCache(TurboCache, MiniMaxCache):
         raise NotImplementedError(
             "cache.save: a MiniMax cache's lightning-attention states (linear_cache) are not in the file format yet"
         )
+
+
+TurboCache.register_model_type("minimax", MiniMaxTurboCache)

@@ -37,13 +37,14 @@ from transformers.masking_utils import (
     sliding_window_causal_mask_function,
 )
 
-from turbokv import hf_checks, ops
-from turbokv.cache import (
+from turbokv.core import ops
+from turbokv.hf import checks
+from turbokv.hf.cache import TurboCache
+from turbokv.hf.layer import (
     HYBRID_LAYER_TYPES,
     NEW_BATCH_HINT,
     NO_CACHE_LAYER_TYPES,
     STATE_LAYER_TYPES,
-    TurboCache,
     TurboLayer,
     chunked_layers,
     kv_sources,
@@ -263,8 +264,9 @@ def _fused_attention(query: torch.Tensor, layer: TurboLayer, starts: torch.Tenso
     k, v, chunk = layer.k_packed, layer.v_packed, layer.chunk_size
 
     def attend(q, end: int | None, first_keys) -> torch.Tensor:  # queries ending at `end` (None: the layer's length)
-        if layer.windows is not None:  # the exact token windows' three parts (turbokv.windows)
-            return layer.windows.attention(q, (k, v), layer.length if end is None else end, first_keys, **op_args)
+        if layer.exact is not None:  # the exact token windows' three parts (turbokv.hf.exact_tokens)
+            count = layer.cumulative_length if layer.is_compileable else layer.length  # static: no host sync
+            return layer.exact.attention(q, (k, v), count if end is None else end, first_keys, **op_args)
         return ops.attention(q, k, v, lengths if end is None else torch.full_like(lengths, end), first_keys, **op_args)
 
     if not chunk:
@@ -312,7 +314,7 @@ def turbokv_attention(
     if dropout:
         raise ValueError(f"dropout: got {dropout}, expected 0.0 (turbokv attention is for inference)")
     if kwargs:  # what transformers passes through: refused by name where it would change the math
-        hf_checks.check_call_kwargs(module, kwargs)
+        checks.check_call_kwargs(module, kwargs)
     if turbokv_layer is None and turbokv_mask_sizes is None:
         raise RuntimeError(
             f"turbokv attention: {type(module).__name__} was not bound to a cache; "
@@ -474,19 +476,19 @@ def _add_hooks(model) -> list:
         return types[m.layer_idx] if m.layer_idx < len(types) else None
 
     modules = [m for m in _attention_modules(model) if kind(m) not in STATE_LAYER_TYPES + NO_CACHE_LAYER_TYPES]
-    hybrid = {m.layer_idx for m in modules if kind(m) in HYBRID_LAYER_TYPES and hf_checks.calls_interface(m)}
+    hybrid = {m.layer_idx for m in modules if kind(m) in HYBRID_LAYER_TYPES and checks.calls_interface(m)}
     shared = _shared_attention_modules(model)
     if shared:  # Zamba: one attention block serves every hybrid layer, beside each layer's mamba mixer
         hybrid |= {i for i, t in enumerate(types) if t in HYBRID_LAYER_TYPES}
-    modules = [m for m in modules if m.layer_idx not in hybrid or hf_checks.calls_interface(m)]
+    modules = [m for m in modules if m.layer_idx not in hybrid or checks.calls_interface(m)]
     modules += shared
     if not modules:
         raise ValueError(
             f"model: found no attention module (a module with layer_idx whose forward takes one of {CACHE_PARAMETERS}) "
             f"in {type(model).__name__}"
         )
-    reason = hf_checks.config_refusal(_text_config(model))
-    reason = reason or next(filter(None, map(hf_checks.module_refusal, modules)), None)
+    reason = checks.config_refusal(_text_config(model))
+    reason = reason or next(filter(None, map(checks.module_refusal, modules)), None)
     if reason:
         raise NotImplementedError(
             f"model: turbokv.patch cannot run the attention of {type(model).__name__} fused: {reason}; "
@@ -573,7 +575,7 @@ def patch(model):
 
     Accepts any model whose attention modules pass the K/V of ``cache.update`` untouched to
     transformers' attention interface and are causal, with no more than turbokv implements
-    (turbokv.hf_checks); raises ``NotImplementedError`` naming what else a model does (sinks,
+    (turbokv.hf.checks); raises ``NotImplementedError`` naming what else a model does (sinks,
     MLA, cross-attention, a module that reads its K/V itself, ...) and leaves it unpatched.
     """
     model = model._model if isinstance(model, _Patched) else model

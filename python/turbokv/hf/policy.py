@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from turbokv import formats
+from turbokv.core import formats
 
 VERSION = 1
 ROTATE_CHOICES = ("auto", "on", "off")
@@ -52,7 +52,7 @@ class Policy:
     layers: list[LayerPolicy | None]
     k_offsets: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
-    # Exact token windows (turbokv.windows), every attention layer: the first and the last tokens in f16.
+    # Exact token windows (turbokv.hf.exact_tokens), every attention layer: the first and the last tokens in f16.
     sink_tokens: int = 0
     recent_tokens: int = 0
 
@@ -60,7 +60,7 @@ class Policy:
         """Mean stored bits per K/V value over the attention layers; with ``tokens``, counted at that
         length: the offsets' storage (one fp16 vector per layer and KV head) spread over it, and the
         exact windows' tokens at 16 bits on top of the packed rows (the packed buffer keeps a row for
-        every position: turbokv.windows)."""
+        every position: turbokv.hf.exact_tokens)."""
         attn = [lp for lp in self.layers if lp is not None]
         bits = sum(
             formats.bits_per_value(lp.k, self.head_dim) + formats.bits_per_value(lp.v, self.head_dim) for lp in attn

@@ -7,7 +7,7 @@ A query at position ``p`` attends to three disjoint sets of keys, each in its ow
 * recent tokens ``[max(s, p - w + 1), p]``: the query's last ``w`` positions, exact;
 * everything between, ``[s, p - w]``: the packed cache, read by the fused op.
 
-Each set's attention comes with its log-sum-exp and :func:`turbokv.ops.merge_attention` combines
+Each set's attention comes with its log-sum-exp and :func:`turbokv.core.ops.merge_attention` combines
 them exactly: the result is attention over one key set in which only the middle part is
 quantized. In decoding that is what a cache holding ``s + w`` tokens in f16 and the rest packed
 computes; in a prompt every query gets its own recent window, as it would token by token.
@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-from turbokv import ops
-from turbokv.rotation import Rotation
+from turbokv.core import ops
+from turbokv.core.rotation import Rotation
 
 
 def exact_format(dtype: torch.dtype) -> str:
@@ -38,7 +38,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(torch.uint8)
 
 
-class ExactWindows:
+class ExactTokens:
     """The exact stores of one layer: ``sink`` tokens ``[0, min(s, length))`` and the ``recent`` store.
 
     Between calls the recent store holds positions ``[r0, length)`` with ``r0 = min(max(s, length
@@ -94,9 +94,9 @@ class ExactWindows:
         self.r0 = keep
         return pack
 
-    def crop(self, length: int, refill: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Keep positions ``< length``; ``refill(a, b)`` gives the packed cache's dequantized K/V of
-        ``[a, b)`` (no offset added) where the recent store no longer reaches back far enough."""
+    def crop(self, length: int, refill: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], before: int) -> None:
+        """Keep positions ``< length`` of the ``before`` held; ``refill(a, b)`` gives the packed cache's
+        dequantized K/V of ``[a, b)`` (no offset added) where the recent store no longer reaches back."""
         self.pending = None
         if self.sink_k is not None:
             self.sink_k, self.sink_v = self.sink_k[:, :, :length], self.sink_v[:, :, :length]
@@ -274,3 +274,198 @@ def _sink_part(q, k, v, first, pad, scale, window, softcap) -> tuple[torch.Tenso
     lse = torch.logsumexp(scores, -1)
     probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
     return torch.matmul(probs, vf), lse
+
+
+class StaticExactTokens(ExactTokens):
+    """The exact stores of a static (compileable) layer: fixed buffers, positions in device tensors.
+
+    ``sink_k / sink_v (B, Hkv, s, d)`` hold positions ``[0, s)`` (written as they arrive);
+    ``recent_k / recent_v (B, Hkv, w, d)`` are a shift register whose slot ``i`` holds position
+    ``length - w + i`` (slots before position ``s`` or 0 are stale and never read). Every token is
+    also packed when it arrives (the layer does it): the packed rows of exact positions are never
+    read while those positions are exact, and they are the same bytes the dynamic store writes
+    when a token leaves its window (both pack the exact copy). A decode step (one new token)
+    updates the stores and attends with no host sync and fixed shapes, so ``generate()`` compiles
+    it into CUDA graphs; a forward of several tokens (a prompt) reads the token count once.
+    """
+
+    def __init__(self, sink: int, recent: int, dtype: torch.dtype, like: torch.Tensor):
+        super().__init__(sink, recent, dtype)
+        b, h, _, d = like.shape
+        new = lambda n: torch.zeros(b, h, n, d, dtype=self.dtype, device=like.device)  # noqa: E731
+        self.sink_k, self.sink_v = new(sink), new(sink)
+        self.recent_k, self.recent_v = new(recent), new(recent)
+        # During one forward: the recent rows before it and the new ones, and the forward's first
+        # position (a 0-dim device tensor): rows from position `start - w`.
+        self.pending_static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.sink_k, self.sink_v, self.recent_k, self.recent_v
+
+    def fits(self, like: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether these buffers hold a layer of ``like``'s (B, Hkv, *, d) and device in ``dtype``'s format."""
+        b, h, _, d = like.shape
+        same = self.sink_k.shape[:2] == (b, h) and self.sink_k.shape[3] == d and self.sink_k.device == like.device
+        return same and self.format == exact_format(dtype)
+
+    def zero_(self) -> None:
+        for t in self.buffers():
+            t.zero_()
+        self.pending = self.pending_static = None
+
+    def append_static(self, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store new ``(B, Hkv, S, d)`` K/V at positions ``[length, length + S)`` (``length``: a 0-dim
+        device tensor, before this update); returns them in the exact format, which the layer packs."""
+        s, w, n = self.sink, self.recent, k.shape[2]
+        k, v = k.to(self.dtype), v.to(self.dtype)
+        if s:  # sink slot j takes new token j - length where that is one of them
+            j = torch.arange(s, device=k.device) - length
+            take = ((j >= 0) & (j < n))[None, None, :, None]
+            idx = j.clamp(0, n - 1)
+            self.sink_k.copy_(torch.where(take, k.index_select(2, idx), self.sink_k))
+            self.sink_v.copy_(torch.where(take, v.index_select(2, idx), self.sink_v))
+        all_k, all_v = torch.cat([self.recent_k, k], 2), torch.cat([self.recent_v, v], 2)
+        self.pending_static = (all_k, all_v, length.clone())
+        if w:
+            self.recent_k.copy_(all_k[:, :, n:])
+            self.recent_v.copy_(all_v[:, :, n:])
+        return k, v
+
+    def crop(self, length: int, refill: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], before: int) -> None:
+        """Keep positions ``< length`` of the ``before`` held: the recent slots move back; positions the
+        shift register no longer holds come back from the packed cache (their quantized values), as
+        the dynamic store does."""
+        self.pending = self.pending_static = None
+        w = self.recent
+        if not w or length >= before:
+            return
+        old = before - w  # the position of slot 0 now
+        new = length - w  # and after the crop
+        kept = min(max(new, old), length)  # positions [kept, length) are in the register already
+        parts_k, parts_v = [], []
+        if new < 0:  # slots before position 0: stale, never read
+            parts_k.append(self.recent_k[:, :, : min(-new, w)])
+            parts_v.append(self.recent_v[:, :, : min(-new, w)])
+        lo = max(new, 0)
+        if kept > lo:
+            k, v = (x.to(self.dtype) for x in refill(lo, kept))
+            parts_k.append(k)
+            parts_v.append(v)
+        if length > kept:
+            parts_k.append(self.recent_k[:, :, kept - old : length - old])
+            parts_v.append(self.recent_v[:, :, kept - old : length - old])
+        self.recent_k.copy_(torch.cat(parts_k, 2))
+        self.recent_v.copy_(torch.cat(parts_v, 2))
+
+    def map_batch(self, fn) -> None:
+        self.pending = self.pending_static = None
+        for name in ("sink_k", "sink_v", "recent_k", "recent_v"):
+            t, new = getattr(self, name), fn(getattr(self, name))
+            if new.shape == t.shape and new.device == t.device:
+                t.copy_(new)  # keep the static addresses
+            else:
+                setattr(self, name, new)
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """All ``max_cache_len`` dequantized slots ``(B, Hkv, T, d)`` with the exact positions written over."""
+        k, v = k.clone(), v.clone()
+        s, w = self.sink, self.recent
+        if w:
+            pos = length - w + torch.arange(w, device=k.device)
+            held = (pos >= s)[None, None, :, None]
+            idx = pos.clamp(min=0)
+            for dst, rows in ((k, self.recent_k), (v, self.recent_v)):
+                dst.index_copy_(2, idx, torch.where(held, rows.to(dst.dtype), dst.index_select(2, idx)))
+        if s:
+            held = (torch.arange(s, device=k.device) < length)[None, None, :, None]
+            k[:, :, :s] = torch.where(held, self.sink_k.to(k.dtype), k[:, :, :s])
+            v[:, :, :s] = torch.where(held, self.sink_v.to(v.dtype), v[:, :, :s])
+        return k, v
+
+    def attention(self, query, packed, length, starts, **kw) -> torch.Tensor:
+        """As :meth:`ExactTokens.attention`; ``length``: the layer's token count as a 0-dim device
+        tensor. One query (decode): no host sync; several: the count is read once."""
+        if self.pending_static is not None and self.pending_static[0].shape[2] == self.recent + 1:
+            return self._decode(query, packed, length, starts, **kw)  # one new token: a decode step
+        n = int(length)
+        self._dynamic_view(n, query.shape[2])
+        try:
+            return super().attention(query, packed, n, starts, **kw)
+        finally:
+            self.sink_k, self.sink_v = self._sink_buffers
+            self.pending = None
+
+    def _dynamic_view(self, length: int, new: int) -> None:
+        """Point the dynamic store's fields at these buffers for ``new`` queries ending at ``length``."""
+        s, w = self.sink, self.recent
+        self._sink_buffers = self.sink_k, self.sink_v
+        self.sink_k, self.sink_v = self.sink_k[:, :, : min(s, length)], self.sink_v[:, :, : min(s, length)]
+        self.pending = None
+        if w and self.pending_static is not None:
+            all_k, all_v, start = self.pending_static
+            base = int(start) - w  # the position of row 0
+            first = min(max(s, length - new - w + 1), length)
+            self.pending = (all_k[:, :, first - base :], all_v[:, :, first - base :], first)
+
+    def _decode(
+        self,
+        query,
+        packed,
+        length,
+        starts,
+        *,
+        k_format,
+        v_format,
+        k_rot,
+        v_rot,
+        scale,
+        window=0,
+        softcap=0.0,
+        sinks=None,
+    ) -> torch.Tensor:
+        """One query per sequence at position ``p = length - 1``: packed keys ``[max(pad, s), p - w]`` by the
+        op, the sink and recent rows by a few fixed-shape tensor ops, merged by log-sum-exp."""
+        b, hq, _, d = query.shape
+        s, w = self.sink, self.recent
+        scale = d**-0.5 if scale is None else scale
+        p = torch.as_tensor(length, device=query.device).reshape(1).expand(b) - 1  # query positions (B,)
+        pad = torch.zeros_like(p) if starts is None else starts.to(p)
+        low = torch.maximum(pad, torch.full_like(pad, s))
+        if window:
+            low = torch.maximum(low, p - window + 1)
+        end = p - w + 1  # packed keys [low, end)
+        n = end.clamp(min=1)
+        first = torch.where(low < end, low, n)
+        common = dict(scale=scale, softcap=softcap, return_lse=True)
+        part = ops.attention(
+            query, *packed, n, first, k_format=k_format, v_format=v_format, k_rot=k_rot, v_rot=v_rot, **common
+        )
+        all_k, all_v, _ = self.pending_static  # positions p - w .. p
+        keys = torch.cat([self.sink_k, all_k], 2)
+        values = torch.cat([self.sink_v, all_v], 2)
+        pos = torch.cat(
+            [torch.arange(s, device=p.device).expand(b, s), p[:, None] - w + torch.arange(w + 1, device=p.device)], 1
+        )  # (B, s + w + 1)
+        ok = (pos <= p[:, None]) & (pos >= pad[:, None])
+        ok &= torch.cat([torch.ones(s, dtype=torch.bool, device=p.device), torch.arange(w + 1, device=p.device) > 0])
+        ok &= (pos >= s) | (torch.arange(s + w + 1, device=p.device) < s)
+        if window:
+            ok &= p[:, None] - pos < window
+        exact = _masked_attention(query, keys, values, ok, scale, softcap)
+        return ops.merge_attention([part, exact], sinks).to(query.dtype)
+
+
+def _masked_attention(q, k, v, ok, scale, softcap) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of one query a sequence ``q (B, Hq, 1, d)`` over keys ``k, v (B, Hkv, n, d)`` where
+    ``ok (B, n)``; a row with no key: zeros and ``-inf``."""
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    qg = q.float().reshape(b, hkv, hq // hkv, d)
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (B, Hkv, G, n)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~ok[:, None, None, :], -torch.inf)
+    lse = torch.logsumexp(scores, -1)  # (B, Hkv, G)
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    out = torch.matmul(probs, v.float())  # (B, Hkv, G, d)
+    return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)

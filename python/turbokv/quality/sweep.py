@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from turbokv.eval.runner import CacheSpec, Reference, evaluate
+from turbokv.quality.runner import CacheSpec, Reference, evaluate
 
 COLUMNS = [
     "k",
