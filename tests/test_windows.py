@@ -247,6 +247,23 @@ def test_one_query_of_a_prompt_alone(device, s, w, window):
         torch.testing.assert_close(got.cpu(), want[:, :, p : p + 1], atol=3e-4, rtol=1e-3, msg=f"query {p}")
 
 
+@pytest.mark.parametrize("s, w, n", [(0, 4, 2), (2, 4, 3), (1, 3, 9)])
+def test_static_fallback_kv_has_the_exact_tokens(s, w, n):
+    """An unpatched static layer's K/V: the exact values at the sink and the last w positions, also
+    before the register is full (its stale slots must not overwrite a position)."""
+    gen = torch.Generator().manual_seed(5)
+    k, v = torch.randn(2, 2, n, 64, generator=gen), torch.randn(2, 2, n, 64, generator=gen)
+    static = TurboLayer(SideSpec("q4_0"), SideSpec("q4_0"), sink_tokens=s, recent_tokens=w, max_cache_len=16)
+    dynamic = TurboLayer(SideSpec("q4_0"), SideSpec("q4_0"), sink_tokens=s, recent_tokens=w)
+    for layer in (static, dynamic):
+        layer.update(k[:, :, :1], v[:, :, :1])
+        layer.update(k[:, :, 1:], v[:, :, 1:])
+    for a, b in zip(static.dequantized(), dynamic.dequantized(), strict=True):
+        torch.testing.assert_close(a[:, :, :n], b, rtol=0, atol=0)
+    exact_at = [j for j in range(n) if j < s or j >= n - w]
+    torch.testing.assert_close(static.dequantized()[0][:, :, exact_at], k[:, :, exact_at].half().float())
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_windowed_layer_crop_and_batch_edits(static):
     """Assisted generation's crop and beam search's reorder keep every later call equal to the

@@ -368,18 +368,18 @@ class StaticExactTokens(ExactTokens):
 
     def fill(self, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """All ``max_cache_len`` dequantized slots ``(B, Hkv, T, d)`` with the exact positions written over."""
-        k, v = k.clone(), v.clone()
         s, w = self.sink, self.recent
-        if w:
-            pos = length - w + torch.arange(w, device=k.device)
-            held = (pos >= s)[None, None, :, None]
-            idx = pos.clamp(min=0)
-            for dst, rows in ((k, self.recent_k), (v, self.recent_v)):
-                dst.index_copy_(2, idx, torch.where(held, rows.to(dst.dtype), dst.index_select(2, idx)))
+        t = torch.arange(k.shape[2], device=k.device)  # every slot's position
+        if w:  # slot t - (length - w) of the register, for positions [max(s, length - w), length)
+            held = ((t >= length - w) & (t < length) & (t >= s))[None, None, :, None]
+            slot = (t - (length - w)).clamp(0, w - 1)
+            k = torch.where(held, self.recent_k.index_select(2, slot).to(k.dtype), k)
+            v = torch.where(held, self.recent_v.index_select(2, slot).to(v.dtype), v)
         if s:
-            held = (torch.arange(s, device=k.device) < length)[None, None, :, None]
-            k[:, :, :s] = torch.where(held, self.sink_k.to(k.dtype), k[:, :, :s])
-            v[:, :, :s] = torch.where(held, self.sink_v.to(v.dtype), v[:, :, :s])
+            held = ((t < s) & (t < length))[None, None, :, None]
+            slot = t.clamp(max=s - 1)
+            k = torch.where(held, self.sink_k.index_select(2, slot).to(k.dtype), k)
+            v = torch.where(held, self.sink_v.index_select(2, slot).to(v.dtype), v)
         return k, v
 
     def attention(self, query, packed, length, starts, **kw) -> torch.Tensor:
