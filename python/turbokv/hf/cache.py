@@ -272,8 +272,9 @@ class TurboCache(Cache):
 
     def bits_per_value(self) -> tuple[float, float]:
         """Mean stored bits per K and per V value over the tokens held, all attention layers: the
-        packed rows (a row for every position), the exact windows' 16-bit copies and the key
-        offsets (one fp16 vector per KV head and layer), as :meth:`nbytes` counts them."""
+        packed rows (a row for every position) and the exact windows' 16-bit copies, as
+        :meth:`nbytes` counts them, plus the key offsets (one fp16 vector per KV head and layer,
+        which policies count and nbytes does not)."""
         k_bits = v_bits = values = 0
         for layer in self.turbo_layers:
             if not layer.is_initialized or not layer.length:
