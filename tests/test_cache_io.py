@@ -479,8 +479,9 @@ def test_policy_cache_with_offsets_and_windows_round_trips(patched, gen, tmp_pat
     ids, mask = inputs(gen)
     offsets = torch.randn(model.config.num_hidden_layers, 2, 64, generator=gen)
 
-    def fresh():
-        cache = turbokv.TurboCache(model.config, k="q4_0", v="turbo3", sink_tokens=2, recent_tokens=5)
+    def fresh(max_cache_len=None):
+        kw = dict(k="q4_0", v="turbo3", sink_tokens=2, recent_tokens=5, max_cache_len=max_cache_len)
+        cache = turbokv.TurboCache(model.config, **kw)
         for layer, m in zip(cache.turbo_layers, offsets, strict=True):
             layer.set_k_offset(m)
         return cache
@@ -504,8 +505,16 @@ def test_policy_cache_with_offsets_and_windows_round_trips(patched, gen, tmp_pat
         turbokv.TurboCache.load(path, model.config, sink_tokens=2, recent_tokens=16, **asked)
     with pytest.raises(CacheFileError, match=r"layers\[0\]\.sink_tokens: got 2 in the file, expected 0"):
         turbokv.TurboCache.load(path, model.config, sink_tokens=0, **asked)
-    with pytest.raises(ValueError, match="max_cache_len: got 64"):
-        turbokv.TurboCache.load(path, model.config, max_cache_len=64)
+    # Into a static cache, and a static cache's own file: the same continuation.
+    with turbokv.patch(model) if patched else contextlib.nullcontext():
+        static = turbokv.TurboCache.load(path, model.config, max_cache_len=64)
+        assert static.is_compileable and all(lay.exact is not None for lay in static.turbo_layers)
+        assert_same_generation(greedy(model, ids, mask, static), ref, exact=False)
+        static_path = tmp_path / "static.safetensors"
+        prefill(model, ids, mask, fresh(64)).save(static_path)
+        again = turbokv.TurboCache.load(static_path, model.config)
+        assert again.is_compileable
+        assert_same_generation(greedy(model, ids, mask, again), ref, exact=False)
 
     edit_header(path, lambda header: header["layers"][1].update(recent_start=10))
     with pytest.raises(CacheFileError, match=r"layers\[1\].recent_start: got 10, expected 11"):

@@ -49,7 +49,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import turbokv
-from turbokv.core import formats
+from turbokv.core import formats, ops
 from turbokv.core.rotation import Rotation
 from turbokv.hf.layer import HYBRID_LAYER_TYPES, STATE_LAYER_TYPES, SideSpec, TurboLayer
 
@@ -92,12 +92,6 @@ def save(cache: TurboCache, path: str | os.PathLike) -> None:
 
     The file is written next to ``path`` and renamed into place, so a reader never sees half a file.
     """
-    static_windows = [i for i, layer in enumerate(cache.layers) if getattr(layer, "exact", None) is not None]
-    if static_windows and cache.is_compileable:
-        raise NotImplementedError(
-            f"cache: layers {static_windows} of this static cache keep exact token windows, which the file format "
-            "does not hold for a static cache yet; save a dynamic cache (max_cache_len=None)"
-        )
     hybrid = [i for i, kind in enumerate(cache.layer_types) if kind in HYBRID_LAYER_TYPES]
     if hybrid:
         raise NotImplementedError(
@@ -195,10 +189,9 @@ def _turbo_entry(i: int, kind: str, layer: TurboLayer) -> tuple[dict, dict[str, 
         named[f"layers.{i}.k_offset"] = _host(layer.k_offset)
     if layer.exact is not None:
         w = layer.exact
-        entry.update(sink_tokens=w.sink, recent_tokens=w.recent, recent_start=w.r0)
-        named.update(
-            {f"layers.{i}.{name}": _host(getattr(w, name)) for name in WINDOW_TENSORS if getattr(w, name) is not None}
-        )
+        rows, r0 = w.saved(n)
+        entry.update(sink_tokens=w.sink, recent_tokens=w.recent, recent_start=r0)
+        named.update({f"layers.{i}.{name}": _host(t) for name, t in rows.items() if t.shape[2]})
     return entry, named
 
 
@@ -532,11 +525,6 @@ def _restore_turbo(path: str, i: int, entry: dict, layer: TurboLayer, tensors: d
     # gives that shape without allocating (B, Hkv, n, d) values.
     like = torch.empty((), dtype=DTYPES[entry["dtype"]], device=device).expand(b, h, n, d)
     layer.sink_tokens, layer.recent_tokens = entry.get("sink_tokens") or 0, entry.get("recent_tokens") or 0
-    if layer.has_windows and layer.is_compileable:
-        raise ValueError(
-            f"max_cache_len: got {layer.max_cache_len} for {path}, whose layer {i} keeps exact token windows "
-            "(not built for the static cache); load it with max_cache_len=None"
-        )
     layer.lazy_initialization(like, like)
     # The data was rotated as the file says (a later turbokv may pick other auto rotations).
     layer.k_rot, layer.v_rot = k_rot, v_rot
@@ -548,28 +536,46 @@ def _restore_turbo(path: str, i: int, entry: dict, layer: TurboLayer, tensors: d
             raise _fail(path, f"tensor 'layers.{i}.k_offset': got shape {list(offset.shape)}, expected {[h, d]}")
         layer.set_k_offset(offset.to(device))
     if layer.exact is not None:
-        _restore_windows(path, i, entry, layer.exact, tensors, device)
+        _restore_windows(path, i, entry, layer, tensors, device)
     layer.length = n
 
 
-def _restore_windows(path: str, i: int, entry: dict, w, tensors: dict, device: torch.device) -> None:
+def _restore_windows(path: str, i: int, entry: dict, layer, tensors: dict, device: torch.device) -> None:
     """The exact windows' rows, checked against the entry: the sink holds min(s, length) tokens, the
-    recent store the positions [recent_start, length), each (batch, kv_heads, n, head_dim) in w's dtype."""
+    recent store the positions [recent_start, length), each (batch, kv_heads, n, head_dim) in the
+    store's dtype. The recent rows are packed again at their positions: they are read from the packed
+    cache once they leave the window (files written before every token was packed on arrival lack them)."""
+    w = layer.exact
     b, h, n, d = entry["batch"], entry["kv_heads"], entry["length"], entry["head_dim"]
     start = entry.get("recent_start") or 0
     if start != w._recent_start(n):
         raise _fail(path, f"layers[{i}].recent_start: got {start}, expected {w._recent_start(n)} for {n} tokens")
-    rows = {"sink": min(w.sink, n), "recent": n - start}
+    counts = {"sink": min(w.sink, n), "recent": n - start}
+    rows = {}
     for name in WINDOW_TENSORS:
         t = tensors.get(f"layers.{i}.{name}")
-        want = [b, h, rows[name.split("_")[0]], d]
+        want = [b, h, counts[name.split("_")[0]], d]
         if t is None and want[2] == 0:
+            rows[name] = torch.empty(want, dtype=w.dtype, device=device)
             continue
         if t is None or list(t.shape) != want or t.dtype != w.dtype:
             got = None if t is None else (list(t.shape), t.dtype)
             raise _fail(path, f"tensor 'layers.{i}.{name}': got {got}, expected shape {want} of dtype {w.dtype}")
-        setattr(w, name, t.to(device))
-    w.r0 = start
+        rows[name] = t.to(device)
+    w.restore(n, rows)
+    if counts["recent"]:
+        positions = torch.arange(start, n, device=device).expand(b, -1)
+        ops.cache_append(
+            layer.k_packed,
+            layer.v_packed,
+            rows["recent_k"],
+            rows["recent_v"],
+            positions,
+            layer.k_spec.format,
+            layer.v_spec.format,
+            layer.k_rot,
+            layer.v_rot,
+        )
 
 
 def _restore_state(i: int, entry: dict, layer, tensors: dict, device: torch.device) -> None:

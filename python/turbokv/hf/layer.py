@@ -35,7 +35,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from turbokv.core import formats, ops
 from turbokv.core.rotation import Rotation, auto_rotation
-from turbokv.hf.exact_tokens import ExactTokens, StaticExactTokens
+from turbokv.hf.exact_tokens import ExactTokens
 
 ROTATE_CHOICES = ("auto", "on", "off")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
@@ -151,14 +151,11 @@ class TurboLayer(CacheLayerMixin):
         else:
             self._alloc(b, h, max(256, key_states.shape[-2]))
         if self.has_windows:
-            if not self.is_compileable:
-                self.exact = ExactTokens(self.sink_tokens, self.recent_tokens, self.dtype)
-            else:
-                if self.exact is None or not self.exact.fits(key_states, self.dtype):
-                    self.exact = StaticExactTokens(self.sink_tokens, self.recent_tokens, self.dtype, key_states)
-                if not torch.compiler.is_compiling():
-                    for t in self.exact.buffers():
-                        torch._dynamo.mark_static_address(t)
+            if self.exact is None or not self.exact.fits(key_states, self.dtype):  # reset() keeps a static one
+                self.exact = ExactTokens(self.sink_tokens, self.recent_tokens, self.dtype, key_states)
+            if self.is_compileable and not torch.compiler.is_compiling():
+                for t in self.exact.buffers():
+                    torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
     @property
@@ -264,11 +261,9 @@ class TurboLayer(CacheLayerMixin):
             positions = torch.arange(self.length, self.length + s, device=self.device).expand(b, s)
         if self.k_offset is not None:
             key_states = key_states - self._k_offset_for(key_states)
-        if self.exact is not None and self.is_compileable:  # every token is packed too, from its exact copy
-            key_states, value_states = self.exact.append_static(key_states, value_states, self.cumulative_length)
-        elif self.exact is not None:  # only what leaves the exact windows is quantized now
-            key_states, value_states, first = self.exact.append(key_states, value_states, self.length)
-            positions = torch.arange(first, first + key_states.shape[2], device=self.device).expand(b, -1)
+        if self.exact is not None:  # every token is packed too, from its exact copy
+            count = self.cumulative_length if self.is_compileable else self.length
+            key_states, value_states = self.exact.append(key_states, value_states, count)
         if key_states.shape[2]:
             ops.cache_append(
                 self.k_packed,
@@ -300,7 +295,7 @@ class TurboLayer(CacheLayerMixin):
         k = ops.dequantize(self.k_packed[:, :, :n], self.k_spec.format, d, self.k_rot, dtype=self.dtype)
         v = ops.dequantize(self.v_packed[:, :, :n], self.v_spec.format, d, self.v_rot, dtype=self.dtype)
         if self.exact is not None:
-            k, v = self.exact.fill(k, v, self.cumulative_length) if self.is_compileable else self.exact.fill(k, v)
+            k, v = self.exact.fill(k, v, self.cumulative_length if self.is_compileable else self.length)
         if self.k_offset is not None:
             k = k + self._k_offset_for(k)
         return k, v
