@@ -265,8 +265,7 @@ def _fused_attention(query: torch.Tensor, layer: TurboLayer, starts: torch.Tenso
 
     def attend(q, end: int | None, first_keys) -> torch.Tensor:  # queries ending at `end` (None: the layer's length)
         if layer.exact is not None:  # the exact token windows' three parts (turbokv.hf.exact_tokens)
-            count = layer.cumulative_length if layer.is_compileable else layer.length  # static: no host sync
-            return layer.exact.attention(q, (k, v), count if end is None else end, first_keys, **op_args)
+            return layer.exact.attention(q, (k, v), layer.count if end is None else end, first_keys, **op_args)
         return ops.attention(q, k, v, lengths if end is None else torch.full_like(lengths, end), first_keys, **op_args)
 
     if not chunk:

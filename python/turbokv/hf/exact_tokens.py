@@ -233,7 +233,7 @@ class ExactTokens:
         if window:
             ok &= p[:, None] - pos < window
         keys, values = torch.cat([self.sink_k, all_k], 2), torch.cat([self.sink_v, all_v], 2)
-        parts.append(_masked_attention(query, keys, values, ok, scale, softcap))
+        parts.append(_masked_attention(query, keys, values, ok[:, None], scale, softcap))
         return parts
 
     def _queries(self, query, packed, length, starts, sides, scale, window, softcap) -> list:
@@ -295,35 +295,27 @@ def _padded(out: torch.Tensor, lse: torch.Tensor, lo: int) -> tuple[torch.Tensor
 
 
 def _sink_part(q, k, v, first, pad, scale, window, softcap) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of ``q (B, Hq, Sq, d)`` over the ``n`` sink keys ``k, v (B, Hkv, n, d)``."""
-    group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, 1)
-    vf = v.float().repeat_interleave(group, 1)
-    scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale  # (B, Hq, Sq, n)
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
+    """``(out, lse)`` of ``q (B, Hq, Sq, d)`` (query 0 at position ``first``) over the ``n`` sink keys
+    ``k, v (B, Hkv, n, d)`` at positions ``[0, n)``, with the causal, padding and window masks."""
     j = torch.arange(k.shape[2], device=q.device)
     p = first + torch.arange(q.shape[2], device=q.device)
     ok = (j[None, :] <= p[:, None])[None] & (j[None, None, :] >= pad[:, None, None])  # (B, Sq, n)
     if window:
         ok = ok & (p[:, None] - j[None, :] < window)[None]
-    scores = scores.masked_fill(~ok[:, None], -torch.inf)
-    lse = torch.logsumexp(scores, -1)
-    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
-    return torch.matmul(probs, vf), lse
+    return _masked_attention(q, k, v, ok, scale, softcap)
 
 
 def _masked_attention(q, k, v, ok, scale, softcap) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of one query a sequence ``q (B, Hq, 1, d)`` over keys ``k, v (B, Hkv, n, d)`` where
-    ``ok (B, n)``; a row with no key: zeros and ``-inf``."""
-    b, hq, _, d = q.shape
+    """``(out, lse)`` of ``q (B, Hq, Sq, d)`` over keys ``k, v (B, Hkv, n, d)`` where ``ok (B, Sq, n)``,
+    in float32 (GQA by broadcasting each KV head over its group); a row with no key: zeros and ``-inf``."""
+    b, hq, sq, d = q.shape
     hkv = k.shape[1]
-    qg = q.float().reshape(b, hkv, hq // hkv, d)
-    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (B, Hkv, G, n)
+    qg = q.float().reshape(b, hkv, hq // hkv, sq, d)
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)[:, :, None]) * scale  # (B, Hkv, G, Sq, n)
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~ok[:, None, None, :], -torch.inf)
-    lse = torch.logsumexp(scores, -1)  # (B, Hkv, G)
+    scores = scores.masked_fill(~ok[:, None, None], -torch.inf)
+    lse = torch.logsumexp(scores, -1)  # (B, Hkv, G, Sq)
     probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
-    out = torch.matmul(probs, v.float())  # (B, Hkv, G, d)
-    return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
+    out = torch.matmul(probs, v.float()[:, :, None])  # (B, Hkv, G, Sq, d)
+    return out.reshape(b, hq, sq, d), lse.reshape(b, hq, sq)

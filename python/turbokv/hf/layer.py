@@ -170,6 +170,11 @@ class TurboLayer(CacheLayerMixin):
         else:
             self._length = n
 
+    @property
+    def count(self) -> int | torch.Tensor:
+        """Valid tokens without a host sync: static mode's 0-dim device tensor, else the int."""
+        return self.cumulative_length if self.is_compileable else self._length
+
     def _static_buffers_fit(self, batch: int, heads: int) -> bool:
         """Whether buffers kept by reset() hold this batch shape: then they are reused, addresses and all."""
         if self.k_packed is None or self.k_packed.device != self.device:
@@ -262,8 +267,7 @@ class TurboLayer(CacheLayerMixin):
         if self.k_offset is not None:
             key_states = key_states - self._k_offset_for(key_states)
         if self.exact is not None:  # every token is packed too, from its exact copy
-            count = self.cumulative_length if self.is_compileable else self.length
-            key_states, value_states = self.exact.append(key_states, value_states, count)
+            key_states, value_states = self.exact.append(key_states, value_states, self.count)
         if key_states.shape[2]:
             ops.cache_append(
                 self.k_packed,
@@ -295,7 +299,7 @@ class TurboLayer(CacheLayerMixin):
         k = ops.dequantize(self.k_packed[:, :, :n], self.k_spec.format, d, self.k_rot, dtype=self.dtype)
         v = ops.dequantize(self.v_packed[:, :, :n], self.v_spec.format, d, self.v_rot, dtype=self.dtype)
         if self.exact is not None:
-            k, v = self.exact.fill(k, v, self.cumulative_length if self.is_compileable else self.length)
+            k, v = self.exact.fill(k, v, self.count)
         if self.k_offset is not None:
             k = k + self._k_offset_for(k)
         return k, v
