@@ -9,7 +9,7 @@ queries; the queries are the last Sq tokens (causal from the bottom right).
 Per shape, in one run on the same data:
 - SDPA on an fp16 cache with the same masking: flash (is_causal / CausalBias lower right; no
   padding mask possible) and cuDNN (is_causal, else an explicit mask), "best" the faster;
-- per format: the op's tensor-core kernels, pinned: "ms" the spec kernel (8 rows a block),
+- per format: the op's tensor-core kernels, pinned: "ms" the templated kernel (8 rows a block),
   "flash" the flash kernel (64 rows a block, several queries only); dequantize + SDPA
   (turbokv's prefill shortcut; "deq" its two dequantize calls alone), and "auto" (what
   turbokv.attention chooses: the shortcut for Sq >= PREFILL_SDPA_MIN_QUERIES, else the op's
@@ -40,7 +40,7 @@ from turbokv.core.rotation import auto_rotation
 HQ, HKV, D = 32, 8, 128
 # Work per shape (B x Sq x T, a causal whole prompt counted at half): larger shapes are skipped.
 MAX_WORK = 1 << 32
-# The spec kernel is timed up to this much work only (beyond, auto never takes it); the flash
+# The templated kernel is timed up to this much work only (beyond, auto never takes it); the flash
 # kernel (64 rows a block) up to the second.
 MAX_FUSED_WORK = 1 << 29
 MAX_FLASH_WORK = 1 << 31
@@ -139,7 +139,7 @@ def shape_rows(B, T, sq, padded, fmts, read_gbs):
             return turbokv.dequantize(vc[i], fmt, D, vr, dtype=q.dtype)
 
         fused_ms = {}
-        for kernel, limit in (("spec", MAX_FUSED_WORK), ("flash", MAX_FLASH_WORK), ("auto", MAX_FLASH_WORK)):
+        for kernel, limit in (("templated", MAX_FUSED_WORK), ("flash", MAX_FLASH_WORK), ("auto", MAX_FLASH_WORK)):
             fused_ms[kernel] = float("nan")
             if B * sq * T <= limit and (kernel != "flash" or sq > 1):
                 with turbokv.core.ops.pinned_kernels(attention=kernel):
@@ -149,7 +149,7 @@ def shape_rows(B, T, sq, padded, fmts, read_gbs):
         t_deq_only = time_ms(deq_only, n, graph=True) if timed else float("nan")
         t_auto = t_deq if sq >= ops.PREFILL_SDPA_MIN_QUERIES else fused_ms["auto"]
         extra = (fused_ms["flash"], t_deq, t_deq_only, t_auto, nbytes / read_gbs / 1e6, best)
-        rows.append((fmt, fused_ms["spec"], extra))
+        rows.append((fmt, fused_ms["templated"], extra))
         del kc, vc
     return rows
 

@@ -10,7 +10,7 @@
 namespace turbokv {
 namespace {
 
-constexpr std::array<std::string_view, 6> kAttentionNames{"auto", "flash", "spec", "mma", "simt", "tiled"};
+constexpr std::array<std::string_view, 6> kAttentionNames{"auto", "flash", "templated", "mma", "simt", "tiled"};
 constexpr std::array<std::string_view, 3> kIsaNames{"auto", "avx2", "baseline"};
 
 // One atomic a field: op calls read them on every call, from any thread, without a lock.
@@ -37,7 +37,7 @@ KernelChoice kernel_choice() {
 void set_kernel_choice(const std::string& attention, int smem_limit, int decode_values, const std::string& cpu_isa,
                        bool avx2_available) {
   const int a = index_of(kAttentionNames, attention);
-  TORCH_CHECK_VALUE(a >= 0, "attention: got '", attention, "', expected auto, flash, spec, mma, simt or tiled");
+  TORCH_CHECK_VALUE(a >= 0, "attention: got '", attention, "', expected auto, flash, templated, mma, simt or tiled");
   TORCH_CHECK_VALUE(smem_limit >= 0, "smem_limit: got ", smem_limit,
                     ", expected bytes of shared memory per block > 0, or 0 for the device's limit");
   TORCH_CHECK_VALUE(decode_values == 0 || decode_values == 4 || decode_values == 8 || decode_values == 16,

@@ -9,7 +9,7 @@
 namespace turbokv {
 
 // The CUDA attention kernels (cuda/attention.cu, choose_path).
-enum class AttentionKernel : int { kAuto, kFlash, kSpec, kMma, kSimt, kTiled };
+enum class AttentionKernel : int { kAuto, kFlash, kTemplated, kMma, kSimt, kTiled };
 // The copies of the CPU attention kernel (cpu/attention_kernel.h).
 enum class CpuIsa : int { kAuto, kAvx2, kBaseline };
 

@@ -45,8 +45,8 @@ at::Tensor quantize_meta(const at::Tensor& x, c10::string_view format, int64_t r
   // The row width depends on head_dim: a symbolic one is specialised (guarded), as it is fixed per model.
   if (!symbolic({&x})) return prepare_quantize(x, std::string(format), rot_group, rot_seed).out;
   check_float_input(x, "x");
-  const SideSpec side = make_side(std::string(format), x.sym_size(-1).guard_int(__FILE__, __LINE__), rot_group,
-                                  rot_seed, "format", "rot_group");
+  const PackedSide side = make_side(std::string(format), x.sym_size(-1).guard_int(__FILE__, __LINE__), rot_group,
+                                    rot_seed, "format", "rot_group");
   return rows_out(x, side.layout.row_bytes, at::kByte);
 }
 
@@ -54,7 +54,7 @@ at::Tensor dequantize_meta(const at::Tensor& packed, c10::string_view format, in
                            std::optional<int64_t> rot_seed, bool unrotate, at::ScalarType dtype) {
   if (!symbolic({&packed}))
     return prepare_dequantize(packed, std::string(format), head_dim, rot_group, rot_seed, unrotate, dtype).out;
-  const SideSpec side = make_side(std::string(format), head_dim, rot_group, rot_seed, "format", "rot_group");
+  const PackedSide side = make_side(std::string(format), head_dim, rot_group, rot_seed, "format", "rot_group");
   return rows_out(packed, unrotate ? side.layout.d : side.layout.dp, dtype);
 }
 
@@ -74,13 +74,13 @@ at::Tensor attention_meta(TURBOKV_ATTENTION_PARAMS) {
   if (symbolic({&q, &k_cache, &v_cache, &lengths})) {
     check_same_device(q, {{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&lengths, "lengths"}});
     if (starts.has_value()) check_device(*starts, q.device(), "starts");
-    if (sinks.has_value()) {
-      check_device(*sinks, q.device(), "sinks");
-      check_float_input(*sinks, "sinks");
+    if (sink_logits.has_value()) {
+      check_device(*sink_logits, q.device(), "sink_logits");
+      check_float_input(*sink_logits, "sink_logits");
     }
   } else {
     check_attention(q, k_cache, v_cache, lengths, starts, std::string(k_format), k_rot_group, k_rot_seed,
-                    std::string(v_format), v_rot_group, v_rot_seed, scale, window, softcap, sinks);
+                    std::string(v_format), v_rot_group, v_rot_seed, scale, window, softcap, sink_logits);
   }
   return at::empty_like(q, at::MemoryFormat::Contiguous);  // (B, Hq, Sq, d), like q
 }

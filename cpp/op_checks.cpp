@@ -49,11 +49,11 @@ void fill_signs(int64_t group, const std::optional<int64_t>& seed, std::vector<f
   }
 }
 
-SideSpec make_side(const std::string& format, int64_t head_dim, int64_t rot_group,
-                   const std::optional<int64_t>& rot_seed, const char* format_arg, const char* group_arg) {
+PackedSide make_side(const std::string& format, int64_t head_dim, int64_t rot_group,
+                     const std::optional<int64_t>& rot_seed, const char* format_arg, const char* group_arg) {
   const int fmt = format_id(format, format_arg);
   TORCH_CHECK_VALUE(head_dim > 0 && head_dim <= 1024, "head_dim: got ", head_dim, ", expected 1..1024");
-  SideSpec side;
+  PackedSide side;
   side.layout = make_layout(fmt, static_cast<int>(head_dim));
   TORCH_CHECK_VALUE(side.layout.fmt >= 0, "head_dim: got ", head_dim, ", expected a multiple of 32 for format ",
                     format);
@@ -71,7 +71,7 @@ void check_float_input(const at::Tensor& t, const char* arg) {
                    ", expected float32, float16 or bfloat16");
 }
 
-void check_packed(const at::Tensor& t, const SideSpec& side, const char* arg) {
+void check_packed(const at::Tensor& t, const PackedSide& side, const char* arg) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kByte, arg, ": got dtype ", t.scalar_type(),
                    ", expected uint8 (packed rows)");
   TORCH_CHECK_VALUE(t.dim() >= 1 && t.size(-1) == side.layout.row_bytes, arg, ": got shape ", shape_str(t),
@@ -149,7 +149,7 @@ RowsOp prepare_dequantize(const at::Tensor& packed, const std::string& format, i
 }
 
 namespace {
-void check_cache(const at::Tensor& cache, const SideSpec& s, const at::Device& device, const char* arg) {
+void check_cache(const at::Tensor& cache, const PackedSide& s, const at::Device& device, const char* arg) {
   check_device(cache, device, arg);
   check_packed(cache, s, arg);
   TORCH_CHECK_VALUE(cache.dim() == 4, arg, ": got shape ", shape_str(cache), ", expected (B, Hkv, T, row_bytes)");
@@ -214,7 +214,7 @@ AttentionArgs check_attention(const at::Tensor& q, const at::Tensor& k_cache, co
                               const std::string& k_format, int64_t k_rot_group,
                               const std::optional<int64_t>& k_rot_seed, const std::string& v_format,
                               int64_t v_rot_group, const std::optional<int64_t>& v_rot_seed, double scale,
-                              int64_t window, double softcap, const std::optional<at::Tensor>& sinks) {
+                              int64_t window, double softcap, const std::optional<at::Tensor>& sink_logits) {
   check_float_input(q, "q");
   TORCH_CHECK_VALUE(q.dim() == 4, "q: got shape ", shape_str(q), ", expected (B, Hq, Sq, head_dim)");
   AttentionArgs a{q.size(0), q.size(1), 0, q.size(2), 0, q.size(3), 0, {}, {}};
@@ -238,15 +238,15 @@ AttentionArgs check_attention(const at::Tensor& q, const at::Tensor& k_cache, co
   TORCH_CHECK_VALUE(window >= 0, "window: got ", window, ", expected >= 0 (0 = no sliding window)");
   check_index_tensor(lengths, "lengths", {a.B}, q.device());
   if (starts.has_value()) check_index_tensor(*starts, "starts", {a.B}, q.device());
-  if (sinks.has_value()) check_sinks(*sinks, a.Hq, q.device());
+  if (sink_logits.has_value()) check_sink_logits(*sink_logits, a.Hq, q.device());
   return a;
 }
 
-void check_sinks(const at::Tensor& sinks, int64_t Hq, const at::Device& device) {
-  check_float_input(sinks, "sinks");
-  check_device(sinks, device, "sinks");
-  TORCH_CHECK_VALUE(sinks.dim() == 1 && sinks.size(0) == Hq, "sinks: got shape ", shape_str(sinks), ", expected (", Hq,
-                    ",) (one logit per query head of q)");
+void check_sink_logits(const at::Tensor& sink_logits, int64_t Hq, const at::Device& device) {
+  check_float_input(sink_logits, "sink_logits");
+  check_device(sink_logits, device, "sink_logits");
+  TORCH_CHECK_VALUE(sink_logits.dim() == 1 && sink_logits.size(0) == Hq, "sink_logits: got shape ",
+                    shape_str(sink_logits), ", expected (", Hq, ",) (one logit per query head of q)");
 }
 
 void check_lengths(const at::Tensor& len_cpu, const at::Tensor& starts_cpu, int64_t T, int64_t Sq, bool causal) {

@@ -3,7 +3,7 @@
 // traces with are in meta.cpp; python/turbokv/ops.py wraps the ops with types.
 // Rotation of a side is (rot_group, rot_seed): rot_group 0 = none, rot_seed None = plain
 // Hadamard without sign diagonals.
-// attention's sinks: one logit per query head that joins the softmax denominator (no value).
+// attention's sink_logits: one logit per query head that joins the softmax denominator (no value).
 // attention_lse: attention's output and each row's log-sum-exp (B, Hq, Sq) float32, the logit
 // of its denominator (sink included; -inf where the row saw no key), so that attention over
 // disjoint sets of keys can be merged exactly (ops.merge_attention).
@@ -28,11 +28,11 @@ TORCH_LIBRARY(turbokv, m) {
   m.def(
       "attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, Tensor? starts, "
       "str k_format, int k_rot_group, int? k_rot_seed, str v_format, int v_rot_group, int? v_rot_seed, "
-      "float scale, bool causal, int window, float softcap, Tensor? sinks=None) -> Tensor");
+      "float scale, bool causal, int window, float softcap, Tensor? sink_logits=None) -> Tensor");
   m.def(
       "attention_lse(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, Tensor? starts, "
       "str k_format, int k_rot_group, int? k_rot_seed, str v_format, int v_rot_group, int? v_rot_seed, "
-      "float scale, bool causal, int window, float softcap, Tensor? sinks=None) -> (Tensor, Tensor)");
+      "float scale, bool causal, int window, float softcap, Tensor? sink_logits=None) -> (Tensor, Tensor)");
 }
 
 #ifndef TURBOKV_WITH_CUDA

@@ -30,7 +30,7 @@ def gen(request) -> torch.Generator:
 
 @pytest.fixture
 def pin_kernels():
-    """``pin_kernels(attention="spec", smem_limit=...)`` pins kernels (turbokv.core.ops.pinned_kernels)
+    """``pin_kernels(attention="templated", smem_limit=...)`` pins kernels (turbokv.core.ops.pinned_kernels)
     from that call to the end of the test; each call adds to the last; the test's end restores them."""
     with contextlib.ExitStack() as stack:
         yield lambda **fields: stack.enter_context(turbokv.core.ops.pinned_kernels(**fields))

@@ -85,12 +85,12 @@ def reference_errors(args, got: torch.Tensor) -> tuple[float, float]:
     return (got.cpu().double() - exact).abs().max().item(), ref_err
 
 
-# The format-specialised CUDA kernel (attention_spec.cuh) is built for every pair of these K and
+# The format-specialised CUDA kernel (attention_templated.cuh) is built for every pair of these K and
 # V formats, and for f16 with f16, at rows of 64, 128 or 256 values.
 SPEC_PACKED = ("q8_0", "q5_0", "q4_0", "turbo2", "turbo3", "turbo4")
 
 
-def spec_built(kf: str, vf: str) -> bool:
+def templated_built(kf: str, vf: str) -> bool:
     return (kf == vf == "f16") or (kf in SPEC_PACKED and vf in SPEC_PACKED)
 
 

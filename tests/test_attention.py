@@ -9,7 +9,15 @@ import sys
 import pytest
 import torch
 from conftest import device_params
-from helpers import SPEC_PACKED, attention_args, make_cache, poison_cuda_memory, reference_errors, sides, spec_built
+from helpers import (
+    SPEC_PACKED,
+    attention_args,
+    make_cache,
+    poison_cuda_memory,
+    reference_errors,
+    sides,
+    templated_built,
+)
 
 import turbokv
 from turbokv.core import formats, reference
@@ -212,7 +220,7 @@ def test_decode_kernels_agree_cuda(device, kf, vf, d, gen, pin_kernels):
     """The tensor-core decode kernel, the SIMT one and the tiled one give the same attention.
 
     ops.pinned_kernels pins each; auto takes the format-specialised kernel where one is
-    built (spec_built), else the generic tensor-core kernel for f16/bf16/q8_0 rows
+    built (templated_built), else the generic tensor-core kernel for f16/bf16/q8_0 rows
     and the SIMT one for the rest; pinning a kernel where it cannot run is a clear error.
     """
     kr, vr = sides(kf, vf, d)
@@ -221,7 +229,7 @@ def test_decode_kernels_agree_cuda(device, kf, vf, d, gen, pin_kernels):
     args = attention_args(q, kc, vc, torch.tensor([300, 17, 1]), torch.tensor([0, 5, 0]), kf, vf, kr, vr)
     dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     cheap = {"f16", "bf16", "q8_0"}
-    expected = "spec" if spec_built(kf, vf) else "mma" if {kf, vf} <= cheap else "simt"
+    expected = "templated" if templated_built(kf, vf) else "mma" if {kf, vf} <= cheap else "simt"
     outs = {}
     for kernel in {"mma", "simt", "tiled", "auto", expected}:
         pin_kernels(attention=kernel)
@@ -245,7 +253,7 @@ SPEC_FORMATS = ("f16",) + SPEC_PACKED
 @pytest.mark.parametrize("fmt", SPEC_FORMATS)
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 1), (3, 3)])
-def test_spec_decode_kernel_cuda(device, fmt, d, hq, hkv, gen, pin_kernels):
+def test_templated_decode_kernel_cuda(device, fmt, d, hq, hkv, gen, pin_kernels):
     """The format-specialised tensor-core decode kernel (each format's own bit tricks and dim
     order) against the reference: odd lengths, left padding, GQA 4 / 8 / 1, bf16 and f16
     queries; it is what auto runs for these formats, and the tiled kernel agrees with it."""
@@ -257,15 +265,15 @@ def test_spec_decode_kernel_cuda(device, fmt, d, hq, hkv, gen, pin_kernels):
         args = attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor(starts), fmt, fmt, kr, vr)
         dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
         outs = {}
-        for kernel in ("spec", "auto", "tiled"):
+        for kernel in ("templated", "auto", "tiled"):
             pin_kernels(attention=kernel)
             poison_cuda_memory()
             outs[kernel] = torch.ops.turbokv.attention(*dev).double().cpu()
-        assert outs["spec"].isfinite().all()
-        err, ref_err = reference_errors(args, outs["spec"].to(dtype))
+        assert outs["templated"].isfinite().all()
+        err, ref_err = reference_errors(args, outs["templated"].to(dtype))
         assert err <= 2 * ref_err + 1e-6, (err, ref_err)
-        assert torch.equal(outs["auto"], outs["spec"])
-        torch.testing.assert_close(outs["spec"], outs["tiled"], rtol=0, atol=4 * ref_err + 1e-6)
+        assert torch.equal(outs["auto"], outs["templated"])
+        torch.testing.assert_close(outs["templated"], outs["tiled"], rtol=0, atol=4 * ref_err + 1e-6)
 
 
 MIXED_PAIRS = [(kf, vf) for kf in SPEC_PACKED for vf in SPEC_PACKED if kf != vf]
@@ -276,7 +284,7 @@ GQA_SHAPES = [(8, 2), (8, 1), (4, 4), (16, 1), (12, 3)]
 @pytest.mark.parametrize("pair", range(len(MIXED_PAIRS)))
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("sq", [1, 5])
-def test_spec_kernel_mixed_pairs_cuda(device, pair, d, sq, gen, pin_kernels):
+def test_templated_kernel_mixed_pairs_cuda(device, pair, d, sq, gen, pin_kernels):
     """K and V in different formats (what calibrated policies and q8_0-K / turbo-V choose): the
     specialised kernel reads each side through its own decoder, for decode and several queries,
     GQA 1-8 and MQA, f16 and bf16 queries, odd lengths and left padding; auto takes it."""
@@ -289,21 +297,21 @@ def test_spec_kernel_mixed_pairs_cuda(device, pair, d, sq, gen, pin_kernels):
     args = attention_args(q, kc, vc, torch.tensor([601, 77, 9]), torch.tensor([0, 4, 0]), kf, vf, kr, vr)
     dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     outs = {}
-    for kernel in ("spec", "auto"):
+    for kernel in ("templated", "auto"):
         pin_kernels(attention=kernel)
         poison_cuda_memory()
         outs[kernel] = torch.ops.turbokv.attention(*dev).cpu()
-    assert outs["spec"].isfinite().all()
-    err, ref_err = reference_errors(args, outs["spec"])
+    assert outs["templated"].isfinite().all()
+    err, ref_err = reference_errors(args, outs["templated"])
     assert err <= 2 * ref_err + 1e-6, f"{kf}/{vf}: error {err:.3e} > 2 x reference error {ref_err:.3e}"
-    assert torch.equal(outs["auto"], outs["spec"])
+    assert torch.equal(outs["auto"], outs["templated"])
 
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("fmt", ["f16", "q8_0"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("kgroup", [16, 32, 64])
-def test_spec_decode_rotation_groups_cuda(device, fmt, d, kgroup, gen, pin_kernels):
+def test_templated_decode_rotation_groups_cuda(device, fmt, d, kgroup, gen, pin_kernels):
     """The specialised kernel's query rotation takes each lane's sign bits out of one word
     per side (its E = d / 32 values are consecutive bits of a group): groups smaller than
     a 32-bit word of signs (16) and than a row, with K and V rotated by different groups."""
@@ -313,7 +321,7 @@ def test_spec_decode_rotation_groups_cuda(device, fmt, d, kgroup, gen, pin_kerne
     q = torch.randn(2, 8, 1, d, generator=gen).to(torch.float16)
     args = attention_args(q, kc, vc, torch.tensor(lengths), torch.tensor([0, 0]), fmt, fmt, kr, vr)
     dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-    pin_kernels(attention="spec")
+    pin_kernels(attention="templated")
     poison_cuda_memory()
     out = torch.ops.turbokv.attention(*dev).cpu()
     err, ref_err = reference_errors(args, out)
@@ -369,9 +377,9 @@ def test_bytes_outside_the_lengths_never_matter(device, fmt, d, gen):
 
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
-def test_spec_kernel_refuses_what_it_is_not_built_for_cuda(device, gen, pin_kernels):
+def test_templated_kernel_refuses_what_it_is_not_built_for_cuda(device, gen, pin_kernels):
     """Pinning the specialised kernel on a call it has no variant for is a clear error."""
-    pin_kernels(attention="spec")
+    pin_kernels(attention="templated")
     for kf, vf, d, match in (("f16", "q4_0", 128, "both in f16"), ("q5_1", "q5_1", 128, "each in q8_0, q5_0")):
         kr, vr = sides(kf, vf, d)
         kc, vc = make_cache(gen, 1, 2, 40, d, kf, vf, kr, vr)

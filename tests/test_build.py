@@ -73,7 +73,7 @@ def test_pinned_kernels_are_checked_and_restored():
         assert ops.kernel_choice()["cpu_isa"] == "auto"
     assert ops.kernel_choice() == before
     bad = [
-        (dict(attention="fastest"), "attention: got 'fastest', expected auto, flash, spec, mma, simt or tiled"),
+        (dict(attention="fastest"), "attention: got 'fastest', expected auto, flash, templated, mma, simt or tiled"),
         (dict(cpu_isa="avx9"), "cpu_isa: got 'avx9', expected auto, avx2 or baseline"),
         (dict(smem_limit=-1), "smem_limit: got -1, expected bytes"),
         (dict(smem_limit="lots"), "smem_limit: got 'lots', expected an int"),
@@ -179,10 +179,10 @@ def test_kernels_that_do_not_fit_are_refused_by_name(gen, pin_kernels):
     need_cuda()
     pin_kernels(smem_limit=SMEM_SM86)
     # f16 rows of 128: the 3-stage specialised shape (102 KiB) gives way to the 2-stage one.
-    pin_kernels(attention="spec")
+    pin_kernels(attention="templated")
     run_budget("cuda", gen, 1, 8, 2, 1000, 128, 1, "f16", "f16", [1000])
     # f16 rows of 256 fit neither tensor-core kernel in 99 KiB.
-    for kernel in ("spec", "mma"):
+    for kernel in ("templated", "mma"):
         pin_kernels(attention=kernel)
         with pytest.raises(RuntimeError, match=f"pinned kernel {kernel}.*shared memory.*{SMEM_SM86} bytes"):
             run_budget("cuda", gen, 1, 8, 2, 300, 256, 1, "f16", "f16", [300])

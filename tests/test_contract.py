@@ -14,7 +14,7 @@ import turbokv
 from turbokv.core import formats, reference
 
 D = 128
-CUDA_KERNELS = ("auto", "spec", "mma", "simt", "tiled")
+CUDA_KERNELS = ("auto", "templated", "mma", "simt", "tiled")
 
 
 def _kernels(device: str, fmt: str, sq: int) -> list[str]:
@@ -27,7 +27,7 @@ def _kernels(device: str, fmt: str, sq: int) -> list[str]:
     if fmt in ("f16", "q8_0", "bf16"):
         ks.append("mma")
     if fmt in ("f16", "q8_0", "q4_0", "turbo2", "turbo3", "turbo4"):
-        ks.append("spec")
+        ks.append("templated")
     return ks
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import device_params
-from helpers import attention_args, make_cache, pairwise, poison_cuda_memory, reference_errors, sides, spec_built
+from helpers import attention_args, make_cache, pairwise, poison_cuda_memory, reference_errors, sides, templated_built
 
 from turbokv.core import ops
 
@@ -36,9 +36,9 @@ def test_multi_query_kernels_cuda(device, sq, heads, case, gen, pin_kernels):
     d, kf, vf, _, _ = CASES[case]
     args = _case_args(gen, case, sq, hq, hkv)
     dev = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-    spec = spec_built(kf, vf) and d != 96
+    templated = templated_built(kf, vf) and d != 96
     flash = d != 96
-    kernels = ["mma", "tiled", "auto"] + (["spec"] if spec else []) + (["flash"] if flash else [])
+    kernels = ["mma", "tiled", "auto"] + (["templated"] if templated else []) + (["flash"] if flash else [])
     outs = {}
     for kernel in kernels:
         pin_kernels(attention=kernel)
@@ -50,7 +50,7 @@ def test_multi_query_kernels_cuda(device, sq, heads, case, gen, pin_kernels):
         err, _ = reference_errors(args, outs[kernel])
         assert err <= 2 * ref_err + 1e-6, f"{kernel}: error {err:.3e} > 2 x reference error {ref_err:.3e}"
     on_flash = flash and kf == vf == "f16" and (hq // hkv) * sq >= FLASH_MIN_ROWS
-    assert torch.equal(outs["auto"], outs["flash" if on_flash else "spec" if spec else "mma"])
+    assert torch.equal(outs["auto"], outs["flash" if on_flash else "templated" if templated else "mma"])
     tiled = outs["tiled"].double()
     for kernel in ["mma"] + (["flash"] if flash else []):
         torch.testing.assert_close(outs[kernel].double(), tiled, rtol=0, atol=4 * ref_err + 1e-6, msg=kernel)

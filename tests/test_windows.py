@@ -50,9 +50,9 @@ def test_attention_lse_matches_reference(device, fmt, sq, causal, window, softca
     lengths = torch.tensor([t, t - 7, 9])
     # Sequence 2 is all padding for its first queries' window: some rows see no key (lse -inf, zeros).
     starts = torch.tensor([0, 5, 9]) if padded else None
-    sinks = torch.randn(hq, generator=gen) if sink else None
+    sink_logits = torch.randn(hq, generator=gen) if sink else None
     args = attention_args(q, kc, vc, lengths, starts, fmt, fmt, kr, vr, causal, window, softcap)
-    want_o, want_l = reference.attention(*args, sinks, return_lse=True)
+    want_o, want_l = reference.attention(*args, sink_logits, return_lse=True)
     dev = lambda x: None if x is None else x.to(device)  # noqa: E731
     out, lse = ops.attention(
         *(dev(x) for x in (q, kc, vc, lengths, starts)),
@@ -63,7 +63,7 @@ def test_attention_lse_matches_reference(device, fmt, sq, causal, window, softca
         causal=causal,
         window=window,
         softcap=softcap,
-        sinks=dev(sinks),
+        sink_logits=dev(sink_logits),
         return_lse=True,
     )
     assert lse.shape == (b, hq, sq) and lse.dtype == torch.float32
@@ -112,16 +112,16 @@ def test_merge_of_disjoint_key_sets_is_the_whole(device):
     kr, vr = sides("q8_0", "q8_0", 64)
     kc, vc = make_cache(gen, 2, 2, 70, 64, "q8_0", "q8_0", kr, vr)
     kc, vc, q = kc.to(device), vc.to(device), torch.randn(2, 4, 1, 64, generator=gen).to(device)
-    sinks = torch.randn(4, generator=gen).to(device)
+    sink_logits = torch.randn(4, generator=gen).to(device)
     kw = dict(k_format="q8_0", v_format="q8_0", k_rot=kr, v_rot=vr)
     n = lambda x: torch.tensor([x, x], device=device)  # noqa: E731
-    whole = ops.attention(q, kc, vc, n(70), None, sinks=sinks, **kw)
+    whole = ops.attention(q, kc, vc, n(70), None, sink_logits=sink_logits, **kw)
     head = ops.attention(
         q, kc[:, :, :40].contiguous(), vc[:, :, :40].contiguous(), n(40), None, causal=False, return_lse=True, **kw
     )
     tail = ops.attention(q, kc, vc, n(70), n(40), return_lse=True, **kw)
     empty = (torch.zeros_like(q), torch.full(q.shape[:3], -math.inf, device=device))  # a part that saw nothing
-    torch.testing.assert_close(ops.merge_attention([head, tail, empty], sinks), whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.merge_attention([head, tail, empty], sink_logits), whole, atol=1e-5, rtol=1e-5)
     # A row no part saw stays zeros; a NaN part makes the row NaN.
     assert torch.equal(ops.merge_attention([empty, empty]), torch.zeros_like(q))
     bad = (tail[0], torch.full_like(tail[1], math.nan))
@@ -165,7 +165,9 @@ def _window_reference(q, k, v, first, starts, s, w, fmt, offset=None, window=0, 
 
 
 def _run(layer, q, starts=None, window=0, softcap=0.0):
-    out = _fused_attention(q, layer, starts, scale=q.shape[-1] ** -0.5, window=window, softcap=softcap, sinks=None)
+    out = _fused_attention(
+        q, layer, starts, scale=q.shape[-1] ** -0.5, window=window, softcap=softcap, sink_logits=None
+    )
     return out
 
 
@@ -402,7 +404,7 @@ def _part(b=2, h=4, s=3, d=8, dtype=torch.float32):
 
 
 @pytest.mark.parametrize(
-    "parts, sinks, message",
+    "parts, sink_logits, message",
     [
         ([], None, "parts: got \\[\\], expected a non-empty list"),
         ([_part(), (torch.randn(2, 4, 3, 8), torch.randn(2, 4, 1))], None, r"parts\[1\] lse: got .* \(2, 4, 1\)"),
@@ -414,13 +416,13 @@ def _part(b=2, h=4, s=3, d=8, dtype=torch.float32):
         ([_part(), _part(d=16)], None, r"parts\[1\] out: got .* \(2, 4, 3, 16\) on cpu, expected shape \(2, 4, 3, 8\)"),
         ([_part(), (torch.randn(2, 4, 3, 8).long(), torch.randn(2, 4, 3))], None, r"parts\[1\] out: got torch.int64"),
         ([(torch.randn(4, 3, 8), torch.randn(4, 3))], None, r"parts\[0\] out: got .* \(4, 3, 8\)"),
-        ([_part()], torch.zeros(1), r"sinks: got torch.float32 \(1,\), expected a float tensor of shape \(4,\)"),
-        ([_part()], torch.zeros(4, dtype=torch.long), "sinks: got torch.int64"),
-        ([_part()], [0.0] * 4, "sinks: got list"),
+        ([_part()], torch.zeros(1), r"sink_logits: got torch.float32 \(1,\), expected a float tensor of shape \(4,\)"),
+        ([_part()], torch.zeros(4, dtype=torch.long), "sink_logits: got torch.int64"),
+        ([_part()], [0.0] * 4, "sink_logits: got list"),
     ],
 )
-def test_merge_attention_checks_like_the_op(parts, sinks, message):
+def test_merge_attention_checks_like_the_op(parts, sink_logits, message):
     """merge_attention refuses what the op refuses (shapes that would broadcast, a sink per
     nothing), naming the part, instead of a wrong merge or a raw torch error."""
     with pytest.raises(ValueError, match=message):
-        turbokv.merge_attention(parts, sinks)
+        turbokv.merge_attention(parts, sink_logits)

@@ -3,7 +3,7 @@
 # CUDA compile error fails CI even on a machine with no GPU and a CPU-only torch.
 #   bash tools/check_cuda_compile.sh           as CI runs it: the kernels' two device-code paths
 #                                              (__CUDA_ARCH__ below 900: no PDL; 900 and up), sm_80
-#                                              and sm_90a; the generated kernel instances (spec/,
+#                                              and sm_90a; the generated kernel instances (templated/,
 #                                              42 files of one template) for sm_90a, one per head
 #                                              dim for sm_80 too
 #   bash tools/check_cuda_compile.sh --wheel   every architecture of the wheel list, every file
@@ -57,7 +57,7 @@ t0=$SECONDS
 printf '%s\n' "${srcs[@]}" | xargs -P "$(nproc)" -I{} bash -c '
   s=$SECONDS
   g=$gencode
-  case {} in cpp/cuda/spec/*) case {} in */spec*_q4_0.cu) ;; *) g=$gencode_instances ;; esac ;; esac
+  case {} in cpp/cuda/templated/*) case {} in */templated*_q4_0.cu) ;; *) g=$gencode_instances ;; esac ;; esac
   "$nvcc" -std=c++20 $g -Icpp -Icpp/include $incs -I"$out/shim" \
     -D_GLIBCXX_USE_CXX11_ABI=1 -DTURBOKV_COMPILE_CHECK=1 -Xcompiler=-Werror=frame-larger-than=16384 \
     --expt-relaxed-constexpr -c {} -o "$out/$(echo {} | tr / _).o"

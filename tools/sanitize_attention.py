@@ -14,7 +14,7 @@ import torch
 from turbokv.core import ops, reference
 from turbokv.core.rotation import auto_rotation
 
-KERNELS = ("spec", "flash", "mma", "simt", "tiled")
+KERNELS = ("templated", "flash", "mma", "simt", "tiled")
 # (K, V) pairs: each family on each side, mixed and uniform.
 PAIRS = (("q4_0", "turbo3"), ("turbo4", "q8_0"), ("q5_0", "turbo2"), ("f16", "f16"), ("q5_1", "q4_1"), ("bf16", "q4_0"))
 MASKS = ({}, {"window": 7}, {"softcap": 20.0}, {"causal": False}, {"starts": True})

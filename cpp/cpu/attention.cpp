@@ -46,20 +46,20 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(TURBOKV_ATTENTION_PARAMS, bool
   TORCH_CHECK_VALUE(q.device().is_cpu(), "q: got device ", q.device(), ", expected cpu for this kernel");
   const AttentionArgs a =
       check_attention(q, k_cache, v_cache, lengths, starts, std::string(k_format), k_rot_group, k_rot_seed,
-                      std::string(v_format), v_rot_group, v_rot_seed, scale, window, softcap, sinks);
+                      std::string(v_format), v_rot_group, v_rot_seed, scale, window, softcap, sink_logits);
   const at::Tensor len = lengths.to(at::kLong).contiguous();
   const at::Tensor st = starts.has_value() ? starts->to(at::kLong).contiguous() : at::zeros({a.B}, len.options());
   check_lengths(len, st, a.T, a.Sq, causal);
   const int64_t* lp = len.const_data_ptr<int64_t>();
   const int64_t* sp = st.const_data_ptr<int64_t>();
-  const SideSpec &ks = a.ks, &vs = a.vs;
+  const PackedSide &ks = a.ks, &vs = a.vs;
   AttnShape P{a.B,    a.Hq,   a.Hkv,   a.Sq,   a.T, a.d, a.G, static_cast<float>(scale), static_cast<float>(softcap),
               causal, window, nullptr, nullptr};
   const AttnSide kside{ks.layout, ks.rot_group, ks.s1_ptr(), ks.s2_ptr()};
   const AttnSide vside{vs.layout, vs.rot_group, vs.s1_ptr(), vs.s2_ptr()};
   const AttendTask attend_task = chosen_kernel().fn;
-  const at::Tensor sinks_f32 = sinks.has_value() ? sinks->to(at::kFloat).contiguous() : at::Tensor();
-  if (sinks.has_value()) P.sinks = sinks_f32.const_data_ptr<float>();
+  const at::Tensor sink_logits_f32 = sink_logits.has_value() ? sink_logits->to(at::kFloat).contiguous() : at::Tensor();
+  if (sink_logits.has_value()) P.sink_logits = sink_logits_f32.const_data_ptr<float>();
 
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   const at::Tensor kc = k_cache.contiguous(), vc = v_cache.contiguous();

@@ -368,7 +368,7 @@ void attend_task(const AttnShape& P, const AttnSide& ks, const AttnSide& vs, con
   for (int64_t r = 0; r < M; ++r) {
     float* a = acc + r * sv;
     const int g = static_cast<int>(r / nq);
-    if (P.sinks != nullptr && mx[r] != -kInf) sm[r] += expf(P.sinks[h * P.G + g] - mx[r]);
+    if (P.sink_logits != nullptr && mx[r] != -kInf) sm[r] += expf(P.sink_logits[h * P.G + g] - mx[r]);
     const float inv = sm[r] == 0.0f ? 0.0f : 1.0f / sm[r];
     for (int j = 0; j < dpv; ++j) a[j] *= inv;
     if (vs.rot_group) rotate_row<float>(a, dpv, vs.rot_group, vs.s1, vs.s2, true);

@@ -18,8 +18,8 @@ struct AttnShape {
   float scale, softcap;
   bool causal;
   int64_t window;
-  const float* sinks;  // (Hq,) or null: one logit per query head that joins the denominator, no value
-  float* lse;          // (B, Hq, Sq) or null: each row's log-sum-exp of its scores (sink included), -inf for none
+  const float* sink_logits;  // (Hq,) or null: one logit per query head that joins the denominator, no value
+  float* lse;                // (B, Hq, Sq) or null: each row's log-sum-exp of its scores (sink included), -inf for none
 };
 
 struct AttnSide {

@@ -13,7 +13,7 @@ namespace turbokv::cpu {
 namespace {
 
 // Loads row r of a contiguous (rows, d) float tensor, zero-pads to dp, rotates.
-void prepare_row(const at::Tensor& x, int64_t r, const SideSpec& s, float* buf) {
+void prepare_row(const at::Tensor& x, int64_t r, const PackedSide& s, float* buf) {
   const RowLayout& L = s.layout;
   load_row(x, r, L.d, buf);
   for (int j = L.d; j < L.dp; ++j) buf[j] = 0.0f;
@@ -28,7 +28,7 @@ at::Tensor quantize_cpu(const at::Tensor& x, c10::string_view format, int64_t ro
                         std::optional<int64_t> rot_seed) {
   check_cpu(x, "x");
   RowsOp op = prepare_quantize(x, std::string(format), rot_group, rot_seed);
-  const SideSpec& s = op.side;
+  const PackedSide& s = op.side;
   const RowLayout& L = s.layout;
   uint8_t* dst = op.out.mutable_data_ptr<uint8_t>();
   at::parallel_for(0, op.rows, 64, [&](int64_t begin, int64_t end) {
@@ -45,7 +45,7 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, c10::string_view format, int
                           std::optional<int64_t> rot_seed, bool unrotate, at::ScalarType dtype) {
   check_cpu(packed, "packed");
   RowsOp op = prepare_dequantize(packed, std::string(format), head_dim, rot_group, rot_seed, unrotate, dtype);
-  const SideSpec& s = op.side;
+  const PackedSide& s = op.side;
   const RowLayout& L = s.layout;
   const uint8_t* src = op.input.const_data_ptr<uint8_t>();
   at::parallel_for(0, op.rows, 64, [&](int64_t begin, int64_t end) {
@@ -71,7 +71,7 @@ void cache_append_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor
   check_positions(pos, a.T);
   const int64_t* pp = pos.const_data_ptr<int64_t>();
   const int64_t B = a.B, H = a.H, S = a.S, T = a.T;
-  const SideSpec &ks = a.ks, &vs = a.vs;
+  const PackedSide &ks = a.ks, &vs = a.vs;
   const at::Tensor kc = k.contiguous(), vc = v.contiguous();
   uint8_t* kdst = k_cache.mutable_data_ptr<uint8_t>();
   uint8_t* vdst = v_cache.mutable_data_ptr<uint8_t>();

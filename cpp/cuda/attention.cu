@@ -3,19 +3,19 @@
 // Split-K flash attention in two launches, by one of five partial kernels (choose_path):
 //  * flash (attention_flash.cuh): tensor cores, 64 (query, head) rows a block, each K/V tile
 //    decoded once into shared memory for all of them; f16 calls of many rows (kFlashMinRows).
-//  * spec (attention_spec.cuh): tensor cores, the K and V formats template parameters; decode
+//  * templated (attention_templated.cuh): tensor cores, the K and V formats template parameters; decode
 //    and multi-query calls. Keys are the M of the mma, 8 (query, head) rows of a KV head's group
 //    the N (RowChunk, one chunk per blockIdx.z), so each K/V chunk is decoded once per 8 rows.
 //  * mma (attention_mma.cuh): the same products with the format read at run time (f16, q8_0
-//    and every format the spec kernel is not built for).
-//  * simt (attention_decode.cuh): one query per sequence on CUDA cores, any head dim.
+//    and every format the templated kernel is not built for).
+//  * simt (attention_simt.cuh): one query per sequence on CUDA cores, any head dim.
 //  * tiled (below): anything else (f32 queries, mixed row widths). One block per (key split,
 //    sequence x KV head, chunk of queries); its rows are the group's heads x its queries. Q is
 //    padded, rotated (K side) and scaled in shared memory (prologue); K/V tiles are dequantised
 //    element-parallel into shared memory and never un-rotated; online softmax.
 // Each writes unnormalised partial outputs + (max, sum) to a workspace; then
 //  merge: one block per query row combines the splits (log-sum-exp), adds the attention
-//     sink's exp(sink - max) to the denominator when sinks are given, normalises,
+//     sink's exp(sink - max) to the denominator when sink_logits are given, normalises,
 //     inverse-rotates (V side) and drops the padding (epilogue).
 // Long prompts (Sq >= PREFILL_SDPA_MIN_QUERIES) do not come here: the Python op dequantizes
 // and calls SDPA's flash / cuDNN kernels, which are faster at that shape (ops.py).
@@ -29,11 +29,11 @@
 #include <tuple>
 
 #include "../kernel_choice.h"
-#include "attention_decode.cuh"
 #include "attention_flash.cuh"
 #include "attention_merge.cuh"
 #include "attention_mma.cuh"
-#include "attention_spec.cuh"
+#include "attention_simt.cuh"
+#include "attention_templated.cuh"
 #include "common.cuh"
 
 namespace turbokv::cuda {
@@ -47,7 +47,8 @@ size_t partial_smem(int M, int dpk, int dpv) {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     partial_kernel(const scalar_t* __restrict__ q, const uint8_t* __restrict__ kc, const uint8_t* __restrict__ vc,
-                   DevSide ks, DevSide vs, AttnParams P, float* __restrict__ part_o, float* __restrict__ part_ml) {
+                   DeviceSide ks, DeviceSide vs, AttnParams P, float* __restrict__ part_o,
+                   float* __restrict__ part_ml) {
   extern __shared__ __align__(16) float sm[];
   const int dpk = ks.dp, dpv = vs.dp;
   const int Mmax = rows_per_block(P);
@@ -210,7 +211,7 @@ __device__ void unrotate_out(const float* buf, const LaneRotation<float>& rot, i
 // One block per query row: combine the splits, inverse-rotate, store.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMergeThreads)
-    merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml, DevSide vs, int nsplit,
+    merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml, DeviceSide vs, int nsplit,
                  int64_t rows_total, int d, scalar_t* __restrict__ out, AttnParams P, GraphError* err) {
   extern __shared__ __align__(16) float buf[];  // dpv outputs, then merge_row's scratch
   // Rows a warp holds are inverse-rotated in registers; the lane's sign flips are read before
@@ -224,7 +225,7 @@ __global__ void __launch_bounds__(kMergeThreads)
                          : lane_rotation<8>(vs, true);
   wait_for_producer_grid();  // launched early (see attention_cuda)
   const int64_t row = blockIdx.x;
-  const float* sink = P.sinks ? P.sinks + (row / P.Sq) % P.Hq : nullptr;
+  const float* sink = P.sink_logits ? P.sink_logits + (row / P.Sq) % P.Hq : nullptr;
   if (err != nullptr && threadIdx.x == 0 && row % (P.Hq * P.Sq) == 0)
     check_lengths_in_graph(P, row / (P.Hq * P.Sq), err);
   float* lse = P.lse ? P.lse + row : nullptr;
@@ -248,7 +249,7 @@ __global__ void __launch_bounds__(kMergeThreads)
 }
 
 // Values per lane (16 or 8) of the decode fast path, or 0 when this call must take the general kernel.
-int decode_fast_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& kc,
+int decode_fast_path(const AttentionArgs& a, const DeviceSide& ks, const DeviceSide& vs, const at::Tensor& kc,
                      const at::Tensor& vc) {
   if (a.Sq != 1 || a.G > 8 || ks.dp != vs.dp) return 0;
   const bool aligned = reinterpret_cast<uintptr_t>(kc.const_data_ptr()) % 16 == 0 &&
@@ -267,11 +268,11 @@ int decode_fast_path(const AttentionArgs& a, const DevSide& ks, const DevSide& v
 
 // Which kernel runs a call: chosen from the shapes and the device, or pinned by a caller
 // (kernel_choice.h: tests, benchmarks); a pinned kernel that cannot run the call is an error.
-enum class Path { kTiled, kSimt, kMma, kSpec, kFlash };
+enum class Path { kTiled, kSimt, kMma, kTemplated, kFlash };
 
 // From this many (query, head) rows per KV head and sequence, auto runs a call of several
 // queries with f16 K and V rows on the flash kernel, which is faster there by measurement
-// (benchmarks/results/bench_prefill_kernels.md). Packed formats stay on the spec kernel: its
+// (benchmarks/results/bench_prefill_kernels.md). Packed formats stay on the templated kernel: its
 // word-wide decoders in registers beat the flash kernel's decode into shared memory.
 constexpr int kFlashMinRows = 32;
 
@@ -316,11 +317,11 @@ int mma_blocks_per_sm(MmaKernel k, size_t smem, int device) {
 }
 
 // 16-key tiles per chunk: two when a chunk of K and V stays within 8 KiB.
-int mma_tiles(const DevSide& ks, const DevSide& vs) { return 32 * (ks.row_bytes + vs.row_bytes) <= 8192 ? 2 : 1; }
+int mma_tiles(const DeviceSide& ks, const DeviceSide& vs) { return 32 * (ks.row_bytes + vs.row_bytes) <= 8192 ? 2 : 1; }
 
-// Why neither tensor-core kernel (attention_mma.cuh, attention_spec.cuh) can run this call,
+// Why neither tensor-core kernel (attention_mma.cuh, attention_templated.cuh) can run this call,
 // shared memory aside, or nullptr when they can.
-const char* tensor_core_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
+const char* tensor_core_unfit(const AttentionArgs& a, const DeviceSide& ks, const DeviceSide& vs, const at::Tensor& q,
                               const at::Tensor& kc, const at::Tensor& vc) {
   if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) return "it is built for f16/bf16 queries";
   if ((a.G * a.Sq + 7) / 8 > 65535) return "it takes at most 65535 chunks of 8 (query, head) rows (the grid's z)";
@@ -334,7 +335,7 @@ constexpr const char* kNoSmem = "its shared memory for these rows exceeds the GP
 
 // Why the tensor-core kernel (attention_mma.cuh) cannot run this call within `smem_max` bytes
 // of shared memory per block, or nullptr when it can.
-const char* mma_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
+const char* mma_unfit(const AttentionArgs& a, const DeviceSide& ks, const DeviceSide& vs, const at::Tensor& q,
                       const at::Tensor& kc, const at::Tensor& vc, int smem_max) {
   if (const char* why = tensor_core_unfit(a, ks, vs, q, kc, vc)) return why;
   if (mma_smem_bytes(MmaLayout(mma_tiles(ks, vs), ks.row_bytes, vs.row_bytes), ks.dp) > static_cast<size_t>(smem_max))
@@ -343,7 +344,7 @@ const char* mma_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& 
 }
 
 // Why the flash kernel (attention_flash.cuh) cannot run this call, or nullptr when it can.
-const char* flash_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
+const char* flash_unfit(const AttentionArgs& a, const DeviceSide& ks, const DeviceSide& vs, const at::Tensor& q,
                         const at::Tensor& kc, const at::Tensor& vc, int smem_max) {
   if (const char* why = tensor_core_unfit(a, ks, vs, q, kc, vc)) return why;
   const FlashKernel fk = flash_kernel_for(ks.dp, ks.row_bytes, vs.row_bytes);
@@ -353,14 +354,14 @@ const char* flash_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide
 }
 
 template <bool kMulti>
-SpecKernel spec_for_dp(int kfmt, int vfmt, int dp, bool long_keys) {
+TemplatedKernel templated_for_dp(int kfmt, int vfmt, int dp, bool long_keys) {
   switch (dp) {
     case 64:
-      return spec_kernel<64, kMulti>(kfmt, vfmt, long_keys);
+      return templated_kernel<64, kMulti>(kfmt, vfmt, long_keys);
     case 128:
-      return spec_kernel<128, kMulti>(kfmt, vfmt, long_keys);
+      return templated_kernel<128, kMulti>(kfmt, vfmt, long_keys);
     case 256:
-      return spec_kernel<256, kMulti>(kfmt, vfmt, long_keys);
+      return templated_kernel<256, kMulti>(kfmt, vfmt, long_keys);
     default:
       return {};
   }
@@ -370,30 +371,30 @@ SpecKernel spec_for_dp(int kfmt, int vfmt, int dp, bool long_keys) {
 // fits `smem_max` bytes of shared memory per block where there is a choice: f16 rows of 128
 // have a 2-stage shape of 68 KiB beside the 3-stage one of 102 KiB, which sm_86 / sm_89 /
 // sm_120 (99 KiB) cannot hold.
-SpecKernel pick_spec(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, int smem_max) {
+TemplatedKernel pick_templated(const AttentionArgs& a, const DeviceSide& ks, const DeviceSide& vs, int smem_max) {
   const auto get = [&](bool long_keys) {
-    return a.Sq == 1 ? spec_for_dp<false>(ks.fmt, vs.fmt, ks.dp, long_keys)
-                     : spec_for_dp<true>(ks.fmt, vs.fmt, ks.dp, long_keys);
+    return a.Sq == 1 ? templated_for_dp<false>(ks.fmt, vs.fmt, ks.dp, long_keys)
+                     : templated_for_dp<true>(ks.fmt, vs.fmt, ks.dp, long_keys);
   };
   const bool long_keys = a.T >= 8192;
-  const SpecKernel sk = get(long_keys);
+  const TemplatedKernel sk = get(long_keys);
   if (sk.fn && sk.smem > smem_max) {
-    const SpecKernel other = get(!long_keys);
+    const TemplatedKernel other = get(!long_keys);
     if (other.smem <= smem_max) return other;
   }
   return sk;
 }
 
 // Why the format-specialised tensor-core kernel cannot run this call, or nullptr when it can.
-const char* spec_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
-                       const at::Tensor& kc, const at::Tensor& vc, int smem_max) {
+const char* templated_unfit(const AttentionArgs& a, const DeviceSide& ks, const DeviceSide& vs, const at::Tensor& q,
+                            const at::Tensor& kc, const at::Tensor& vc, int smem_max) {
   if (const char* why = tensor_core_unfit(a, ks, vs, q, kc, vc)) return why;
-  const SpecKernel sk = pick_spec(a, ks, vs, smem_max);
+  const TemplatedKernel sk = pick_templated(a, ks, vs, smem_max);
   if (!sk.fn)
     return "it is built for rows of 64, 128 or 256 values, K and V each in q8_0, q5_0, q4_0, turbo2, turbo3 or "
            "turbo4, or both in f16";
   if (sk.smem > smem_max) return kNoSmem;  // f16 / q8_0 rows of 256 on GPUs of 99 KiB
-  for (const DevSide* s : {&ks, &vs})      // the turbo4 decoder relies on c[15 - i] == -c[i]
+  for (const DeviceSide* s : {&ks, &vs})   // the turbo4 decoder relies on c[15 - i] == -c[i]
     if (s->fmt == kFmt_turbo4)
       for (int i = 0; i < 16; ++i)
         if (s->cb[i] != -s->cb[15 - i]) return "its turbo4 decoder needs a symmetric codebook";
@@ -403,22 +404,22 @@ const char* spec_unfit(const AttentionArgs& a, const DevSide& ks, const DevSide&
 // smem_max: dynamic shared memory per block on this device (smem_limit): the tensor-core
 // kernels that would exceed it are not chosen (GPUs of 99 KiB take the SIMT or tiled kernel
 // for f16 rows of 256, say), and a pinned one is an error.
-Path choose_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, const at::Tensor& q,
+Path choose_path(const AttentionArgs& a, const DeviceSide& ks, const DeviceSide& vs, const at::Tensor& q,
                  const at::Tensor& kc, const at::Tensor& vc, int smem_max) {
   const AttentionKernel want = kernel_choice().attention;
   const char* unfit = mma_unfit(a, ks, vs, q, kc, vc, smem_max);
-  const char* spec_why = spec_unfit(a, ks, vs, q, kc, vc, smem_max);
+  const char* templated_why = templated_unfit(a, ks, vs, q, kc, vc, smem_max);
   const char* flash_why = flash_unfit(a, ks, vs, q, kc, vc, smem_max);
   switch (want) {
     case AttentionKernel::kFlash:
       TORCH_CHECK(!flash_why, "attention: the pinned kernel flash cannot run this call: ", flash_why, " (", smem_max,
                   " bytes)");
       return Path::kFlash;
-    case AttentionKernel::kSpec:
-      TORCH_CHECK(!spec_why,
-                  "attention: the pinned kernel spec (format-specialised, tensor cores) cannot run this call: ",
-                  spec_why, " (", smem_max, " bytes)");
-      return Path::kSpec;
+    case AttentionKernel::kTemplated:
+      TORCH_CHECK(!templated_why,
+                  "attention: the pinned kernel templated (format-specialised, tensor cores) cannot run this call: ",
+                  templated_why, " (", smem_max, " bytes)");
+      return Path::kTemplated;
     case AttentionKernel::kMma:
       TORCH_CHECK(!unfit, "attention: the pinned kernel mma (tensor cores) cannot run this call: ", unfit, " (",
                   smem_max, " bytes)");
@@ -435,11 +436,11 @@ Path choose_path(const AttentionArgs& a, const DevSide& ks, const DevSide& vs, c
   }
   if (!flash_why && a.Sq > 1 && a.G * a.Sq >= kFlashMinRows && ks.fmt == kFmt_f16 && vs.fmt == kFmt_f16)
     return Path::kFlash;
-  if (!spec_why) return Path::kSpec;
+  if (!templated_why) return Path::kTemplated;
   // By measurement (benchmarks/results/): the format-specialised kernel is the fastest
   // wherever it is built (taken above); of the generic ones, the tensor-core kernel wins where
   // decoding a value is a load and a convert (f16, bf16, q8_0), the SIMT kernel elsewhere.
-  const auto cheap = [](const DevSide& s) {
+  const auto cheap = [](const DeviceSide& s) {
     return s.family == static_cast<int>(Family::kFloat) || s.fmt == kFmt_q8_0;
   };
   if (!unfit && cheap(ks) && cheap(vs)) return Path::kMma;
@@ -455,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(TURBOKV_ATTENTION_PARAMS, bool
   check_cuda(q, "q");
   const AttentionArgs a =
       check_attention(q, k_cache, v_cache, lengths, starts, std::string(k_format), k_rot_group, k_rot_seed,
-                      std::string(v_format), v_rot_group, v_rot_seed, scale, window, softcap, sinks);
+                      std::string(v_format), v_rot_group, v_rot_seed, scale, window, softcap, sink_logits);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor len = lengths.to(at::kLong).contiguous();
   at::Tensor st;
@@ -471,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(TURBOKV_ATTENTION_PARAMS, bool
     check_lengths(host[0], starts.has_value() ? host[1] : at::zeros_like(host[0]), a.T, a.Sq, causal);
   }
 
-  const DevSide ks = dev_side(a.ks), vs = dev_side(a.vs);
+  const DeviceSide ks = device_side(a.ks), vs = device_side(a.vs);
   AttnParams P{};
   P.B = a.B;
   P.Hq = a.Hq;
@@ -490,8 +491,8 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(TURBOKV_ATTENTION_PARAMS, bool
   P.lengths = len.const_data_ptr<int64_t>();
   P.starts = starts.has_value() ? st.const_data_ptr<int64_t>() : nullptr;
   // Sinks join only the merge's denominator: the partial kernels never read them.
-  const at::Tensor sinks_f32 = sinks.has_value() ? sinks->to(at::kFloat).contiguous() : at::Tensor();
-  P.sinks = sinks.has_value() ? sinks_f32.const_data_ptr<float>() : nullptr;
+  const at::Tensor sink_logits_f32 = sink_logits.has_value() ? sink_logits->to(at::kFloat).contiguous() : at::Tensor();
+  P.sink_logits = sink_logits.has_value() ? sink_logits_f32.const_data_ptr<float>() : nullptr;
   at::Tensor lse;
   if (want_lse) {
     lse = at::empty({a.B, a.Hq, a.Sq}, q.options().dtype(at::kFloat));
@@ -502,7 +503,7 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(TURBOKV_ATTENTION_PARAMS, bool
   const int smem_max = smem_limit(device);
   const Path path = choose_path(a, ks, vs, q, k_cache, v_cache, smem_max);
   // Tensor-core kernels: chunks of 8 (query, head) rows (RowChunk), every one over its keys.
-  if (path == Path::kMma || path == Path::kSpec) P.nqchunks = static_cast<int>((a.G * a.Sq + 7) / 8);
+  if (path == Path::kMma || path == Path::kTemplated) P.nqchunks = static_cast<int>((a.G * a.Sq + 7) / 8);
   if (path == Path::kFlash) P.nqchunks = static_cast<int>((a.G * a.Sq + kFlashRows - 1) / kFlashRows);
   // Tiled kernel: fewer queries per block where their rows would not fit in shared memory.
   if (path == Path::kTiled) {
@@ -513,8 +514,8 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(TURBOKV_ATTENTION_PARAMS, bool
   const int64_t blocks = a.B * a.Hkv * P.nqchunks;
   MmaKernel mma = nullptr;
   size_t mma_smem = 0;
-  SpecKernel sk;
-  if (path == Path::kMma || path == Path::kSpec || path == Path::kFlash) {
+  TemplatedKernel sk;
+  if (path == Path::kMma || path == Path::kTemplated || path == Path::kFlash) {
     // One wave of resident blocks, each warp with at least one chunk of keys (tk keys each;
     // the flash kernel's warps share each tile of tk keys: at least 4 tiles a split).
     int tk = 0;
@@ -523,9 +524,9 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(TURBOKV_ATTENTION_PARAMS, bool
       mma = fk.fn;
       mma_smem = static_cast<size_t>(fk.smem);
       tk = fk.bn;
-    } else if (path == Path::kSpec) {
+    } else if (path == Path::kTemplated) {
       // Decode takes the build without the per-row masking of several query positions.
-      sk = pick_spec(a, ks, vs, smem_max);
+      sk = pick_templated(a, ks, vs, smem_max);
       mma = sk.fn;
       mma_smem = static_cast<size_t>(sk.smem);
       tk = sk.tk;

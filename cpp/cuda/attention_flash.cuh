@@ -9,9 +9,9 @@
 //   S (16 rows x BN keys)  = Q (16 x DP) . K^T     Q rotated (K side) and scaled in the prologue
 //   O (16 rows x DP)      += P (16 x BN) . V       V stays rotated: the merge un-rotates O once
 // with the online softmax in registers and the scores' accumulators reused as P's A fragments.
-// The spec / mma kernels (keys as M, 8 rows as N) decode every key once per 8 rows; this one once
+// The templated / mma kernels (keys as M, 8 rows as N) decode every key once per 8 rows; this one once
 // per 64, so it wins from a few dozen rows on (attention.cu: kFlashMinRows). Partial rows go to
-// the same split-K workspace, so merge_kernel finishes the job (sinks, inverse rotation).
+// the same split-K workspace, so merge_kernel finishes the job (sink_logits, inverse rotation).
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16 .f16): lane = 4 * gr + tg.
 //   A (16x16): {row gr, cols 2tg..+1}, {row gr+8, same}, {row gr, cols 2tg+8..+9}, {row gr+8, same}
@@ -72,7 +72,7 @@ __device__ __forceinline__ void tile_rows(const uint8_t* rows, int row_bytes, in
 // One side's staged tile into f16 rows: f16 rows copied, q8_0 / q4_0 in f16 arithmetic, the
 // other formats through decode_span's fp32 values.
 template <int DP, int BN>
-__device__ __forceinline__ void decode_tile(const DevSide& s, const float* cb, const uint8_t* rows, int nvalid,
+__device__ __forceinline__ void decode_tile(const DeviceSide& s, const float* cb, const uint8_t* rows, int nvalid,
                                             __half* dst) {
   const int rb = s.row_bytes;
   if (s.fmt == kFmt_f16) {
@@ -99,7 +99,7 @@ __device__ __forceinline__ void decode_tile(const DevSide& s, const float* cb, c
 template <int DP, int BN>
 __global__ void __launch_bounds__(kThreads, 2)
     flash_kernel(const void* __restrict__ q, int q_bf16, const uint8_t* __restrict__ kc, const uint8_t* __restrict__ vc,
-                 DevSide ks, DevSide vs, AttnParams P, float* __restrict__ part_o, float* __restrict__ part_ml) {
+                 DeviceSide ks, DeviceSide vs, AttnParams P, float* __restrict__ part_o, float* __restrict__ part_ml) {
   using L = FlashLayout<DP, BN>;
   constexpr int KS = DP / 16, NS = BN / 8, ND = DP / 8, E = DP / 32, S = L::kStride;
   static_assert(KS % 2 == 0 && BN % 16 == 0 && (E & (E - 1)) == 0, "k-steps in pairs, key tiles of 16");

@@ -67,7 +67,7 @@ __device__ __forceinline__ void cp_async_wait() {
 // N (2 or 4) values [j0, j0 + N) of a packed row held in shared memory; j0 % N == 0, and
 // the N values never straddle a block or turbo group (N divides 32 and the group sizes).
 template <int N>
-__device__ __forceinline__ void decode_n(const DevSide& s, const float* cb, const float2* pairs, const uint8_t* row,
+__device__ __forceinline__ void decode_n(const DeviceSide& s, const float* cb, const float2* pairs, const uint8_t* row,
                                          int j0, float (&out)[N]) {
   if (s.family == static_cast<int>(Family::kFloat)) {  // rows of 2 * dp bytes, dp % 16 == 0: aligned
     const uint32_t* w = reinterpret_cast<const uint32_t*>(row + 2 * j0);
@@ -140,7 +140,7 @@ __device__ __forceinline__ void decode_n(const DevSide& s, const float* cb, cons
 // The two sides' codebooks (16 floats each) and, unless pk is null, turbo pair tables (256
 // float2 each: (c[a], c[b]) at a | b << bits) in shared memory, for decode_n; the caller
 // synchronises before use.
-__device__ __forceinline__ void load_codebooks(const DevSide& ks, const DevSide& vs, float* cbk, float* cbv,
+__device__ __forceinline__ void load_codebooks(const DeviceSide& ks, const DeviceSide& vs, float* cbk, float* cbv,
                                                float2* pk = nullptr, float2* pv = nullptr) {
   const int tid = static_cast<int>(threadIdx.x);
   if (tid < 16) {
@@ -191,7 +191,7 @@ __device__ __forceinline__ void stage_rows(uint8_t* dst, const uint8_t* src, int
   for (int i = at; i < n16; i += step) cp_async16(dst + 16 * i, a16 + 16 * i);
 }
 
-// ---- pieces shared by the tensor-core decode kernels (this one and attention_spec.cuh) ----
+// ---- pieces shared by the tensor-core decode kernels (this one and attention_templated.cuh) ----
 
 // The chunk's queries (RowChunk) as 8 rows of DP floats in shared memory (zero-padded rows and
 // dims), rotated with the K side's rotation, in two steps: fetch() issues the global loads,
@@ -220,7 +220,7 @@ struct QueryRows {
     const int64_t at = rows.out_row(P, b, h, n) * P.d + j;
     return q_bf16 ? to_float(static_cast<const __nv_bfloat16*>(q)[at]) : to_float(static_cast<const __half*>(q)[at]);
   }
-  __device__ void fetch(const void* q, int q_bf16, const AttnParams& P, int64_t b, int64_t h, const DevSide& ks) {
+  __device__ void fetch(const void* q, int q_bf16, const AttnParams& P, int64_t b, int64_t h, const DeviceSide& ks) {
     if constexpr (kInWarp) {
       const int lane = static_cast<int>(threadIdx.x & 31u), warp = static_cast<int>(threadIdx.x / 32);
       signs = lane_sign_words<E>(ks, false);
@@ -231,7 +231,7 @@ struct QueryRows {
     }
   }
   __device__ void finish(float* qs, const void* q, int q_bf16, const AttnParams& P, int64_t b, int64_t h,
-                         const DevSide& ks) {
+                         const DeviceSide& ks) {
     if constexpr (kInWarp) {
       const int lane = static_cast<int>(threadIdx.x & 31u), warp = static_cast<int>(threadIdx.x / 32);
       const LaneRotation<float> rotation = lane_rotation<E>(ks, signs, false);
@@ -398,12 +398,12 @@ __device__ void write_partials(const float (&o)[KS][4], const float (&m)[2], flo
   }
 }
 
-// kMulti: as in attention_spec.cuh (the per-row masking of several query positions).
+// kMulti: as in attention_templated.cuh (the per-row masking of several query positions).
 template <int NT, int DP, bool kMulti>
 __global__ void __launch_bounds__(kThreads)
     decode_mma_kernel(const void* __restrict__ q, int q_bf16, const uint8_t* __restrict__ kc,
-                      const uint8_t* __restrict__ vc, DevSide ks, DevSide vs, AttnParams P, float* __restrict__ part_o,
-                      float* __restrict__ part_ml) {
+                      const uint8_t* __restrict__ vc, DeviceSide ks, DeviceSide vs, AttnParams P,
+                      float* __restrict__ part_o, float* __restrict__ part_ml) {
   launch_dependents();         // the merge kernel may take SMs as this grid frees them
   constexpr int KS = DP / 16;  // k-steps of the QK product = m-tiles of the PV product
   constexpr int E = DP / 4;    // K dims per lane and key
@@ -520,7 +520,7 @@ __global__ void __launch_bounds__(kThreads)
       o, m, l, [&](int mt, int half) { return F * gr + 2 * mt + half; }, smem, P, b, h, split, part_o, part_ml);
 }
 
-using MmaKernel = void (*)(const void*, int, const uint8_t*, const uint8_t*, DevSide, DevSide, AttnParams, float*,
+using MmaKernel = void (*)(const void*, int, const uint8_t*, const uint8_t*, DeviceSide, DeviceSide, AttnParams, float*,
                            float*);
 
 // The kernel for rows of DP values, nt tiles per chunk, several queries per sequence (multi)

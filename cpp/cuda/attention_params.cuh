@@ -16,9 +16,9 @@ struct AttnParams {
   int causal;
   int64_t window;
   const int64_t* lengths;
-  const int64_t* starts;  // may be null
-  const float* sinks;     // (Hq,) attention sinks, or null; only the merge reads them
-  float* lse;             // (B, Hq, Sq) log-sum-exp per row (attention_lse), or null; only the merge writes it
+  const int64_t* starts;     // may be null
+  const float* sink_logits;  // (Hq,) attention sinks, or null; only the merge reads them
+  float* lse;                // (B, Hq, Sq) log-sum-exp per row (attention_lse), or null; only the merge writes it
 };
 
 __host__ __device__ inline int rows_per_block(const AttnParams& P) { return P.G * P.nq; }
@@ -26,7 +26,7 @@ __host__ __device__ inline int rows_per_block(const AttnParams& P) { return P.G 
 // The query rows of a tensor-core block: the (query, head) pairs of one KV head's group,
 // numbered query-major (r = i * G + g) and cut into chunks of kRowsOf (blockIdx.z), so that a
 // chunk holds consecutive queries. Chunks of 8 (RowChunk: the N of mma.m16n8k16, attention_mma.cuh
-// and attention_spec.cuh): one query per sequence (decode) with G <= 8 is one chunk, its rows the
+// and attention_templated.cuh): one query per sequence (decode) with G <= 8 is one chunk, its rows the
 // group's heads. Chunks of 64 (attention_flash.cuh): 4 warps x the M of the mma.
 template <int kRowsOf>
 struct RowChunkOf {

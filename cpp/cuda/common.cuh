@@ -1,4 +1,4 @@
-// Shared pieces of the CUDA kernels: a by-value side spec (codebook included),
+// Shared pieces of the CUDA kernels: a side by value (codebook included),
 // cooperative shared-memory rotation, dtype loads/stores, and the host helpers
 // that guard against running while a CUDA graph is being captured.
 #pragma once
@@ -22,8 +22,9 @@
 
 namespace turbokv::cuda {
 
-// Everything a kernel needs to know about one side, passed by value.
-struct DevSide {
+// Everything a kernel needs to know about one side, passed by value: a PackedSide (op_checks.h)
+// with its codebook and rotation signs copied in (device_side).
+struct DeviceSide {
   int fmt, family, bits, d, dp, g, group_bytes, row_bytes;
   int rot_group, seeded;
   unsigned long long seed;
@@ -35,7 +36,7 @@ struct DevSide {
 };
 
 // The rotation fields of a side: group n (0: none) and, when seeded, its 2n signs as bits.
-inline void set_sign_bits(DevSide& v, int n, bool seeded, uint64_t seed) {
+inline void set_sign_bits(DeviceSide& v, int n, bool seeded, uint64_t seed) {
   v.rot_group = n;
   v.seeded = seeded ? 1 : 0;
   v.seed = seed;
@@ -65,8 +66,8 @@ inline void set_sign_bits(DevSide& v, int n, bool seeded, uint64_t seed) {
   std::copy(std::begin(v.sign_bits), std::end(v.sign_bits), std::begin(c.bits));
 }
 
-inline DevSide dev_side(const SideSpec& s) {
-  DevSide v{};
+inline DeviceSide device_side(const PackedSide& s) {
+  DeviceSide v{};
   const RowLayout& L = s.layout;
   v.fmt = L.fmt;
   v.family = static_cast<int>(L.family);
@@ -186,7 +187,7 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 // the butterfly indices from shifts. Callers synchronise before (data ready); this returns
 // synchronised.
 template <typename T>
-__device__ void rotate_side(T* x, int len, const DevSide& s, bool inverse) {
+__device__ void rotate_side(T* x, int len, const DeviceSide& s, bool inverse) {
   const int tid = threadIdx.x, nt = blockDim.x, n = s.rot_group, lg = __ffs(n) - 1;
   const int pre_off = inverse ? n : 0, post_off = inverse ? 0 : n;
   const auto sign = [&](int i) { return static_cast<T>(((s.sign_bits[i >> 5] >> (i & 31)) & 1u) ? -1.0f : 1.0f); };
@@ -213,7 +214,7 @@ __device__ void rotate_side(T* x, int len, const DevSide& s, bool inverse) {
   __syncthreads();
 }
 
-__device__ __forceinline__ float decode_at(const DevSide& s, const float* cb, const uint8_t* row, int j) {
+__device__ __forceinline__ float decode_at(const DeviceSide& s, const float* cb, const uint8_t* row, int j) {
   return decode_element(s.fmt, static_cast<Family>(s.family), s.bits, s.g, s.group_bytes, row, j, cb);
 }
 

@@ -55,7 +55,7 @@ __device__ __forceinline__ uint32_t quant_word(const uint8_t* qs, int jj, int w)
 // 8 values of a ggml block (value jj of a block: q8_0 byte jj; the others the low nibble of
 // byte jj (jj < 16) or the high nibble of byte jj - 16, with the fifth bit jj of qh for q5).
 template <bool kGlobal>
-__device__ __forceinline__ void block8(const DevSide& s, const uint8_t* blk, int jj, float* out) {
+__device__ __forceinline__ void block8(const DeviceSide& s, const uint8_t* blk, int jj, float* out) {
   const float d = f16_at<kGlobal>(blk);
   if (s.fmt == kFmt_q8_0) {
     constexpr float kOff = 8388608.0f + 128.0f;  // the sign bit flipped: 2^23 + q + 128
@@ -88,8 +88,8 @@ __device__ __forceinline__ void block8(const DevSide& s, const uint8_t* blk, int
 
 // 8 values of a turbo group from value `within` (a multiple of 8): scale times codebook entry.
 template <bool kGlobal>
-__device__ __forceinline__ void turbo8(const DevSide& s, const float* __restrict__ cb, const uint8_t* blk, int within,
-                                       float* out) {
+__device__ __forceinline__ void turbo8(const DeviceSide& s, const float* __restrict__ cb, const uint8_t* blk,
+                                       int within, float* out) {
   const float scale = f16_at<kGlobal>(blk);
   const uint8_t* idx = blk + 2;
   if (s.bits == 4) {
@@ -134,7 +134,7 @@ __device__ __forceinline__ uint4 block8_f16(const uint8_t* blk, int jj) {
 }  // namespace span
 
 template <int E, bool kGlobal = true>
-__device__ __forceinline__ void decode_span(const DevSide& s, const float* __restrict__ cb,
+__device__ __forceinline__ void decode_span(const DeviceSide& s, const float* __restrict__ cb,
                                             const uint8_t* __restrict__ row, int e0, float (&out)[E]) {
   using span::load;
   if (s.family == static_cast<int>(Family::kFloat)) {

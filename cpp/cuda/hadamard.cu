@@ -40,7 +40,7 @@ constexpr int kE = 16;
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
-    hadamard_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t total, DevSide rot, bool inverse) {
+    hadamard_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t total, DeviceSide rot, bool inverse) {
   using Vec = LaneVec<T, kE>;
   const LaneRotation<A> rotation = lane_rotation<kE, A>(rot, inverse);
   const int64_t lane = threadIdx.x & 31, warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
@@ -74,7 +74,7 @@ template <typename T, typename A>
 void launch(const at::Tensor& x, at::Tensor& y, int n, const std::optional<int64_t>& seed, bool inverse) {
   const int64_t total = x.numel();
   if (total == 0) return;
-  DevSide rot{};
+  DeviceSide rot{};
   set_sign_bits(rot, n, seed.has_value(), static_cast<uint64_t>(seed.value_or(0)));
   const int64_t chunks = (total + 32 * kE - 1) / (32 * kE);
   const int64_t blocks =

@@ -1,4 +1,4 @@
-// Per-format decoders of the specialised tensor-core decode kernel (attention_spec.cuh).
+// Per-format decoders of the specialised tensor-core decode kernel (attention_templated.cuh).
 //
 // A row of DP values is cut into NP equal portions of n = DP / NP values; lane p of a group
 // decodes portion p of a row straight into n / 2 f16x2 registers h[], with integer bit
@@ -102,7 +102,7 @@ __device__ __forceinline__ void lookup4(const Planes& t, uint32_t sel, uint32_t&
 }
 
 // ---- f16: chunks of 8 dims, arranged so the lanes of a phase hit distinct banks --------
-// (rows are staged with a stride of 4 words mod 32; see attention_spec.cuh).
+// (rows are staged with a stride of 4 words mod 32; see attention_templated.cuh).
 struct F16 {
   static constexpr bool kPairs = false;
   static constexpr bool kBlockScores = false;

@@ -109,8 +109,8 @@ __device__ void encode_turbo_group_parallel(const float* x, int g, int bits, con
 }
 
 template <typename scalar_t>
-__device__ void encode_one_row(const scalar_t* __restrict__ x, const DevSide& s, uint8_t* __restrict__ dst, float* buf,
-                               uint8_t* obuf, float* cb, float* mids) {
+__device__ void encode_one_row(const scalar_t* __restrict__ x, const DeviceSide& s, uint8_t* __restrict__ dst,
+                               float* buf, uint8_t* obuf, float* cb, float* mids) {
   for (int j = threadIdx.x; j < s.dp; j += blockDim.x) buf[j] = j < s.d ? to_float(x[j]) : 0.0f;
   if (threadIdx.x < 16) {
     cb[threadIdx.x] = s.cb[threadIdx.x];
@@ -138,12 +138,12 @@ __device__ void encode_one_row(const scalar_t* __restrict__ x, const DevSide& s,
 
 // blockIdx.x = row, blockIdx.y = side (0: K / the only side, 1: V).
 template <typename scalar_t>
-__global__ void encode_kernel(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ x1, int64_t d, DevSide s0,
-                              DevSide s1, uint8_t* out0, uint8_t* out1, RowTarget target) {
+__global__ void encode_kernel(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ x1, int64_t d,
+                              DeviceSide s0, DeviceSide s1, uint8_t* out0, uint8_t* out1, RowTarget target) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ float cb[16], mids[16];
   const bool second = blockIdx.y == 1;
-  const DevSide& s = second ? s1 : s0;
+  const DeviceSide& s = second ? s1 : s0;
   float* buf = reinterpret_cast<float*>(smem_raw);
   uint8_t* obuf = smem_raw + sizeof(float) * s.dp;
   const int64_t r = blockIdx.x;
@@ -162,14 +162,14 @@ constexpr int kWarpThreads = 256, kWarps = kWarpThreads / 32;
 // The format's encoder is chosen once, outside the row loop (with_lane_encoder).
 template <typename T, int E>
 __global__ void __launch_bounds__(kWarpThreads, 2)
-    encode_warp_kernel(const T* __restrict__ x0, const T* __restrict__ x1, int64_t d, bool vec, DevSide s0, DevSide s1,
-                       uint8_t* out0, uint8_t* out1, RowTarget target, int64_t rows) {
+    encode_warp_kernel(const T* __restrict__ x0, const T* __restrict__ x1, int64_t d, bool vec, DeviceSide s0,
+                       DeviceSide s1, uint8_t* out0, uint8_t* out1, RowTarget target, int64_t rows) {
   using Vec = LaneWords<T, E>;
   // The widest rows (2 bytes a value), and up to 15 bytes of lead (see below).
   __shared__ __align__(16) uint8_t stage_all[kWarps][64 * E + 16];
   __shared__ float mids[16], cb[16];
   const bool second = blockIdx.y == 1;
-  const DevSide& s = second ? s1 : s0;
+  const DeviceSide& s = second ? s1 : s0;
   if (threadIdx.x < 16) {
     mids[threadIdx.x] = s.mids[threadIdx.x];
     cb[threadIdx.x] = s.cb[threadIdx.x];
@@ -248,8 +248,8 @@ __global__ void __launch_bounds__(kWarpThreads, 2)
 }
 
 template <typename scalar_t>
-__global__ void decode_kernel(const uint8_t* __restrict__ packed, DevSide s, bool unrotate, scalar_t* __restrict__ y,
-                              int width) {
+__global__ void dequantize_kernel(const uint8_t* __restrict__ packed, DeviceSide s, bool unrotate,
+                                  scalar_t* __restrict__ y, int width) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ float cb[16];
   float* buf = reinterpret_cast<float*>(smem_raw);
@@ -271,8 +271,8 @@ __global__ void decode_kernel(const uint8_t* __restrict__ packed, DevSide s, boo
 // dequantized cache for SDPA is hundreds of thousands of rows.)
 template <typename T>
 __global__ void __launch_bounds__(kWarpThreads)
-    decode_warp_kernel(const uint8_t* __restrict__ packed, DevSide s, bool unrotate, T* __restrict__ y, int width,
-                       bool vec, int64_t rows) {
+    dequantize_warp_kernel(const uint8_t* __restrict__ packed, DeviceSide s, bool unrotate, T* __restrict__ y,
+                           int width, bool vec, int64_t rows) {
   constexpr int E = 32;
   __shared__ float cb[16];
   if (threadIdx.x < 16) cb[threadIdx.x] = s.cb[threadIdx.x];
@@ -318,7 +318,7 @@ void dispatch_float(at::ScalarType t, F&& f) {
   }
 }
 
-size_t encode_smem(const DevSide& a, const DevSide& b) {
+size_t encode_smem(const DeviceSide& a, const DeviceSide& b) {
   return std::max(sizeof(float) * a.dp + a.row_bytes, sizeof(float) * b.dp + b.row_bytes) + 16;
 }
 
@@ -326,7 +326,7 @@ size_t encode_smem(const DevSide& a, const DevSide& b) {
 // group of 128 per lane, 32 rows of 32 .. 2 rows of 512 values per warp), or 0 where rows
 // take the block-per-row kernel. (8 values per lane, 16 lanes per row of 128, spent most of
 // its instructions on shuffles: butterflies, reductions and packing across lanes.)
-int warp_values(const DevSide& s) {
+int warp_values(const DeviceSide& s) {
   const int dp = s.dp;
   if (dp < 32 || dp > 512 || (dp & (dp - 1)) != 0) return 0;
   return 32;
@@ -335,7 +335,7 @@ int warp_values(const DevSide& s) {
 // Encodes `rows` rows of x0 (and x1 into the second side, when s1 is given) with the warp
 // encoder where every side has the same warp_values, else one kernel per side.
 template <typename T>
-void launch_encode(const T* x0, const T* x1, int64_t d, const DevSide& s0, const DevSide* s1, uint8_t* out0,
+void launch_encode(const T* x0, const T* x1, int64_t d, const DeviceSide& s0, const DeviceSide* s1, uint8_t* out0,
                    uint8_t* out1, const RowTarget& target, int64_t rows) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int e = warp_values(s0);
@@ -344,7 +344,7 @@ void launch_encode(const T* x0, const T* x1, int64_t d, const DevSide& s0, const
     launch_encode<T>(x1, nullptr, d, *s1, nullptr, out1, nullptr, target, rows);
     return;
   }
-  const DevSide& t1 = s1 != nullptr ? *s1 : s0;
+  const DeviceSide& t1 = s1 != nullptr ? *s1 : s0;
   const dim3 grid_rows(static_cast<unsigned>(rows), s1 != nullptr ? 2u : 1u);
   if (e == 0) {
     encode_kernel<T><<<grid_rows, kThreads, encode_smem(s0, t1), stream>>>(x0, x1, d, s0, t1, out0, out1, target);
@@ -371,7 +371,7 @@ at::Tensor quantize_cuda(const at::Tensor& x, c10::string_view format, int64_t r
   const c10::cuda::CUDAGuard guard(x.device());
   RowsOp op = prepare_quantize(x, std::string(format), rot_group, rot_seed);
   if (op.rows == 0) return op.out;
-  const DevSide s = dev_side(op.side);
+  const DeviceSide s = device_side(op.side);
   clear_stale_error();
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -389,7 +389,7 @@ at::Tensor dequantize_cuda(const at::Tensor& packed, c10::string_view format, in
   const c10::cuda::CUDAGuard guard(packed.device());
   RowsOp op = prepare_dequantize(packed, std::string(format), head_dim, rot_group, rot_seed, unrotate, dtype);
   if (op.rows == 0) return op.out;
-  const DevSide s = dev_side(op.side);
+  const DeviceSide s = device_side(op.side);
   clear_stale_error();
   const uint8_t* in = op.input.const_data_ptr<uint8_t>();
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -402,10 +402,10 @@ at::Tensor dequantize_cuda(const at::Tensor& packed, c10::string_view format, in
       const bool vec = op.width == s.dp && reinterpret_cast<uintptr_t>(out) % 16 == 0;
       const int64_t per_warp = 32 * 32 / s.dp, warps = (op.rows + per_warp - 1) / per_warp;
       const int64_t blocks = std::min<int64_t>((warps + kWarps - 1) / kWarps, 8LL * sm_count(packed.device().index()));
-      decode_warp_kernel<T>
+      dequantize_warp_kernel<T>
           <<<static_cast<unsigned>(blocks), kWarpThreads, 0, stream>>>(in, s, unrotate, out, op.width, vec, op.rows);
     } else {
-      decode_kernel<T>
+      dequantize_kernel<T>
           <<<static_cast<unsigned>(op.rows), kThreads, sizeof(float) * s.dp, stream>>>(in, s, unrotate, out, op.width);
     }
   });
@@ -444,7 +444,7 @@ void cache_append_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tenso
   TORCH_CHECK_VALUE(rows <= INT32_MAX, "k: got ", rows, " rows (batch x heads x tokens), expected at most ", INT32_MAX,
                     " per call");
   const at::Tensor kc = k.contiguous(), vc = v.contiguous();
-  const DevSide ks = dev_side(a.ks), vs = dev_side(a.vs);
+  const DeviceSide ks = device_side(a.ks), vs = device_side(a.vs);
   clear_stale_error();
   dispatch_float(k.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

@@ -162,7 +162,7 @@ __device__ __forceinline__ void encode_block_lane(const float (&v)[E], int block
 // roots and the divide are codec.h's, in fp64; only the order of the sums differs (the norm,
 // and so every u and index, matches the CPU's but where an fp64 rounding moves an fp32 one).
 template <int E, int BITS>
-__device__ __forceinline__ void encode_turbo_lane(const float (&v)[E], const DevSide& s, const float* mids,
+__device__ __forceinline__ void encode_turbo_lane(const float (&v)[E], const DeviceSide& s, const float* mids,
                                                   const float* cb, uint8_t* stage) {
   static_assert(E == 32, "one bit-plane word per lane");
   constexpr int P = (1 << (BITS - 1)) - 1;
@@ -250,7 +250,7 @@ __device__ __forceinline__ void encode_turbo_lane(const float (&v)[E], const Dev
 // the lane's share of a row into the staging row: the format is chosen before a kernel's row
 // loop, not per row, so the loop holds one format's code (no dispatch branches in it).
 template <int E, typename F>
-__device__ __forceinline__ void with_lane_encoder(const DevSide& s, const float* mids, const float* cb, F&& f) {
+__device__ __forceinline__ void with_lane_encoder(const DeviceSide& s, const float* mids, const float* cb, F&& f) {
   if (static_cast<Family>(s.family) == Family::kFloat) {
     const bool bf16 = s.fmt == kFmt_bf16;
     return f([bf16](const float (&v)[E], uint8_t* st) { encode_float_lane<E>(v, bf16, st); });

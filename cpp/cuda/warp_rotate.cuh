@@ -25,7 +25,7 @@ struct LaneRotation {
 
 // The lane's rotation for chunks of 32 * E values (a whole number of groups of rot_group).
 template <int E, typename A = float>
-__device__ __forceinline__ LaneRotation<A> lane_rotation(const DevSide& s, bool inverse) {
+__device__ __forceinline__ LaneRotation<A> lane_rotation(const DeviceSide& s, bool inverse) {
   static_assert(E <= 32, "a lane holds at most 32 values");
   LaneRotation<A> r;
   r.n = s.rot_group;
@@ -53,7 +53,7 @@ struct LaneSignWords {
 };
 
 template <int E>
-__device__ __forceinline__ LaneSignWords lane_sign_words(const DevSide& s, bool inverse) {
+__device__ __forceinline__ LaneSignWords lane_sign_words(const DeviceSide& s, bool inverse) {
   static_assert(32 % E == 0, "a lane's signs in one word");
   LaneSignWords w;
   if (s.rot_group == 0 || !s.seeded) return w;
@@ -64,7 +64,8 @@ __device__ __forceinline__ LaneSignWords lane_sign_words(const DevSide& s, bool 
 }
 
 template <int E>
-__device__ __forceinline__ LaneRotation<float> lane_rotation(const DevSide& s, const LaneSignWords& w, bool inverse) {
+__device__ __forceinline__ LaneRotation<float> lane_rotation(const DeviceSide& s, const LaneSignWords& w,
+                                                             bool inverse) {
   LaneRotation<float> r;
   r.n = s.rot_group;
   if (r.n == 0) return r;

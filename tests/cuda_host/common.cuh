@@ -17,7 +17,7 @@
 
 namespace turbokv::cuda {
 
-struct DevSide {
+struct DeviceSide {
   int fmt, family, bits, d, dp, g, group_bytes, row_bytes;
 };
 
@@ -79,7 +79,7 @@ struct uint4 {
 };
 inline uint4 make_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return {a, b, c, d}; }
 
-inline float decode_at(const DevSide& s, const float* cb, const uint8_t* row, int j) {
+inline float decode_at(const DeviceSide& s, const float* cb, const uint8_t* row, int j) {
   return decode_element(s.fmt, static_cast<Family>(s.family), s.bits, s.g, s.group_bytes, row, j, cb);
 }
 

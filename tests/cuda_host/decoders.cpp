@@ -30,10 +30,10 @@ void expect(const char* what, int fmt, int dp, int j, float got, float want, boo
     std::printf("%s: format %d, dp %d, value %d: %.9g, expected %.9g\n", what, fmt, dp, j, got, want);
 }
 
-DevSide side(int fmt, int dp) {
+DeviceSide side(int fmt, int dp) {
   const bool turbo = fmt == kFmt_turbo2 || fmt == kFmt_turbo3 || fmt == kFmt_turbo4;
   const bool flt = fmt == kFmt_f16 || fmt == kFmt_bf16;
-  DevSide s{};
+  DeviceSide s{};
   s.fmt = fmt;
   s.family = static_cast<int>(flt ? Family::kFloat : turbo ? Family::kTurbo : Family::kBlock);
   s.d = s.dp = dp;
@@ -50,7 +50,7 @@ DevSide side(int fmt, int dp) {
 }
 
 template <int E>
-void spans(const DevSide& s, const float* cb, const uint8_t* row) {
+void spans(const DeviceSide& s, const float* cb, const uint8_t* row) {
   for (int e0 = 0; e0 < s.dp; e0 += E) {
     float got[E];
     decode_span<E, false>(s, cb, row, e0, got);
@@ -62,7 +62,7 @@ void spans(const DevSide& s, const float* cb, const uint8_t* row) {
 }
 
 template <int FMT>
-void f16_chunks(const DevSide& s, const float* cb, const uint8_t* row) {
+void f16_chunks(const DeviceSide& s, const float* cb, const uint8_t* row) {
   for (int j0 = 0; j0 < s.dp; j0 += 8) {
     const uint4 h = span::block8_f16<FMT>(row + j0 / 32 * s.group_bytes, j0 % 32);
     const uint32_t w[4] = {h.x, h.y, h.z, h.w};
@@ -83,7 +83,7 @@ int main() {
                          kFmt_q4_1, kFmt_q4_0, kFmt_turbo2, kFmt_turbo3, kFmt_turbo4};
   for (int fmt : formats) {
     for (int dp : {64, 128, 256}) {
-      const DevSide s = side(fmt, dp);
+      const DeviceSide s = side(fmt, dp);
       float cb[16];
       for (float& c : cb) c = std::ldexp(static_cast<float>(static_cast<int>(rng() % 2001) - 1000), -9);
       for (int trial = 0; trial < 64; ++trial) {

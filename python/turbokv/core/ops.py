@@ -54,7 +54,7 @@ def pinned_kernels(
     """Run the ops with the kernels named, inside the ``with`` block (tests and benchmarks).
 
     Production code pins nothing: each op chooses its kernel from the shapes and the device.
-    ``attention``: ``auto | flash | spec | mma | simt | tiled`` (CUDA; a pinned kernel that
+    ``attention``: ``auto | flash | templated | mma | simt | tiled`` (CUDA; a pinned kernel that
     cannot run a call raises, naming why); ``smem_limit``: bytes of shared memory per block the
     CUDA kernels plan for, below the device's (0: the device's), so a large GPU takes the
     choices of a smaller one; ``decode_values``: 4, 8 or 16 values per lane for the SIMT decode
@@ -166,7 +166,7 @@ def attention(
     causal: bool = True,
     window: int = 0,
     softcap: float = 0.0,
-    sinks: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q: (B, Hq, Sq, d)`` over packed caches ``(B, Hkv, T, row_bytes)``.
@@ -175,7 +175,7 @@ def attention(
     sits at position ``lengths[b] - Sq + i``; cache slots ``starts[b] <= j < lengths[b]``
     are valid (``starts`` skips left padding). ``window > 0`` keeps keys with
     ``qpos - j < window``; ``softcap > 0`` applies ``softcap * tanh(s / softcap)``.
-    ``sinks: (Hq,)`` (float32 / float16 / bfloat16; transformers' ``s_aux``) adds one logit per
+    ``sink_logits: (Hq,)`` (float32 / float16 / bfloat16; transformers' ``s_aux``) adds one logit per
     query head to the softmax denominator, with no value: ``out = sum_j e^s_j v_j / (sum_j e^s_j
     + e^sink)``; the sink is neither scaled nor softcapped.
     Returns ``(B, Hq, Sq, d)`` in q's dtype; rows with no valid key are zeros. ``return_lse``:
@@ -191,36 +191,38 @@ def attention(
     compute-bound and those kernels' tensor-core pipelines win, while the dequantized copy is
     one pass over the keys. Same values as the op within rounding (it reads the same packed
     cache); an attention kernel pinned with :func:`pinned_kernels` forces the op, and so do
-    sinks (SDPA has no sink; the op's kernels add it where they normalise).
+    sink_logits (SDPA has no sink; the op's kernels add it where they normalise).
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     args = (k_format, k_rot.group, k_rot.seed, v_format, v_rot.group, v_rot.seed, scale, causal, window, softcap)
     if return_lse:
-        return _ops.attention_lse(q, k_cache, v_cache, lengths, starts, *args, sinks)
-    spans = None if sinks is not None else _prefill_spans(q, k_cache, lengths, starts, causal, window, softcap)
+        return _ops.attention_lse(q, k_cache, v_cache, lengths, starts, *args, sink_logits)
+    spans = None if sink_logits is not None else _prefill_spans(q, k_cache, lengths, starts, causal, window, softcap)
     if spans is not None:
         # The op's shape / dtype / format checks (its meta kernel: no data, no launch) first.
         meta = [None if t is None else t.to("meta") for t in (q, k_cache, v_cache, lengths, starts)]
         _ops.attention(*meta, *args)
         sides = ((k_format, k_rot), (v_format, v_rot))
         return _dequantized_sdpa(q, k_cache, v_cache, spans, sides, scale, causal)
-    return _ops.attention(q, k_cache, v_cache, lengths, starts, *args, sinks)
+    return _ops.attention(q, k_cache, v_cache, lengths, starts, *args, sink_logits)
 
 
-def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch.Tensor | None = None) -> torch.Tensor:
+def merge_attention(
+    parts: list[tuple[torch.Tensor, torch.Tensor]], sink_logits: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attention over the union of disjoint key sets from each set's ``(out, lse)``.
 
     ``out: (B, Hq, Sq, d)``, ``lse: (B, Hq, Sq)`` (as :func:`attention` returns with ``return_lse``);
-    ``sinks: (Hq,)`` joins the merged denominator once (leave it out of the parts). Each part is
+    ``sink_logits: (Hq,)`` joins the merged denominator once (leave it out of the parts). Each part is
     weighted by ``exp(lse - max)``: a part whose rows saw no key (``lse = -inf``) counts nothing, and
     a row no part saw stays zeros, as the op leaves it. Returns ``(B, Hq, Sq, d)`` in the first
     part's dtype.
     """
-    _check_merge(parts, sinks)
+    _check_merge(parts, sink_logits)
     lses = torch.stack([lse.float() for _, lse in parts])  # (P, B, Hq, Sq)
-    if sinks is not None:
-        sink = sinks.float().view(1, 1, -1, 1).expand(1, *lses.shape[1:])
+    if sink_logits is not None:
+        sink = sink_logits.float().view(1, 1, -1, 1).expand(1, *lses.shape[1:])
         lses = torch.cat([lses, sink])
     top = lses.amax(0)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all -inf: weights 0, not NaN
@@ -231,10 +233,10 @@ def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch
     return out.to(parts[0][0].dtype)
 
 
-def _check_merge(parts, sinks) -> None:
+def _check_merge(parts, sink_logits) -> None:
     """``ValueError`` naming the part for what the op would refuse: no parts, an output that is not
     ``(B, Hq, Sq, d)`` floats, a log-sum-exp that is not its ``(B, Hq, Sq)`` float32, parts of
-    different shapes or devices, or sinks that are not ``(Hq,)`` floats there. (Parts may differ in
+    different shapes or devices, or sink_logits that are not ``(Hq,)`` floats there. (Parts may differ in
     float dtype: the merge runs in float32.)"""
     if not isinstance(parts, list | tuple) or not parts:
         raise ValueError(f"parts: got {parts!r}, expected a non-empty list of (out, lse) pairs")
@@ -252,12 +254,18 @@ def _check_merge(parts, sinks) -> None:
                 f"parts[{i}] out: got {_describe(out)} on {out.device}, expected shape {tuple(out0.shape)} on "
                 f"{out0.device} like parts[0]"
             )
-    if sinks is not None:
+    if sink_logits is not None:
         hq = out0.shape[1]
-        if not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (hq,) or not sinks.is_floating_point():
-            raise ValueError(f"sinks: got {_describe(sinks)}, expected a float tensor of shape ({hq},)")
-        if sinks.device != out0.device:
-            raise ValueError(f"sinks: got a tensor on {sinks.device}, expected {out0.device} like the parts")
+        if (
+            not isinstance(sink_logits, torch.Tensor)
+            or tuple(sink_logits.shape) != (hq,)
+            or not sink_logits.is_floating_point()
+        ):
+            raise ValueError(f"sink_logits: got {_describe(sink_logits)}, expected a float tensor of shape ({hq},)")
+        if sink_logits.device != out0.device:
+            raise ValueError(
+                f"sink_logits: got a tensor on {sink_logits.device}, expected {out0.device} like the parts"
+            )
 
 
 def _describe(x) -> str:

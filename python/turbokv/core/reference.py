@@ -333,14 +333,14 @@ def attention(
     causal: bool = True,
     window: int = 0,
     softcap: float = 0.0,
-    sinks: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q: (B, Hq, Sq, d)`` over packed caches, in the rotated domain.
 
     Q is padded and rotated with the K side's rotation, K/V are decoded but never
-    un-rotated, the output is inverse-rotated with the V side's rotation. ``sinks: (Hq,)``
+    un-rotated, the output is inverse-rotated with the V side's rotation. ``sink_logits: (Hq,)``
     adds one unscaled, uncapped logit per query head to the softmax denominator (no value).
     Rows with no valid key give zeros. Returns ``(B, Hq, Sq, d)`` in q's dtype,
     computed in ``compute_dtype`` (float16/bfloat16/float32/float64). ``return_lse``: also each
@@ -370,11 +370,11 @@ def attention(
     bad_v = ~torch.isfinite(vals).all(-1)  # (B, Hq, T)
     vals = torch.where(bad_v[..., None], torch.zeros_like(vals), vals)
     o = torch.matmul(p.to(compute_dtype), vals).to(work)
-    if sinks is not None:
+    if sink_logits is not None:
         # The sink's share of the denominator: sum e^s / (sum e^s + e^sink) = sigmoid(lse - sink)
         # (-inf sink: 1, no sink; +inf: 0, zeros; NaN: NaN). Rows that see no key stay zeros.
         lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, Hq, Sq, 1)
-        keep = torch.sigmoid(lse - sinks.to(work).reshape(1, hq, 1, 1))
+        keep = torch.sigmoid(lse - sink_logits.to(work).reshape(1, hq, 1, 1))
         o = o * torch.where(ok.any(-1, keepdim=True), keep, torch.ones_like(keep))
     poisoned = (ok & bad_v[:, :, None, :]).any(-1, keepdim=True)
     o = torch.where(poisoned, torch.full_like(o, torch.nan), o)
@@ -382,7 +382,7 @@ def attention(
     if not return_lse:
         return o.to(q.dtype)
     lse = torch.logsumexp(s, dim=-1)  # -inf where the row sees no slot
-    if sinks is not None:
-        sink = sinks.to(work).reshape(1, hq, 1).expand_as(lse)
+    if sink_logits is not None:
+        sink = sink_logits.to(work).reshape(1, hq, 1).expand_as(lse)
         lse = torch.where(torch.isfinite(lse) | torch.isnan(lse), torch.logaddexp(lse, sink), lse)
     return o.to(q.dtype), lse.float()

@@ -206,9 +206,9 @@ def _mask_argument(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 # ---------------------------------------------------------------------- attention
 
 
-def _eager_attention(query, key, value, attention_mask, scaling, softcap, sinks=None) -> torch.Tensor:
+def _eager_attention(query, key, value, attention_mask, scaling, softcap, sink_logits=None) -> torch.Tensor:
     """Eager attention, ``(B, Sq, Hq, d)``, for what SDPA lacks: ``softcap * tanh(s / softcap)`` scores
-    and attention sinks (``sinks: (Hq,)``, one logit column that joins the softmax and is dropped after it)."""
+    and attention sinks (``sink_logits: (Hq,)``, one logit column that joins the softmax and is dropped after it)."""
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -219,21 +219,21 @@ def _eager_attention(query, key, value, attention_mask, scaling, softcap, sinks=
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     elif attention_mask is not None:
         scores = scores + attention_mask
-    if sinks is not None:
-        column = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    if sink_logits is not None:
+        column = sink_logits.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
         scores = torch.cat([scores, column], dim=-1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    if sinks is not None:
+    if sink_logits is not None:
         probs = probs[..., :-1]
     return torch.matmul(probs, value).transpose(1, 2).contiguous()
 
 
-def _stock_attention(module, query, key, value, attention_mask, scaling, softcap, sinks=None) -> torch.Tensor:
+def _stock_attention(module, query, key, value, attention_mask, scaling, softcap, sink_logits=None) -> torch.Tensor:
     """What the unpatched model computes on plain ``(B, Hkv, T, d)`` K/V with a 4D (or no) mask."""
     if not torch.compiler.is_compiling():
         turbokv_attention.fallback_calls += 1
-    if softcap or sinks is not None:
-        return _eager_attention(query, key, value, attention_mask, scaling, softcap, sinks)
+    if softcap or sink_logits is not None:
+        return _eager_attention(query, key, value, attention_mask, scaling, softcap, sink_logits)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)[0]
 
 
@@ -345,7 +345,9 @@ def turbokv_attention(
     # A sliding layer's window: the module's argument, else the cache layer's (from the config, as the
     # model's mask applies it): Phi-MoE passes none to the attention function and relies on its mask.
     window = int(sliding_window or layer.sliding_window or 0)
-    out = _fused_attention(query, layer, mask, scale=scaling, window=window, softcap=float(softcap or 0.0), sinks=s_aux)
+    out = _fused_attention(
+        query, layer, mask, scale=scaling, window=window, softcap=float(softcap or 0.0), sink_logits=s_aux
+    )
     if not torch.compiler.is_compiling():
         turbokv_attention.calls += 1
     return out.transpose(1, 2).contiguous(), None
@@ -574,7 +576,7 @@ def patch(model):
 
     Accepts any model whose attention modules pass the K/V of ``cache.update`` untouched to
     transformers' attention interface and are causal, with no more than turbokv implements
-    (turbokv.hf.checks); raises ``NotImplementedError`` naming what else a model does (sinks,
+    (turbokv.hf.checks); raises ``NotImplementedError`` naming what else a model does (attention sinks,
     MLA, cross-attention, a module that reads its K/V itself, ...) and leaves it unpatched.
     """
     model = model._model if isinstance(model, _Patched) else model

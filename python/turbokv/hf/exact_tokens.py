@@ -187,13 +187,13 @@ class ExactTokens:
         scale: float | None,
         window: int = 0,
         softcap: float = 0.0,
-        sinks: torch.Tensor | None = None,
+        sink_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of the queries ``query (B, Hq, Sq, d)`` at positions ``[length - Sq, length)``
         (``length``: an int, or a static cache's 0-dim device tensor) over the packed cache and the
         exact tokens of this forward, merged by log-sum-exp. ``starts``: each sequence's first
         visible position (left padding, a chunk's start) ``(B,)`` or None; ``window``: the layer's
-        sliding window (0: none); ``sinks``: transformers' per-head sink logits. One query (a decode
+        sliding window (0: none); ``sink_logits``: transformers' per-head sink logits. One query (a decode
         step, or a run of one inside a longer forward): fixed shapes, no host sync."""
         d = query.shape[3]
         sides = dict(k_format=k_format, v_format=v_format, k_rot=k_rot, v_rot=v_rot)
@@ -204,7 +204,7 @@ class ExactTokens:
             parts = self._queries(query, packed, int(length), starts, sides, scale, window, softcap)
         if not parts:
             return query.new_zeros(query.shape)
-        return ops.merge_attention(parts, sinks).to(query.dtype)
+        return ops.merge_attention(parts, sink_logits).to(query.dtype)
 
     def _one_query(self, query, packed, length, starts, sides, scale, window, softcap) -> list:
         """The packed and the exact ``(out, lse)`` of one query a sequence at ``p = length - 1``: packed
