@@ -9,7 +9,9 @@ queries; the queries are the last Sq tokens (causal from the bottom right).
 Per shape, in one run on the same data:
 - SDPA on an fp16 cache with the same masking: flash (is_causal / CausalBias lower right; no
   padding mask possible) and cuDNN (is_causal, else an explicit mask), "best" the faster;
-- per format: the op's tensor-core kernels, pinned: "ms" the templated kernel (8 rows a block),
+- per K / V format pair ("q4_0" for q4_0 / q4_0; by default each format with itself and the mixed
+  pairs calibrated policies choose, bench_attention.MIXED): the op's tensor-core kernels, pinned:
+  "ms" the templated kernel (8 rows a block),
   "flash" the flash kernel (64 rows a block, several queries only); dequantize + SDPA
   (turbokv's prefill shortcut; "deq" its two dequantize calls alone), and "auto" (what
   turbokv.attention chooses: the shortcut for Sq >= PREFILL_SDPA_MIN_QUERIES, else the op's
@@ -20,7 +22,7 @@ Times are the mean of back-to-back calls (best of three bursts) cycling over cac
 larger than the L2; shapes under 64 queries are captured in CUDA graphs (as compiled decoding
 runs them), longer ones run eagerly (the shortcut syncs once to read the lengths).
 Usage: python benchmarks/bench_prefill.py [--batches 1,4,8] [--contexts 4096,32768,131072]
-       [--queries 1,2,4,8,16,64,256,512,2048,whole] [--formats f16,q8_0,q4_0,turbo4,turbo3]
+       [--queries 1,2,4,8,16,64,256,512,2048,whole] [--formats f16,q8_0,q8_0/turbo4,...]
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import argparse
 import datetime
 
 import torch
-from bench_attention import copies_for, read_bandwidth, warm_calls
+from bench_attention import MIXED, copies_for, read_bandwidth, warm_calls
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
@@ -121,35 +123,39 @@ def shape_rows(B, T, sq, padded, fmts, read_gbs):
     best = min(v for v in base.values() if v == v)
     spans = list(zip(starts.tolist(), lengths.tolist(), strict=True))
     rows = [(name, ms, None) for name, ms in base.items()]
-    for fmt in fmts:
-        kr, vr = auto_rotation(fmt, D, "k"), auto_rotation(fmt, D, "v")
-        kc = [turbokv.quantize(k, fmt, kr, check_finite=False) for k in ks]
-        vc = [turbokv.quantize(v, fmt, vr, check_finite=False) for v in vs]
+    for kf, vf in fmts:
+        kr, vr = auto_rotation(kf, D, "k"), auto_rotation(vf, D, "v")
+        kc = [turbokv.quantize(k, kf, kr, check_finite=False) for k in ks]
+        vc = [turbokv.quantize(v, vf, vr, check_finite=False) for v in vs]
         nbytes = kc[0].numel() + vc[0].numel()
-        kw = dict(k_format=fmt, v_format=fmt, k_rot=kr, v_rot=vr)
+        kw = dict(k_format=kf, v_format=vf, k_rot=kr, v_rot=vr)
 
         def fused(i, kc=kc, vc=vc, kw=kw):
             return turbokv.attention(q, kc[i], vc[i], lengths, starts if padded else None, **kw)
 
-        def deq(i, kc=kc, vc=vc, fmt=fmt, kr=kr, vr=vr):
-            return ops._dequantized_sdpa(q, kc[i], vc[i], spans, ((fmt, kr), (fmt, vr)), D**-0.5, True)
+        def deq(i, kc=kc, vc=vc, kf=kf, vf=vf, kr=kr, vr=vr):
+            return ops._dequantized_sdpa(q, kc[i], vc[i], spans, ((kf, kr), (vf, vr)), D**-0.5, True)
 
-        def deq_only(i, kc=kc, vc=vc, fmt=fmt, kr=kr, vr=vr):  # the shortcut's two dequantize calls alone
-            turbokv.dequantize(kc[i], fmt, D, kr, dtype=q.dtype)
-            return turbokv.dequantize(vc[i], fmt, D, vr, dtype=q.dtype)
+        def deq_only(i, kc=kc, vc=vc, kf=kf, vf=vf, kr=kr, vr=vr):  # the shortcut's two dequantize calls alone
+            turbokv.dequantize(kc[i], kf, D, kr, dtype=q.dtype)
+            return turbokv.dequantize(vc[i], vf, D, vr, dtype=q.dtype)
 
         fused_ms = {}
         for kernel, limit in (("templated", MAX_FUSED_WORK), ("flash", MAX_FLASH_WORK), ("auto", MAX_FLASH_WORK)):
             fused_ms[kernel] = float("nan")
             if B * sq * T <= limit and (kernel != "flash" or sq > 1):
                 with turbokv.core.ops.pinned_kernels(attention=kernel):
-                    fused_ms[kernel] = time_ms(fused, n, graph)
-        timed = sq >= 16 or fmt == "q4_0"
+                    try:
+                        fused_ms[kernel] = time_ms(fused, n, graph)
+                    except RuntimeError as e:  # a pinned kernel not built for this pair: nan
+                        if "cannot run this call" not in str(e):
+                            raise
+        timed = sq >= 16 or (kf, vf) == ("q4_0", "q4_0")
         t_deq = time_ms(deq, n, graph=False) if timed else float("nan")
         t_deq_only = time_ms(deq_only, n, graph=True) if timed else float("nan")
         t_auto = t_deq if sq >= ops.PREFILL_SDPA_MIN_QUERIES else fused_ms["auto"]
         extra = (fused_ms["flash"], t_deq, t_deq_only, t_auto, nbytes / read_gbs / 1e6, best)
-        rows.append((fmt, fused_ms["templated"], extra))
+        rows.append((kf if kf == vf else f"{kf}/{vf}", fused_ms["templated"], extra))
         del kc, vc
     return rows
 
@@ -159,16 +165,20 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--contexts", default="4096,32768,131072")
     ap.add_argument("--queries", default="1,2,4,8,16,64,256,512,2048,whole")
-    ap.add_argument("--formats", default="f16,q8_0,q4_0,turbo4,turbo3")
+    ap.add_argument(
+        "--formats",
+        default=",".join(["f16", "q8_0", "q4_0", "turbo4", "turbo3"] + [f"{k}/{v}" for k, v in MIXED if k != v]),
+        help="K / V formats, comma-separated: F (F for K and V) or K/V",
+    )
     ap.add_argument("--padding", default="no,yes")
     args = ap.parse_args()
-    fmts = args.formats.split(",")
+    fmts = [tuple(f.split("/")) if "/" in f else (f, f) for f in args.formats.split(",")]
     read_gbs = read_bandwidth()
     print(f"turbokv bench_prefill, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"read bandwidth (torch.sum of 4 GiB): {read_gbs:.0f} GB/s; Hq {HQ}, Hkv {HKV}, d {D}, f16 queries")
     print(f"auto: the fused kernel below {ops.PREFILL_SDPA_MIN_QUERIES} queries, dequantize + SDPA from there\n")
     print(
-        f"{'B':>2} {'T':>7} {'Sq':>6} {'pad':>3} {'path':<7} {'ms':>9} {'flash':>9} {'deq+SDPA':>9} {'deq':>8}"
+        f"{'B':>2} {'T':>7} {'Sq':>6} {'pad':>3} {'path':<13} {'ms':>9} {'flash':>9} {'deq+SDPA':>9} {'deq':>8}"
         f" {'auto':>9}"
         f" {'limit':>8} {'auto vs best':>12} {'flash vs best':>13}"
     )
@@ -180,7 +190,7 @@ def main() -> None:
                     if sq > t or (padded and b == 1) or b * sq * t / (2 if sq == t else 1) > MAX_WORK:
                         continue
                     for name, ms, extra in shape_rows(b, t, sq, padded, fmts, read_gbs):
-                        head = f"{b:>2} {t:>7} {qs:>6} {'yes' if padded else 'no':>3} {name:<7} {ms:>9.4f}"
+                        head = f"{b:>2} {t:>7} {qs:>6} {'yes' if padded else 'no':>3} {name:<13} {ms:>9.4f}"
                         if extra is None:
                             print(head)
                         else:
