@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +56,28 @@ def test_policy_bits_count_offsets():
     plain = (4.5 + 3.25 + 8.5 + 8.5) / 4
     assert p.bits_per_value() == pytest.approx(plain)
     assert p.bits_per_value(tokens=512) == pytest.approx(plain + 16 / 512 / 4)  # one layer's K offset
+
+
+@pytest.mark.parametrize(
+    "name, tokens, budget",
+    [("smollm2-135m-3.5", 512, 3.5), ("smollm2-135m-4.5", 512, 4.5), ("smollm2-135m-8k-4.0", 8192, 4.0)],
+)
+def test_shipped_policies_fit_the_default_model(name, tokens, budget):
+    """Each shipped policy builds a cache for SmolLM2-135M's shape (30 layers, 3 KV heads of 64) and
+    stores at most its budget at the context length it was calibrated for; the long-context one
+    keeps more recent tokens exact, which costs bits at short contexts."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576, intermediate_size=1536
+    )
+    path = Path(turbokv.__file__).parent / "hf" / "policies" / f"{name}.json"
+    policy = Policy.load(path)
+    assert policy.bits_per_value(tokens) <= budget
+    cache = TurboCache.from_policy(config, path)
+    assert len(cache.layers) == 30 and cache.layers[0].recent_tokens == policy.recent_tokens
+    if tokens > 512:
+        assert policy.recent_tokens > 16 and policy.bits_per_value(512) > budget
 
 
 @pytest.mark.parametrize(
