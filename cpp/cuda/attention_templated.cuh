@@ -407,25 +407,25 @@ TemplatedKernel templated_table(int vfmt, bool long_keys) {
 // templated/ (tools/gen_templated_instances.py writes them), each a specialisation of this.
 template <int DP, bool kMulti, int KFMT>
 TemplatedKernel templated_kernel_for(int vfmt, bool long_keys);
-#define TURBOKV_SPEC_K(DP, MULTI, KFMT) \
-  template <>                           \
+#define TURBOKV_TEMPLATED_K(DP, MULTI, KFMT) \
+  template <>                                \
   TemplatedKernel templated_kernel_for<DP, MULTI, KFMT>(int vfmt, bool long_keys);
-#define TURBOKV_SPEC_DP(DP, MULTI)       \
-  TURBOKV_SPEC_K(DP, MULTI, kFmt_f16)    \
-  TURBOKV_SPEC_K(DP, MULTI, kFmt_q8_0)   \
-  TURBOKV_SPEC_K(DP, MULTI, kFmt_q5_0)   \
-  TURBOKV_SPEC_K(DP, MULTI, kFmt_q4_0)   \
-  TURBOKV_SPEC_K(DP, MULTI, kFmt_turbo2) \
-  TURBOKV_SPEC_K(DP, MULTI, kFmt_turbo3) \
-  TURBOKV_SPEC_K(DP, MULTI, kFmt_turbo4)
-TURBOKV_SPEC_DP(64, false)
-TURBOKV_SPEC_DP(128, false)
-TURBOKV_SPEC_DP(256, false)
-TURBOKV_SPEC_DP(64, true)
-TURBOKV_SPEC_DP(128, true)
-TURBOKV_SPEC_DP(256, true)
-#undef TURBOKV_SPEC_DP
-#undef TURBOKV_SPEC_K
+#define TURBOKV_TEMPLATED_DP(DP, MULTI)       \
+  TURBOKV_TEMPLATED_K(DP, MULTI, kFmt_f16)    \
+  TURBOKV_TEMPLATED_K(DP, MULTI, kFmt_q8_0)   \
+  TURBOKV_TEMPLATED_K(DP, MULTI, kFmt_q5_0)   \
+  TURBOKV_TEMPLATED_K(DP, MULTI, kFmt_q4_0)   \
+  TURBOKV_TEMPLATED_K(DP, MULTI, kFmt_turbo2) \
+  TURBOKV_TEMPLATED_K(DP, MULTI, kFmt_turbo3) \
+  TURBOKV_TEMPLATED_K(DP, MULTI, kFmt_turbo4)
+TURBOKV_TEMPLATED_DP(64, false)
+TURBOKV_TEMPLATED_DP(128, false)
+TURBOKV_TEMPLATED_DP(256, false)
+TURBOKV_TEMPLATED_DP(64, true)
+TURBOKV_TEMPLATED_DP(128, true)
+TURBOKV_TEMPLATED_DP(256, true)
+#undef TURBOKV_TEMPLATED_DP
+#undef TURBOKV_TEMPLATED_K
 
 // The kernel for K rows of kfmt and V rows of vfmt, or {} where none is built.
 template <int DP, bool kMulti>
