@@ -354,3 +354,23 @@ def test_calibrate_cli_measures_each_policy_on_held_out_chunks(tmp_path, model_d
     assert printed.count("on 2 held-out chunks") == 2
     assert main([*argv, "--check-chunks", "0", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     assert "held-out" not in capsys.readouterr().out
+
+
+def test_calibrate_cli_predicts_at_the_length_bits_are_counted_at(tmp_path, model_dir, capsys):
+    """With --tokens longer than --ctx, each policy's KLD is predicted and checked in chunks of --tokens
+    (the length its windows and bits are for) where the text holds them, else of --ctx, saying so."""
+    from turbokv.cli import main
+
+    out = tmp_path / "p.json"
+    argv = ["calibrate", "--model", str(model_dir), "--bits", "4", "--ctx", "64", "--chunks", "1", "--tokens", "256"]
+    argv += ["--check-chunks", "1", "--recent-tokens", "4", "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    info = Policy.load(out).info
+    assert info["calibration_kld_tokens"] == 256 and info["measured_kld"]["tokens"] == 256
+    assert "calibration text, 1 chunk of 256 tokens" in capsys.readouterr().out
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join(calibrate.calibration_text().split()[:300]))  # 300 tokens: 2 chunks of 64
+    assert main([*argv, "--text", str(short)]) == 0
+    assert "predicted and checked in chunks of --ctx 64" in capsys.readouterr().out
+    info = Policy.load(out).info
+    assert info["calibration_kld_tokens"] == 64 and info["measured_kld"]["tokens"] == 64

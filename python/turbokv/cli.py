@@ -7,6 +7,10 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ROTATE = ("auto", "on", "off")
 
@@ -104,9 +108,11 @@ def _calibrate(args) -> None:
     model, tok = _load_model(args)
     _check_positions(model, args.ctx)
     text = Path(args.text).read_text() if args.text else calibrate.calibration_text()
-    # The chunks after the calibration ones are held out: each policy's KLD is measured there.
-    every = make_chunks(tok, text, args.ctx, args.chunks + args.check_chunks)
-    ids, held = every[: args.chunks], every[args.chunks :]
+    ids = make_chunks(tok, text, args.ctx, args.chunks)
+    # Each policy's KLD is predicted on the calibration text and checked on the chunks after it, both
+    # at the length its bits are counted at (--tokens) when the text holds them: the exact windows are
+    # a smaller share of a longer context, and the same policy loses more there.
+    predict, held = _prediction_chunks(tok, text, args)
     source = args.text or "pydoc_data.topics"
     where = f"on {model.device}, {model.dtype}"
     print(f"model: {model_mod.describe(model)} {where}; calibration text: {source} ({len(ids)} chunks of {args.ctx})")
@@ -126,25 +132,32 @@ def _calibrate(args) -> None:
             f"calibrate: the text holds {len(held)} chunks after the calibration ones (--check-chunks asked for more)"
         )
     model_id = str(args.model or "default")
-    calibration_ref = Reference(model, ids, model_id)
+    predict_ref = Reference(model, predict, model_id)
     held_ref = Reference(model, held, model_id) if len(held) else None
+    at = f"{len(predict)} chunk{'s' * (len(predict) != 1)} of {predict.shape[1]} tokens"
     for bits in budgets:
         info = {"model": model_id, "calibration_text": source}
         policy = calibrate.policy_for(measured, bits, args.tokens, info, args.sink_tokens, args.recent_tokens)
         path = out if len(budgets) == 1 else out.with_name(f"{out.stem}-{bits:g}{out.suffix}")
         policy.save(path)
         spec = CacheSpec("policy", "policy", policy=str(path))
-        # The prediction: the whole policy on the calibration chunks. The sum of the slots' KLD,
+        # The prediction: the whole policy on the calibration text. The sum of the slots' KLD,
         # which the knapsack minimised, leaves out how the errors of many layers compound.
-        whole = evaluate(model, ids, spec, calibration_ref, progress=False).kld_mean
+        whole = evaluate(model, predict, spec, predict_ref, progress=False).kld_mean
         policy.info["calibration_kld"] = whole
+        policy.info["calibration_kld_tokens"] = int(predict.shape[1])
         line = (
-            f"predicted KLD {whole:.5f} (the whole policy on the calibration chunks; the sum of its slots' KLD, "
-            f"which chose it: {policy.info['predicted_kld']:.5f})"
+            f"predicted KLD {whole:.5f} (the whole policy on the calibration text, {at}; the sum of its "
+            f"slots' KLD, which chose it: {policy.info['predicted_kld']:.5f})"
         )
         if len(held):
             s = evaluate(model, held, spec, held_ref, progress=False)
-            policy.info["measured_kld"] = {"mean": s.kld_mean, "stderr": s.kld_stderr, "chunks": len(held)}
+            policy.info["measured_kld"] = {
+                "mean": s.kld_mean,
+                "stderr": s.kld_stderr,
+                "chunks": len(held),
+                "tokens": int(held.shape[1]),
+            }
             ratio = f" ({s.kld_mean / whole:.2f}x the prediction)" if whole > 0 else ""
             line += f"; measured {s.kld_mean:.5f} ± {s.kld_stderr:.5f} on {len(held)} held-out chunks{ratio}"
         policy.save(path)
@@ -154,6 +167,27 @@ def _calibrate(args) -> None:
             f"({args.sink_tokens} sink + {args.recent_tokens} recent tokens exact), {line}\n"
             f"  K/V per layer: {pairs}"
         )
+
+
+def _prediction_chunks(tok, text: str, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(predict, held)`` token chunks of the calibration text: a policy's KLD is predicted on the
+    first (as many tokens as the calibration chunks, at least one chunk) and checked on the
+    ``--check-chunks`` after them. Chunks of ``--tokens`` tokens where the text holds them all,
+    else of ``--ctx`` (the calibration chunks and the ones after them), with a line saying so."""
+    from turbokv.quality.runner import make_chunks
+
+    n_tokens = len(tok(text).input_ids)
+    if args.tokens != args.ctx:
+        n = max(1, -(-args.chunks * args.ctx // args.tokens))
+        if n_tokens >= (n + args.check_chunks) * args.tokens:
+            every = make_chunks(tok, text, args.tokens, n + args.check_chunks)
+            return every[:n], every[n:]
+        print(
+            f"calibrate: the text holds {n_tokens} tokens, fewer than {n + args.check_chunks} chunks of --tokens "
+            f"{args.tokens}: the policies' KLD is predicted and checked in chunks of --ctx {args.ctx}"
+        )
+    every = make_chunks(tok, text, args.ctx, args.chunks + args.check_chunks)
+    return every[: args.chunks], every[args.chunks :]
 
 
 class UsageError(Exception):
