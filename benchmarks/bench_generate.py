@@ -142,6 +142,8 @@ class Bench:
                 if isinstance(cache, turbokv.TurboCache):  # update returns the packed buffers: no dequantized copy
                     cache.bind_fused(i, cfg.num_hidden_layers)
                 cache.update(k, torch.randn_like(k), i)
+        if isinstance(cache, turbokv.TurboCache):
+            cache.end_forward()  # as a patched prefill's end does: its exact rows are not held after it
         self.sync()
 
 

@@ -242,6 +242,25 @@ def test_llama4_chunked_with_exact_windows():
     assert torch.equal(out, ref), f"{(out != ref).sum().item()} of {out.numel()} tokens differ"
 
 
+def test_kv_shared_layers_read_their_sources_exact_windows():
+    """Gemma 3n's last layers read layers 2 and 3's K/V in the same forward: with exact token windows
+    they read the source's exact rows of that forward too (kept until the forward ends, then
+    dropped), so with f16 rows the two turns' tokens equal DynamicCache's."""
+    model = build(gemma3n)
+    ref, _ = two_turns(model, lambda: dynamic_cache(model), torch.Generator().manual_seed(3))
+
+    def windowed():
+        return turbokv.TurboCache(
+            model.config, k="f16", v="f16", rotate_k="off", rotate_v="off", sink_tokens=2, recent_tokens=5
+        )
+
+    with turbokv.patch(model):
+        out, cache = two_turns(model, windowed, torch.Generator().manual_seed(3))
+    assert cache.kv_sources and all(layer.exact is not None for layer in cache.turbo_layers)
+    assert all(layer.exact.pending is None for layer in cache.turbo_layers)
+    assert torch.equal(out, ref), f"{(out != ref).sum().item()} of {out.numel()} tokens differ"
+
+
 def test_llama4_test_sees_the_chunks():
     """The model test can fail: the same run with the chunking switched off gives other tokens."""
     model = build(llama4)

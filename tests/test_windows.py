@@ -310,7 +310,7 @@ def test_windowed_layer_crop_and_batch_edits(static):
 @pytest.mark.parametrize("dtype, fmt, tol", [(torch.float32, "f16", 5e-4), (torch.bfloat16, "bf16", 0.25)])
 def test_float_windows_change_nothing_in_a_model(dtype, fmt, tol):
     """With f16 (bf16) packed rows every store is exact: logits equal the cache without windows,
-    fused and fallback (a bf16 model keeps its exact tokens in bf16)."""
+    fused and fallback (a bf16 model keeps its exact tokens in bf16); no forward's rows outlive it."""
     from hf_models import build
 
     model = build("qwen3").to(dtype)  # a sliding-window layer among full ones
@@ -327,6 +327,8 @@ def test_float_windows_change_nothing_in_a_model(dtype, fmt, tol):
             outs.append(torch.cat([first, step], 1).float())
             if windows:
                 assert all(lay.exact.format == fmt for lay in cache.turbo_layers)
+                # A forward's rows (a prompt's are an f16 copy of it) are not held after it.
+                assert all(lay.exact.pending is None for lay in cache.turbo_layers)
     for got in outs[1:]:
         torch.testing.assert_close(got, outs[0], atol=tol, rtol=1e-4)
 

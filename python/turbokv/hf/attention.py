@@ -505,7 +505,10 @@ def _add_hooks(model) -> list:
         sources=sources,
         source_sizes=source_sizes,
     )
-    return [model.register_forward_pre_hook(_check_batch, with_kwargs=True)] + [
+    return [
+        model.register_forward_pre_hook(_check_batch, with_kwargs=True),
+        model.register_forward_hook(_end_forward, with_kwargs=True),
+    ] + [
         m.register_forward_pre_hook(
             functools.partial(
                 hook, cache_index=_cache_index(m), layer_argument=_layer_argument(m) if m in shared else None
@@ -533,6 +536,16 @@ def _check_batch(module, args, kwargs):
             f"input: got a batch of {inputs.shape[0]} sequences, expected the {held} this TurboCache holds; "
             f"{NEW_BATCH_HINT}"
         )
+    return None
+
+
+def _end_forward(module, args, kwargs, output):
+    """After the model's forward, its TurboCache drops the rows its exact token stores held for it
+    (TurboCache.end_forward). Left to the next forward while compiling: a compiled decode step's rows
+    are one token per sequence."""
+    cache = next((kwargs.get(k) for k in CACHE_PARAMETERS if isinstance(kwargs.get(k), TurboCache)), None)
+    if cache is not None and not torch.compiler.is_compiling():
+        cache.end_forward()
     return None
 
 

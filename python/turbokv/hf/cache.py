@@ -195,6 +195,13 @@ class TurboCache(Cache):
         """The batch size the cache holds (its attention layers'), or None while it holds nothing."""
         return next((lay.batch_size for lay in self.turbo_layers if lay.is_initialized), None)
 
+    def end_forward(self) -> None:
+        """After a patched forward (patch()'s hook): each layer's exact token store drops the rows it
+        held for that forward's attention, so a prompt's K/V do not stay in 16 bits until the next one."""
+        for layer in self.turbo_layers:
+            if layer.exact is not None:
+                layer.exact.release()
+
     def crop(self, tokens_to_remove: int) -> None:
         for i, layer in enumerate(self.layers):
             if hasattr(layer, "record_past") and hasattr(layer, "conv_states"):  # a linear-attention state

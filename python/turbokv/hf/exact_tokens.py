@@ -78,10 +78,13 @@ class ExactTokens:
         """The first position the recent store holds as recent at ``length`` (``length``: none)."""
         return min(max(self.sink, length - self.recent), length) if self.recent else length
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, length: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor, length: int | torch.Tensor, keep: bool = True
+    ) -> tuple[torch.Tensor, ...]:
         """Store new ``(B, Hkv, S, d)`` K/V at positions ``[length, length + S)`` (``length``: the count
         before them, an int or a 0-dim device tensor); returns them in the exact format, which the
-        layer packs."""
+        layer packs. ``keep``: hold this forward's rows for :meth:`attention` (a fused forward) until
+        :meth:`release`; a prompt's are as large as an f16 cache of it."""
         s, w, n = self.sink, self.recent, k.shape[2]
         k, v = k.to(self.dtype), v.to(self.dtype)
         if s:  # sink slot j takes new token j - length where that is one of them
@@ -91,11 +94,15 @@ class ExactTokens:
             self.sink_k.copy_(torch.where(take, k.index_select(2, idx), self.sink_k))
             self.sink_v.copy_(torch.where(take, v.index_select(2, idx), self.sink_v))
         all_k, all_v = torch.cat([self.recent_k, k], 2), torch.cat([self.recent_v, v], 2)
-        self.pending = (all_k, all_v, length.clone() if isinstance(length, torch.Tensor) else length)
+        self.pending = (all_k, all_v, length.clone() if isinstance(length, torch.Tensor) else length) if keep else None
         if w:
             self.recent_k.copy_(all_k[:, :, n:])
             self.recent_v.copy_(all_v[:, :, n:])
         return k, v
+
+    def release(self) -> None:
+        """Drop the rows of the last forward: only that forward's attention reads them."""
+        self.pending = None
 
     def crop(self, length: int, refill: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], before: int) -> None:
         """Keep positions ``< length`` of the ``before`` held: the recent slots move back; positions the

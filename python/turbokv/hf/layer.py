@@ -267,7 +267,7 @@ class TurboLayer(CacheLayerMixin):
         if self.k_offset is not None:
             key_states = key_states - self._k_offset_for(key_states)
         if self.exact is not None:  # every token is packed too, from its exact copy
-            key_states, value_states = self.exact.append(key_states, value_states, self.count)
+            key_states, value_states = self.exact.append(key_states, value_states, self.count, keep=fused)
         if key_states.shape[2]:
             ops.cache_append(
                 self.k_packed,
