@@ -225,11 +225,10 @@ def test_llama4_chunked_and_nope_equal_dynamic_cache(patched):
     assert_same_tokens_as_dynamic_cache(model, seed=1, patched=patched)
 
 
-def test_llama4_chunked_with_exact_windows():
-    """Exact token windows on chunked layers (the chunk start bounds all three parts, as left padding
-    does): with f16 rows the two turns' tokens equal DynamicCache's."""
-    model = build(llama4)
-    ref, _ = two_turns(model, lambda: dynamic_cache(model), torch.Generator().manual_seed(1))
+def windowed_two_turns(model, seed: int) -> object:
+    """Two turns with an f16 TurboCache keeping 2 sink + 5 recent tokens exact, patched: the same tokens
+    as DynamicCache's (nothing is lossy). Returns the cache."""
+    ref, _ = two_turns(model, lambda: dynamic_cache(model), torch.Generator().manual_seed(seed))
 
     def windowed():
         return turbokv.TurboCache(
@@ -237,28 +236,24 @@ def test_llama4_chunked_with_exact_windows():
         )
 
     with turbokv.patch(model):
-        out, cache = two_turns(model, windowed, torch.Generator().manual_seed(1))
+        out, cache = two_turns(model, windowed, torch.Generator().manual_seed(seed))
     assert all(layer.exact is not None for layer in cache.turbo_layers)
     assert torch.equal(out, ref), f"{(out != ref).sum().item()} of {out.numel()} tokens differ"
+    return cache
+
+
+def test_llama4_chunked_with_exact_windows():
+    """Exact token windows on chunked layers (the chunk start bounds all three parts, as left padding
+    does): with f16 rows the two turns' tokens equal DynamicCache's."""
+    windowed_two_turns(build(llama4), seed=1)
 
 
 def test_kv_shared_layers_read_their_sources_exact_windows():
     """Gemma 3n's last layers read layers 2 and 3's K/V in the same forward: with exact token windows
     they read the source's exact rows of that forward too (kept until the forward ends, then
     dropped), so with f16 rows the two turns' tokens equal DynamicCache's."""
-    model = build(gemma3n)
-    ref, _ = two_turns(model, lambda: dynamic_cache(model), torch.Generator().manual_seed(3))
-
-    def windowed():
-        return turbokv.TurboCache(
-            model.config, k="f16", v="f16", rotate_k="off", rotate_v="off", sink_tokens=2, recent_tokens=5
-        )
-
-    with turbokv.patch(model):
-        out, cache = two_turns(model, windowed, torch.Generator().manual_seed(3))
-    assert cache.kv_sources and all(layer.exact is not None for layer in cache.turbo_layers)
-    assert all(layer.exact.pending is None for layer in cache.turbo_layers)
-    assert torch.equal(out, ref), f"{(out != ref).sum().item()} of {out.numel()} tokens differ"
+    cache = windowed_two_turns(build(gemma3n), seed=3)
+    assert cache.kv_sources and all(layer.exact.pending is None for layer in cache.turbo_layers)
 
 
 def test_llama4_test_sees_the_chunks():
