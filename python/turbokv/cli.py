@@ -103,16 +103,17 @@ def _needle(args) -> None:
 def _calibrate(args) -> None:
     from turbokv.quality import calibrate
     from turbokv.quality import model as model_mod
-    from turbokv.quality.runner import CacheSpec, Reference, evaluate, make_chunks
+    from turbokv.quality.runner import CacheSpec, Reference, chunk_ids, evaluate
 
     model, tok = _load_model(args)
     _check_positions(model, args.ctx)
     text = Path(args.text).read_text() if args.text else calibrate.calibration_text()
-    ids = make_chunks(tok, text, args.ctx, args.chunks)
+    tokens = tok(text, return_tensors="pt").input_ids[0]
+    ids = chunk_ids(tokens, args.ctx, args.chunks)
     # Each policy's KLD is predicted on the calibration text and checked on the chunks after it, both
     # at the length its bits are counted at (--tokens) when the text holds them: the exact windows are
     # a smaller share of a longer context, and the same policy loses more there.
-    predict, held = _prediction_chunks(tok, text, args)
+    predict, held = _prediction_chunks(tokens, args)
     source = args.text or "pydoc_data.topics"
     where = f"on {model.device}, {model.dtype}"
     print(f"model: {model_mod.describe(model)} {where}; calibration text: {source} ({len(ids)} chunks of {args.ctx})")
@@ -169,24 +170,23 @@ def _calibrate(args) -> None:
         )
 
 
-def _prediction_chunks(tok, text: str, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(predict, held)`` token chunks of the calibration text: a policy's KLD is predicted on the
-    first (as many tokens as the calibration chunks, at least one chunk) and checked on the
+def _prediction_chunks(tokens: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(predict, held)`` chunks of the calibration text's ``tokens (T,)``: a policy's KLD is predicted
+    on the first (as many tokens as the calibration chunks, at least one chunk) and checked on the
     ``--check-chunks`` after them. Chunks of ``--tokens`` tokens where the text holds them all,
     else of ``--ctx`` (the calibration chunks and the ones after them), with a line saying so."""
-    from turbokv.quality.runner import make_chunks
+    from turbokv.quality.runner import chunk_ids
 
-    n_tokens = len(tok(text).input_ids)
     if args.tokens != args.ctx:
         n = max(1, -(-args.chunks * args.ctx // args.tokens))
-        if n_tokens >= (n + args.check_chunks) * args.tokens:
-            every = make_chunks(tok, text, args.tokens, n + args.check_chunks)
+        if tokens.numel() >= (n + args.check_chunks) * args.tokens:
+            every = chunk_ids(tokens, args.tokens, n + args.check_chunks)
             return every[:n], every[n:]
         print(
-            f"calibrate: the text holds {n_tokens} tokens, fewer than {n + args.check_chunks} chunks of --tokens "
-            f"{args.tokens}: the policies' KLD is predicted and checked in chunks of --ctx {args.ctx}"
+            f"calibrate: the text holds {tokens.numel()} tokens, fewer than {n + args.check_chunks} chunks of "
+            f"--tokens {args.tokens}: the policies' KLD is predicted and checked in chunks of --ctx {args.ctx}"
         )
-    every = make_chunks(tok, text, args.ctx, args.chunks + args.check_chunks)
+    every = chunk_ids(tokens, args.ctx, args.chunks + args.check_chunks)
     return every[: args.chunks], every[args.chunks :]
 
 

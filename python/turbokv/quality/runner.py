@@ -65,7 +65,12 @@ F16 = CacheSpec("f16", "f16", "off", "off")
 
 def make_chunks(tokenizer, text: str, ctx: int, n_chunks: int) -> torch.Tensor:
     """``(n, ctx)`` token ids: consecutive chunks from the start of the text."""
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    return chunk_ids(tokenizer(text, return_tensors="pt").input_ids[0], ctx, n_chunks)
+
+
+def chunk_ids(ids: torch.Tensor, ctx: int, n_chunks: int) -> torch.Tensor:
+    """``(n, ctx)`` consecutive chunks from the start of the token ids ``ids (T,)``; ``n_chunks <= 0``:
+    as many as they hold."""
     available = ids.numel() // ctx
     if available == 0:
         raise ValueError(f"text: got {ids.numel()} tokens, expected at least ctx = {ctx}")
