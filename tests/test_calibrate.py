@@ -336,41 +336,60 @@ def model_dir(tmp_path_factory, llama):
     return d
 
 
-def test_calibrate_cli_measures_each_policy_on_held_out_chunks(tmp_path, model_dir, capsys):
-    """`turbokv calibrate` prints beside each policy's predicted KLD the one measured on the chunks of
-    the text that follow the calibration chunks, and records it in the policy's info."""
+def test_calibrate_cli_predicts_each_policy_on_held_out_chunks(tmp_path, model_dir, capsys):
+    """`turbokv calibrate` predicts each policy's KLD on chunks of the text after the calibration chunks
+    (held out from them), prints it and records it in the policy's info with its size."""
     from turbokv.cli import main
 
     out = tmp_path / "p.json"
     argv = ["calibrate", "--model", str(model_dir), "--bits", "3,4", "--ctx", "64", "--chunks", "1"]
-    assert main([*argv, "--check-chunks", "2", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert main([*argv, "--predict-chunks", "2", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     for bits in ("3", "4"):
         info = Policy.load(tmp_path / f"p-{bits}.json").info
-        got = info["measured_kld"]
-        assert got["chunks"] == 2 and got["mean"] > 0 and got["stderr"] >= 0
-        assert f"measured {got['mean']:.5f}" in printed
-        assert info["calibration_kld"] > 0 and f"predicted KLD {info['calibration_kld']:.5f}" in printed
-    assert printed.count("on 2 held-out chunks") == 2
-    assert main([*argv, "--check-chunks", "0", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
-    assert "held-out" not in capsys.readouterr().out
+        assert info["calibration_kld_chunks"] == 2 and info["calibration_kld_tokens"] == 512  # --tokens
+        assert info["calibration_kld"] > 0 and info["calibration_kld_stderr"] >= 0
+        assert f"predicted KLD {info['calibration_kld']:.5f} ± {info['calibration_kld_stderr']:.5f}" in printed
+    assert printed.count("on 2 chunks of 512 tokens spread over the calibration text") == 2
+
+
+def test_prediction_chunks_are_spread_over_the_text_after_the_calibration_chunks():
+    """The chunks a policy is predicted on: disjoint from the calibration chunks, the first and the last
+    of the rest among them, evenly apart; as many as the rest holds when it holds fewer."""
+    from types import SimpleNamespace
+
+    from turbokv.cli import _prediction_chunks
+
+    tokens = torch.arange(1000)
+    args = SimpleNamespace(chunks=2, ctx=50, tokens=100, predict_chunks=3)
+    got = _prediction_chunks(tokens, args)  # 900 tokens after the calibration ones: 9 chunks of 100
+    assert got.shape == (3, 100)
+    assert got[:, 0].tolist() == [100, 500, 900]  # chunks 0, 4 and 8 of the rest
+    assert int(got.min()) >= 100  # nothing of the calibration chunks [0, 100)
+    args.predict_chunks = 20
+    assert _prediction_chunks(tokens, args).shape == (9, 100)
 
 
 def test_calibrate_cli_predicts_at_the_length_bits_are_counted_at(tmp_path, model_dir, capsys):
-    """With --tokens longer than --ctx, each policy's KLD is predicted and checked in chunks of --tokens
-    (the length its windows and bits are for) where the text holds them, else of --ctx, saying so."""
+    """With --tokens longer than --ctx, each policy's KLD is predicted in chunks of --tokens (the length
+    its windows and bits are for) where the text holds them, else of --ctx, else on the calibration
+    chunks, saying so."""
     from turbokv.cli import main
 
     out = tmp_path / "p.json"
     argv = ["calibrate", "--model", str(model_dir), "--bits", "4", "--ctx", "64", "--chunks", "1", "--tokens", "256"]
-    argv += ["--check-chunks", "1", "--recent-tokens", "4", "--out", str(out), "--no-progress", "--device", "cpu"]
+    argv += ["--predict-chunks", "1", "--recent-tokens", "4", "--out", str(out), "--no-progress", "--device", "cpu"]
     assert main(argv) == 0
     info = Policy.load(out).info
-    assert info["calibration_kld_tokens"] == 256 and info["measured_kld"]["tokens"] == 256
-    assert "calibration text, 1 chunk of 256 tokens" in capsys.readouterr().out
+    assert info["calibration_kld_tokens"] == 256 and info["calibration_kld_chunks"] == 1
+    assert "1 chunk of 256 tokens spread over the calibration text" in capsys.readouterr().out
     short = tmp_path / "short.txt"
-    short.write_text(" ".join(calibrate.calibration_text().split()[:300]))  # 300 tokens: 2 chunks of 64
+    short.write_text(" ".join(calibrate.calibration_text().split()[:300]))  # 300 tokens: 4 chunks of 64
     assert main([*argv, "--text", str(short)]) == 0
-    assert "predicted and checked in chunks of --ctx 64" in capsys.readouterr().out
-    info = Policy.load(out).info
-    assert info["calibration_kld_tokens"] == 64 and info["measured_kld"]["tokens"] == 64
+    assert "the policies' KLD is predicted in chunks of --ctx 64" in capsys.readouterr().out
+    assert Policy.load(out).info["calibration_kld_tokens"] == 64
+    shorter = tmp_path / "shorter.txt"
+    shorter.write_text(" ".join(calibrate.calibration_text().split()[:100]))  # 100 tokens: 1 chunk of 64
+    assert main([*argv, "--text", str(shorter)]) == 0
+    assert "predicted on the calibration chunks" in capsys.readouterr().out
+    assert Policy.load(out).info["calibration_kld_chunks"] == 1

@@ -110,10 +110,11 @@ def _calibrate(args) -> None:
     text = Path(args.text).read_text() if args.text else calibrate.calibration_text()
     tokens = tok(text, return_tensors="pt").input_ids[0]
     ids = chunk_ids(tokens, args.ctx, args.chunks)
-    # Each policy's KLD is predicted on the calibration text and checked on the chunks after it, both
-    # at the length its bits are counted at (--tokens) when the text holds them: the exact windows are
-    # a smaller share of a longer context, and the same policy loses more there.
-    predict, held = _prediction_chunks(tokens, args)
+    # Each policy's KLD is predicted on chunks of the text it was not chosen on, spread over the whole
+    # text (its first pages alone may be of one kind), and at the length its bits are counted at
+    # (--tokens) when the text holds them: the exact windows are a smaller share of a longer context,
+    # and the same policy loses more there.
+    predict = _prediction_chunks(tokens, args)
     source = args.text or "pydoc_data.topics"
     where = f"on {model.device}, {model.dtype}"
     print(f"model: {model_mod.describe(model)} {where}; calibration text: {source} ({len(ids)} chunks of {args.ctx})")
@@ -128,13 +129,8 @@ def _calibrate(args) -> None:
     )
     budgets = [float(b) for b in args.bits.split(",")]
     out = Path(args.out)
-    if len(held) < args.check_chunks:
-        print(
-            f"calibrate: the text holds {len(held)} chunks after the calibration ones (--check-chunks asked for more)"
-        )
     model_id = str(args.model or "default")
     predict_ref = Reference(model, predict, model_id)
-    held_ref = Reference(model, held, model_id) if len(held) else None
     at = f"{len(predict)} chunk{'s' * (len(predict) != 1)} of {predict.shape[1]} tokens"
     for bits in budgets:
         info = {"model": model_id, "calibration_text": source}
@@ -144,23 +140,15 @@ def _calibrate(args) -> None:
         spec = CacheSpec("policy", "policy", policy=str(path))
         # The prediction: the whole policy on the calibration text. The sum of the slots' KLD,
         # which the knapsack minimised, leaves out how the errors of many layers compound.
-        whole = evaluate(model, predict, spec, predict_ref, progress=False).kld_mean
-        policy.info["calibration_kld"] = whole
+        s = evaluate(model, predict, spec, predict_ref, progress=False)
+        policy.info["calibration_kld"] = s.kld_mean
+        policy.info["calibration_kld_stderr"] = s.kld_stderr
+        policy.info["calibration_kld_chunks"] = len(predict)
         policy.info["calibration_kld_tokens"] = int(predict.shape[1])
         line = (
-            f"predicted KLD {whole:.5f} (the whole policy on the calibration text, {at}; the sum of its "
-            f"slots' KLD, which chose it: {policy.info['predicted_kld']:.5f})"
+            f"predicted KLD {s.kld_mean:.5f} ± {s.kld_stderr:.5f} (the whole policy on {at} spread over the "
+            f"calibration text; the sum of its slots' KLD, which chose it: {policy.info['predicted_kld']:.5f})"
         )
-        if len(held):
-            s = evaluate(model, held, spec, held_ref, progress=False)
-            policy.info["measured_kld"] = {
-                "mean": s.kld_mean,
-                "stderr": s.kld_stderr,
-                "chunks": len(held),
-                "tokens": int(held.shape[1]),
-            }
-            ratio = f" ({s.kld_mean / whole:.2f}x the prediction)" if whole > 0 else ""
-            line += f"; measured {s.kld_mean:.5f} ± {s.kld_stderr:.5f} on {len(held)} held-out chunks{ratio}"
         policy.save(path)
         pairs = " ".join(f"{lp.k}/{lp.v}" for lp in policy.layers if lp is not None)
         print(
@@ -170,24 +158,27 @@ def _calibrate(args) -> None:
         )
 
 
-def _prediction_chunks(tokens: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(predict, held)`` chunks of the calibration text's ``tokens (T,)``: a policy's KLD is predicted
-    on the first (as many tokens as the calibration chunks, at least one chunk) and checked on the
-    ``--check-chunks`` after them. Chunks of ``--tokens`` tokens where the text holds them all,
-    else of ``--ctx`` (the calibration chunks and the ones after them), with a line saying so."""
-    from turbokv.quality.runner import chunk_ids
+def _prediction_chunks(tokens: torch.Tensor, args) -> torch.Tensor:
+    """The chunks of the calibration text's ``tokens (T,)`` a policy's KLD is predicted on: up to
+    ``--predict-chunks`` chunks of ``--tokens`` spread over the text after the calibration chunks, held
+    out from them. Chunks of ``--ctx`` where the rest of the text holds no chunk of ``--tokens``, and
+    the calibration chunks themselves where it holds none of ``--ctx`` either, each with a line."""
+    from turbokv.quality.runner import chunk_ids, spread_chunks
 
-    if args.tokens != args.ctx:
-        n = max(1, -(-args.chunks * args.ctx // args.tokens))
-        if tokens.numel() >= (n + args.check_chunks) * args.tokens:
-            every = chunk_ids(tokens, args.tokens, n + args.check_chunks)
-            return every[:n], every[n:]
+    rest = tokens[args.chunks * args.ctx :]
+    if rest.numel() >= args.tokens:
+        return spread_chunks(rest, args.tokens, args.predict_chunks)
+    if rest.numel() >= args.ctx:
         print(
-            f"calibrate: the text holds {tokens.numel()} tokens, fewer than {n + args.check_chunks} chunks of "
-            f"--tokens {args.tokens}: the policies' KLD is predicted and checked in chunks of --ctx {args.ctx}"
+            f"calibrate: the text holds {rest.numel()} tokens after the calibration chunks, fewer than --tokens "
+            f"{args.tokens}: the policies' KLD is predicted in chunks of --ctx {args.ctx}"
         )
-    every = chunk_ids(tokens, args.ctx, args.chunks + args.check_chunks)
-    return every[: args.chunks], every[args.chunks :]
+        return spread_chunks(rest, args.ctx, args.predict_chunks)
+    print(
+        f"calibrate: the text holds {rest.numel()} tokens after the calibration chunks, fewer than --ctx "
+        f"{args.ctx}: the policies' KLD is predicted on the calibration chunks (it runs low there)"
+    )
+    return chunk_ids(tokens, args.ctx, args.chunks)
 
 
 class UsageError(Exception):
@@ -310,7 +301,7 @@ def check_args(args) -> None:
         budgets = _bits_list(args.bits)
         _positive("--tokens", args.tokens)
         _positive("--chunks", args.chunks)
-        _positive("--check-chunks", args.check_chunks, 0)
+        _positive("--predict-chunks", args.predict_chunks)
         if args.formats is not None:
             _formats_list("--formats", args.formats)
         if args.sink_tokens + args.recent_tokens >= args.tokens:
@@ -395,7 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     ca.add_argument("--ctx", type=int, default=512, help="tokens per calibration chunk (default 512)")
     ca.add_argument("--chunks", type=int, default=2, help="calibration chunks (default 2)")
     ca.add_argument(
-        "--check-chunks", type=int, default=2, help="chunks after those, held out: each policy's KLD measured (2)"
+        "--predict-chunks",
+        type=int,
+        default=8,
+        help="chunks after those, spread over the text, each policy's KLD predicted on (default 8)",
     )
     ca.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 

@@ -78,6 +78,18 @@ def chunk_ids(ids: torch.Tensor, ctx: int, n_chunks: int) -> torch.Tensor:
     return ids[: n * ctx].reshape(n, ctx)
 
 
+def spread_chunks(ids: torch.Tensor, ctx: int, n_chunks: int) -> torch.Tensor:
+    """``(n, ctx)`` chunks of the token ids ``ids (T,)`` spread evenly over them, the first at the start
+    and the last at the end (``n = min(n_chunks, T // ctx)``): a sample of the whole text, not of its
+    first pages."""
+    available = ids.numel() // ctx
+    if available == 0:
+        raise ValueError(f"text: got {ids.numel()} tokens, expected at least ctx = {ctx}")
+    n = min(n_chunks, available)
+    at = [round(i * (available - 1) / max(n - 1, 1)) for i in range(n)]
+    return ids[: available * ctx].reshape(available, ctx)[at]
+
+
 def make_cache(model, spec: CacheSpec) -> turbokv.TurboCache:
     """An empty TurboCache for ``model`` as ``spec`` describes it (its policy file, or formats and windows)."""
     if spec.policy:
