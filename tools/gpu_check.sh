@@ -41,12 +41,16 @@ sources() {
   { find cpp CMakeLists.txt pyproject.toml -type f | LC_ALL=C sort | xargs sha1sum; echo "${TORCH_CUDA_ARCH_LIST:-}"; } |
     sha1sum | cut -c1-16
 }
+# _C.sources: the hash, then the TORCH_CUDA_ARCH_LIST it was built with (the machine may set one:
+# leave it as it is from call to call, or the carried extension is refused).
+arch=${TORCH_CUDA_ARCH_LIST-(unset)}
 name=$(cat .prebuilt/_C.name 2>/dev/null)
-if [ -n "$name" ] && ls .prebuilt/_C.so.gz.* >/dev/null 2>&1 && [ "$(cat .prebuilt/_C.sources 2>/dev/null)" = "$(sources)" ]; then
+if [ -n "$name" ] && ls .prebuilt/_C.so.gz.* >/dev/null 2>&1 && [ "$(head -1 .prebuilt/_C.sources 2>/dev/null)" = "$(sources)" ]; then
   cat .prebuilt/_C.so.gz.* | gunzip >"python/turbokv/$name"
-  echo "prebuilt extension: $name (sources $(sources))"
+  echo "prebuilt extension: $name (sources $(sources), TORCH_CUDA_ARCH_LIST $arch)"
 else
-  [ -e .prebuilt/_C.name ] && echo "the extension in .prebuilt/ was built from other sources: building"
+  [ -e .prebuilt/_C.name ] && echo "the extension in .prebuilt/ was built from other sources or with" \
+    "TORCH_CUDA_ARCH_LIST $(sed -n 2p .prebuilt/_C.sources 2>/dev/null) (this call: $arch): building"
   t0=$(date +%s)
   TURBOKV_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || {
     tail -50 "$out/build.log"
@@ -54,7 +58,7 @@ else
   }
   echo "build: $(($(date +%s) - t0)) s"
   so=$(python3 -c 'import turbokv._C as c; print(c.__file__)')
-  basename "$so" >"$out/_C.name" && gzip -c "$so" | split -b 15M - "$out/_C.so.gz." && sources >"$out/_C.sources"
+  basename "$so" >"$out/_C.name" && gzip -c "$so" | split -b 15M - "$out/_C.so.gz." && { sources; echo "$arch"; } >"$out/_C.sources"
   rm -f "$out/build.log"
 fi
 export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
